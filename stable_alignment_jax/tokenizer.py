@@ -1,0 +1,93 @@
+"""Tokenizers: a SentencePiece `.model` file, or a checkpoint directory holding `tokenizer.model`
+(SentencePiece, as LLaMA-2 ships) or `tokenizer.json` (HF fast tokenizer, as LLaMA-3 ships).
+
+Every tokenizer offers the same small surface: `encode(text, bos=, eos=)`, `decode(ids)`,
+`vocab_size`, `bos_id`, `eos_id`, `pad_id` (pad falls back to EOS-free id 0 when the model has
+none; padding is always masked, so its id only has to be valid).
+"""
+
+import json
+import os
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+
+  def __init__(self, path: str):
+    import sentencepiece as spm
+    self.path = path
+    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size = self.sp.vocab_size()
+    self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+    self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+  """A `tokenizer.json` read with the `tokenizers` library (no model code, no network)."""
+
+  def __init__(self, directory: str):
+    from tokenizers import Tokenizer as _Tok
+    self.path = os.path.join(directory, "tokenizer.json")
+    self.tok = _Tok.from_file(self.path)
+    self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+    special = _special_tokens(directory)
+    self.bos_id = self._id(special.get("bos_token"))
+    self.eos_id = self._id(special.get("eos_token"))
+    pad = self._id(special.get("pad_token"))
+    self.pad_id = pad if pad >= 0 else 0
+
+  def _id(self, token) -> int:
+    if isinstance(token, dict):
+      token = token.get("content")
+    if token is None:
+      return -1
+    i = self.tok.token_to_id(token)
+    return -1 if i is None else i
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    ids = self.tok.encode(text, add_special_tokens=False).ids
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _special_tokens(directory: str) -> dict:
+  out: dict = {}
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        data = json.load(f)
+      out.update({k: v for k, v in data.items() if k.endswith("_token") and v})
+  return out
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A `.model` file, or a directory with `tokenizer.model` (preferred) or `tokenizer.json`."""
+  if os.path.isfile(path):
+    return SentencePieceTokenizer(path)
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+      return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      return HFTokenizer(path)
+    raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json in this directory")
+  raise FileNotFoundError(f"tokenizer not found: {path}")

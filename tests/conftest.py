@@ -1,0 +1,23 @@
+"""Test session setup: 8 virtual CPU devices so every test can exercise sharding."""
+
+import os
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """Path to ../shared/data; skips the test with a reason when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real benchmark data not found at {SHARED_DATA}")
+  return SHARED_DATA
