@@ -22,6 +22,20 @@ class Tokenizer(Protocol):
   def decode(self, ids: Sequence[int]) -> str: ...
 
 
+class ByteTokenizer:
+  """UTF-8 bytes as ids 3..258 after <pad>=0, <s>=1, </s>=2: zero-dependency, for tiny runs."""
+
+  vocab_size = 259
+  pad_id, bos_id, eos_id = 0, 1, 2
+  path = "byte"
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+
 class SentencePieceTokenizer:
 
   def __init__(self, path: str):
@@ -81,7 +95,9 @@ def _special_tokens(directory: str) -> dict:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """A `.model` file, or a directory with `tokenizer.model` (preferred) or `tokenizer.json`."""
+  """`byte`, a `.model` file, or a directory with `tokenizer.model` (preferred) or `tokenizer.json`."""
+  if path == "byte":
+    return ByteTokenizer()
   if os.path.isfile(path):
     return SentencePieceTokenizer(path)
   if os.path.isdir(path):
