@@ -1,0 +1,220 @@
+"""Alignment examples -> training batches (grain): tokenise, truncate, pad K, shuffle, shard, batch.
+
+An example is `{"prompt", "responses", "ratings", ...}` (DESIGN.md "Alignment dataset"); a batch
+is `tokens int32[b,K,T]`, `loss_mask float32[b,K,T]`, `ratings float32[b,K]`,
+`response_mask float32[b,K]` with b = global batch / process count.
+
+Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`.
+`tokens[t]` is predicted from position t-1, so `loss_mask[t] = 1` exactly on response tokens and
+the closing EOS, never on BOS or prompt. The prompt is kept whole and the response truncated (a
+cut response loses its EOS: the model must not learn to stop there). An example whose prompt
+leaves no room for one response token is dropped; so is one with no responses. Both are counted.
+
+With more than K responses the K highest-rated are kept (stable: among equal ratings the earlier
+one wins) in their original order, so the loss's "first best" tie rule still sees the same order.
+
+Order: every epoch is a fresh permutation of the kept examples (numpy, seeded by (seed, epoch));
+process i of n reads positions i, i+n, i+2n, ... of it, so processes read disjoint parts of every
+epoch and all read the same number of examples (the last `len % n` of a permutation are skipped,
+different ones each epoch). Batches may straddle epochs. The grain iterator's state is one
+position, so a checkpointed iterator resumes exactly.
+
+Checkpointing with Orbax: the iterator (`it = iter(loader)`) is a `grain.DatasetIterator`;
+save it as an item with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh
+`iter(loader)` with `grain.checkpoint.CheckpointRestore(it)` (handler: `grain.checkpoint.
+CheckpointHandler`), or store `json.dumps(it.get_state())` yourself and call `it.set_state`.
+"""
+
+import dataclasses
+import functools
+import logging
+import sys
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+DROP_PROMPT_TOO_LONG = "prompt_too_long"
+DROP_NO_RESPONSES = "no_responses"
+
+
+def _text(x) -> str:
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, np.bytes_):
+    return bytes(x).decode("utf-8")
+  return str(x)
+
+
+def _prompt_ids(ex: dict, tokenizer) -> list[int]:
+  return [tokenizer.bos_id] + tokenizer.encode(_text(ex["prompt"]))
+
+
+def drop_reason(ex: dict, tokenizer, *, max_len: int) -> str | None:
+  """Why `encode_example` would drop `ex` (one of the DROP_* names), or None if it keeps it."""
+  if len(ex["responses"]) == 0:
+    return DROP_NO_RESPONSES
+  # BOS + prompt must leave at least one position for a response token.
+  if len(_prompt_ids(ex, tokenizer)) + 1 > max_len:
+    return DROP_PROMPT_TOO_LONG
+  return None
+
+
+def select_responses(ratings: Sequence[float], k: int) -> list[int]:
+  """Indices of the k highest ratings (ties: earlier first), returned in their original order."""
+  ratings = np.asarray(ratings, np.float64)
+  if len(ratings) <= k:
+    return list(range(len(ratings)))
+  best = np.argsort(-ratings, kind="stable")[:k]
+  return sorted(int(i) for i in best)
+
+
+def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int) -> dict | None:
+  """One example -> K token rows and masks; None when it must be dropped (see `drop_reason`)."""
+  responses, ratings = ex["responses"], ex["ratings"]
+  if len(responses) != len(ratings):
+    raise ValueError(f"example with prompt {_text(ex['prompt'])[:60]!r}: {len(responses)} "
+                     f"responses but {len(ratings)} ratings")
+  if len(responses) == 0:
+    return None
+  prompt = _prompt_ids(ex, tokenizer)
+  room = max_len - len(prompt)
+  if room < 1:
+    return None
+  k, t = num_responses, max_len
+  tokens = np.full((k, t), tokenizer.pad_id, np.int32)
+  loss_mask = np.zeros((k, t), np.float32)
+  out_ratings = np.zeros((k,), np.float32)
+  response_mask = np.zeros((k,), np.float32)
+  tokens[:, :len(prompt)] = prompt
+  for slot, i in enumerate(select_responses(ratings, k)):
+    resp = (tokenizer.encode(_text(responses[i])) + [tokenizer.eos_id])[:room]
+    end = len(prompt) + len(resp)
+    tokens[slot, len(prompt):end] = resp
+    loss_mask[slot, len(prompt):end] = 1.0
+    out_ratings[slot] = float(ratings[i])
+    response_mask[slot] = 1.0
+  # Empty slots keep the prompt tokens (harmless, fully masked) so their rows are well formed.
+  return {"tokens": tokens, "loss_mask": loss_mask, "ratings": out_ratings,
+          "response_mask": response_mask}
+
+
+class _ShardPositions:
+  """Position j of this process's stream -> index into the kept-example list (see module doc)."""
+
+  def __init__(self, num_kept: int, *, seed: int, shuffle: bool, num_epochs: int | None,
+               shard_index: int, shard_count: int):
+    self.per_epoch = num_kept // shard_count
+    self.num_kept, self.seed, self.shuffle = num_kept, seed, shuffle
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.length = sys.maxsize if num_epochs is None else self.per_epoch * num_epochs
+
+  def __len__(self) -> int:
+    return self.length
+
+  @functools.lru_cache(maxsize=4)
+  def _perm(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.num_kept)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_kept)
+
+  def __getitem__(self, j: int) -> int:
+    if not 0 <= j < self.length:
+      raise IndexError(j)
+    epoch, pos = divmod(int(j), self.per_epoch)
+    return int(self._perm(epoch)[pos * self.shard_count + self.shard_index])
+
+
+@dataclasses.dataclass
+class _Encode(grain.transforms.Map):
+  """Picklable (for worker processes): reads example `kept[i]` from the source and encodes it."""
+  source: Any
+  kept: np.ndarray
+  tokenizer: Any
+  max_len: int
+  num_responses: int
+
+  def map(self, i: int) -> dict:
+    ex = self.source[int(self.kept[i])]
+    out = encode_example(ex, self.tokenizer, max_len=self.max_len,
+                         num_responses=self.num_responses)
+    if out is None:  # the pre-pass kept it, so the source or tokenizer changed under us
+      raise RuntimeError(f"example {int(self.kept[i])} passed the length pre-pass but not encoding")
+    return out
+
+
+class AlignmentLoader:
+  """`iter(loader)` -> a grain DatasetIterator of batches (get_state/set_state for resume).
+
+  `stats`: examples, kept, dropped (by reason), examples_per_epoch (this process),
+  batches_per_epoch (this process, fractional when batches straddle epochs), batch_size.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, stats: dict):
+    self.dataset, self.stats = dataset, stats
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+def _process_index_count() -> tuple[int, int]:
+  import jax  # only when the caller did not say: keeps data tests free of jax start-up
+  return jax.process_index(), jax.process_count()
+
+
+def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_responses: int,
+                seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                shard_index: int | None = None, shard_count: int | None = None,
+                worker_count: int = 0, drop_remainder: bool = True) -> AlignmentLoader:
+  """A grain pipeline over any random-access `source` of example dicts (list, tfds.data_source).
+
+  A pre-pass tokenises every prompt once to find the examples to drop, so the drop counts are
+  exact and known before training, and every process sees the same epoch length.
+  """
+  if shard_index is None or shard_count is None:
+    shard_index, shard_count = _process_index_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  if global_batch_size % shard_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                     f"{shard_count} processes")
+  batch = global_batch_size // shard_count
+  dropped: dict[str, int] = {}
+  kept = []
+  for i in range(len(source)):
+    reason = drop_reason(source[i], tokenizer, max_len=max_len)
+    if reason is None:
+      kept.append(i)
+    else:
+      dropped[reason] = dropped.get(reason, 0) + 1
+  kept = np.asarray(kept, np.int64)
+  if len(kept) < shard_count:
+    raise ValueError(f"only {len(kept)} of {len(source)} examples fit max_len={max_len} "
+                     f"(dropped: {dropped}); need at least one per process ({shard_count})")
+  if dropped:
+    logging.warning("data: dropped %d of %d examples (%s) at max_len=%d",
+                    sum(dropped.values()), len(source), dropped, max_len)
+  positions = _ShardPositions(len(kept), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                              shard_index=shard_index, shard_count=shard_count)
+  if num_epochs is not None and drop_remainder and len(positions) < batch:
+    raise ValueError(f"{len(positions)} examples per process in {num_epochs} epoch(s) make no "
+                     f"full batch of {batch}")
+  ds = grain.MapDataset.source(positions).map(
+      _Encode(source, kept, tokenizer, max_len, num_responses))
+  ds = ds.to_iter_dataset().batch(batch, drop_remainder=drop_remainder)
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  stats = {"examples": len(source), "kept": int(len(kept)), "dropped": dropped,
+           "examples_per_epoch": positions.per_epoch, "batch_size": batch,
+           "batches_per_epoch": positions.per_epoch / batch}
+  return AlignmentLoader(ds, stats)
+
+
+def open_tfds(name: str, data_dir: str, split: str):
+  """`tfds.data_source` over an array_record dataset; reads metadata from `data_dir`, no TF.
+
+  `name` is `sandbox_alignment/imitation` (optionally `:version`) or any prepared dataset; the
+  builder code need not be imported: tfds reads the features from the stored metadata.
+  """
+  import tensorflow_datasets as tfds
+  return tfds.data_source(name, data_dir=data_dir, split=split, download=False)
