@@ -1,0 +1,96 @@
+"""Base configuration: every key of DESIGN.md, at paper scale (LLaMA-7B, Stable Alignment §4).
+
+Stage files import this and override a few keys. Run a stage:
+  python -m stable_alignment_jax.main --config=configs/stage1.py
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # LLaMA-7B, bf16 compute with f32 master weights; "dots" remat keeps matmul outputs and
+  # recomputes the cheap elementwise work, which fits 7B at T=360 per chip on v5p.
+  c.model = common.model_block("llama2_7b", dtype="bfloat16", param_dtype="float32", remat="dots")
+
+  # Pure FSDP over every chip: 7B params + Adam moments (~112 GB in f32) spread over the pod.
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # tfds | synthetic (embedded, for tiny runs)
+  c.data.dataset = "sandbox_alignment/imitation"  # TFDS name/config written by data_prep
+  c.data.data_dir = "~/tensorflow_datasets"
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.tokenizer = "meta-llama/Llama-2-7b-hf"  # a .model file, an HF dir, or "byte"
+  c.data.batch_size = 32  # prompts per optimizer step, global (each with K responses)
+  c.data.max_len = 360  # paper: sequences truncated to 360 tokens
+  c.data.num_responses = 3  # K, paper: 3 rated responses per prompt
+  c.data.worker_count = 0  # grain worker processes (0 = in the training process)
+  c.data.synthetic_examples = 0  # size of the embedded data set when source == synthetic
+  c.data.chain_of_hindsight = False  # rewrite examples as CoH feedback text before tokenising
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo
+  c.loss.ratio = 0.2  # lambda: weight of the contrastive term (paper)
+  c.loss.margin = 10.0  # mu: rating-difference margin (paper)
+  c.loss.rating_scale = 7.0  # S: ratings are 1..7
+  c.loss.aggregate = "mean"  # mean | max over the worse responses
+  c.loss.hinge = "per_pair"  # per_pair (paper) | after_aggregate (authors' release)
+  c.loss.sft_responses = "best"  # sft: best | all
+  c.loss.beta = 0.1  # dpo temperature
+  c.loss.rank_weight = 1.0  # rrhf ranking-term weight
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-5  # paper
+  c.optim.warmup_ratio = 0.03  # linear warmup, then cosine to min_lr_ratio * lr (Alpaca recipe)
+  c.optim.min_lr_ratio = 0.0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0  # global-norm clipping
+  c.optim.accum_steps = 1  # micro-batches per step (gradient accumulation inside the step)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 7.0  # paper: 7 epochs on each stage's data
+  c.train.steps = -1  # > 0 overrides epochs
+  c.train.log_every = 10
+  c.train.eval_every = 200  # 0 = no periodic eval
+  c.train.eval_batches = 20
+  c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look the device kind up
+  c.train.tensorboard = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.dir = "runs/stage"
+  c.checkpoint.init_from = ""  # previous stage's checkpoint dir, or an HF LLaMA dir ("" = random)
+  c.checkpoint.save_every = 500
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict, name: str, steps: int = 40) -> ml_collections.ConfigDict:
+  """Shrinks a stage config to run on a laptop CPU in about a minute (embedded data)."""
+  c.model = common.model_block("tiny", vocab_size=384, dtype="float32", remat="none",
+                               max_seq_len=256)
+  c.mesh.fsdp = -1
+  c.data.source = "synthetic"
+  c.data.tokenizer = "byte"
+  c.data.synthetic_examples = 256
+  c.data.batch_size = 8
+  c.data.max_len = 160
+  c.optim.lr = 3e-3
+  c.optim.warmup_ratio = 0.1
+  c.train.steps = steps
+  c.train.log_every = 5
+  c.train.eval_every = 20
+  c.train.eval_batches = 2
+  c.checkpoint.dir = f"runs/{name}_tiny"
+  c.checkpoint.save_every = 20
+  return c

@@ -1,0 +1,94 @@
+"""SANDBOX: the simulated society that produces the alignment data (Back-Scatter rounds).
+
+  python -m stable_alignment_jax.sandbox run --config=configs/sandbox.py \
+      --config.backends.server.base_url=http://127.0.0.1:8000/v1   # key in $SANDBOX_API_KEY
+  python -m stable_alignment_jax.sandbox run --config=configs/sandbox.py:tiny   # CPU, offline
+  python -m stable_alignment_jax.sandbox status --store=runs/sandbox/sandbox.sqlite
+  python -m stable_alignment_jax.sandbox export --store=... --out=sandbox.jsonl
+
+`arg` (comma separated): `tiny` = 9 agents, 2 rounds, an in-process random tiny model;
+`agents=N`, `rounds=N` override the society size and length.
+"""
+
+import ml_collections
+
+DATA = "../shared/data"  # relative to the project root, as in the tests
+
+
+def _parse(arg):
+  out = {"tiny": False, "agents": 0, "rounds": 0}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if key not in out:
+      raise KeyError(f"configs/sandbox.py: unknown arg {key!r}; known: {sorted(out)}")
+    out[key] = int(value) if sep else True
+    if sep and key == "tiny":
+      raise ValueError("configs/sandbox.py: `tiny` takes no value")
+  return out
+
+
+def _sampling(max_tokens, temperature=0.7):
+  return ml_collections.ConfigDict(dict(max_tokens=max_tokens, temperature=temperature, top_p=0.95))
+
+
+def get_config(arg=None):
+  a = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.run_id = "sandbox"
+  c.run_dir = "runs/sandbox"
+  c.store = ""  # default: {run_dir}/{run_id}.sqlite
+
+  c.world = ml_collections.ConfigDict()
+  c.world.n_agents = 100  # paper: 100 agents
+  c.world.grid_size = 10  # paper: a 10x10 grid
+  c.world.social_radius = -1.0  # -1 = grid_size / 2 (paper)
+  c.world.k_peers = 4  # paper: 4 peers give feedback
+  c.world.setting = "mixed_half_half"  # all_good | all_bad | half_half | mixed_half_half
+  c.world.priors_per_agent = 50  # paper: 50 prior question -> answer pairs per agent
+  # Prior answers: HH-RLHF single-turn dialogues, chosen = good, rejected = bad.
+  c.world.prior_file = f"{DATA}/hh_rlhf/harmless-base_test.jsonl.gz"
+  c.world.question_file = f"{DATA}/sandbox_questions/hh_questions.txt"
+  c.world.max_question_chars = 2000
+
+  c.rounds = 10
+  c.agents_per_round = -1  # -1 = every agent is a central agent once per round
+  c.agents_per_step = -1  # -1 = the whole round is one step (one batch per phase)
+
+  c.memory = ml_collections.ConfigDict(dict(threshold=0.5, accept="better"))
+  c.embedder = ml_collections.ConfigDict(dict(kind="hashing", dim=256))
+
+  # Model groups {name: backend, model, count}; count -1 = the remaining agents. Several
+  # groups reproduce the paper's mixed society (text-davinci-002/003, GPT-4 ...).
+  c.agent_models = ml_collections.ConfigDict({
+      "a": dict(backend="server", model="agent-model", count=-1)})
+  c.observer = ml_collections.ConfigDict(dict(backend="server", model="observer-model"))
+  c.backends = ml_collections.ConfigDict({
+      "server": dict(kind="openai", base_url="http://127.0.0.1:8000/v1", api="chat",
+                     api_key_env="SANDBOX_API_KEY", concurrency=16, timeout_s=60.0,
+                     max_retries=6, backoff_s=0.5, backoff_max_s=30.0),
+  })
+  c.sampling = ml_collections.ConfigDict({
+      "draft": _sampling(256), "feedback": _sampling(96), "revise": _sampling(256),
+      "observe": _sampling(16, temperature=0.0),
+  })
+  c.prompts = ml_collections.ConfigDict()  # overrides of sandbox/prompts.py DEFAULTS by name
+
+  if a["tiny"]:
+    c.run_id = "sandbox_tiny"
+    c.world.n_agents, c.world.grid_size, c.world.priors_per_agent = 9, 4, 4
+    c.rounds = 2
+    c.backends = ml_collections.ConfigDict({
+        "local": dict(kind="jax", model="random:tiny:0", tokenizer="byte", dtype="float32",
+                      max_prompt_tokens=192),
+    })
+    c.agent_models = ml_collections.ConfigDict({
+        "a": dict(backend="local", model="tiny-random", count=-1)})
+    c.observer = ml_collections.ConfigDict(dict(backend="local", model="tiny-random"))
+    for role in ("draft", "feedback", "revise", "observe"):
+      c.sampling[role].max_tokens = 24
+  if a["agents"]:
+    c.world.n_agents = a["agents"]
+  if a["rounds"]:
+    c.rounds = a["rounds"]
+  return c

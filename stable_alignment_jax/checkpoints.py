@@ -1,0 +1,113 @@
+"""Orbax checkpoints of a training run, and loading a model from any checkpoint kind.
+
+A run directory (`config.checkpoint.dir`) holds an Orbax `CheckpointManager` (one numbered
+directory per saved step, items `params`, `opt_state`, `step`, `data_iter`, `config`) and a
+`run_config.json` written at start. Trees are stored as flat `{"a/b/c": array}` dicts keyed by
+their pytree paths, so restore needs no NNX classes and resharding to a different mesh (or a
+different process count) is Orbax's job: every array restores straight into its target sharding.
+
+`load_model(spec)` gives (graphdef, state) for the sandbox, serving and eval:
+  "random:<preset>[:seed]"  a freshly initialised preset (tests, smoke runs)
+  <HF directory>            config.json + *.safetensors (through model/convert.py)
+  <run directory>           the latest step's params of one of our runs
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stable_alignment_jax import sharding
+from stable_alignment_jax.model import llama
+from stable_alignment_jax.model.presets import ModelConfig, preset
+
+RUN_CONFIG = "run_config.json"
+
+
+def flatten(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in leaves}
+
+
+def unflatten(like, flat: dict[str, Any]):
+  """Rebuilds `like`'s structure from a flat dict; names missing or extra keys on mismatch."""
+  want = flatten(like)
+  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+  if missing or extra:
+    raise KeyError(f"checkpoint tree mismatch: missing {missing[:10]}, unexpected {extra[:10]}")
+  treedef = jax.tree_util.tree_structure(like)
+  return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in want])
+
+
+def abstract_like(tree, shardings) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat restore targets: shape, dtype and the sharding each array must land in."""
+  flat, flat_sh = flatten(tree), flatten(shardings)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=flat_sh[k]) for k, v in flat.items()}
+
+
+def manager(directory: str, *, keep: int = 2, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(os.path.expanduser(directory)), options=options)
+
+
+def read_run_config(directory: str) -> dict:
+  path = os.path.join(os.path.expanduser(directory), RUN_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory}: not a run directory (no {RUN_CONFIG})")
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_hf_dir(path: str) -> bool:
+  cfg = os.path.join(os.path.expanduser(path), "config.json")
+  if not os.path.exists(cfg):
+    return False
+  with open(cfg) as f:
+    data = json.load(f)
+  return "model_type" in data or "architectures" in data
+
+
+def restore_params(directory: str, abstract_params, param_shardings, step: int | None = None):
+  """The `params` item of a run directory (latest step unless given), into the given shardings."""
+  with manager(directory, read_only=True) as mgr:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: run directory has no saved step")
+    target = abstract_like(abstract_params, param_shardings)
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  return unflatten(abstract_params, dict(restored["params"])), step
+
+
+def _abstract_model(cfg: ModelConfig, seed: int = 0):
+  return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(seed))))
+
+
+def load_model(spec: str, *, dtype: str | None = None, mesh=None):
+  """(graphdef, state) for a spec of the module docstring; `dtype` overrides the compute dtype."""
+  mesh = mesh or sharding.make_mesh({"fsdp": -1})
+  if spec.startswith("random:"):
+    _, name, *seed = spec.split(":")
+    cfg = preset(name, **({"dtype": dtype} if dtype else {}))
+    seed = int(seed[0]) if seed else 0
+    return sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(seed)), mesh)
+  path = os.path.expanduser(spec)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model checkpoint not found: {spec} (expected random:<preset>, an "
+                            "HF LLaMA directory or a run directory)")
+  if is_hf_dir(path):
+    from stable_alignment_jax.model import convert  # only HF users pay for its imports
+    return convert.load_hf(path, dtype=dtype, mesh=mesh)
+  run = read_run_config(path)
+  fields = dict(run["model"])
+  if dtype:
+    fields["dtype"] = dtype
+  cfg = ModelConfig.from_dict(fields)
+  graphdef, abstract = _abstract_model(cfg)
+  params, _ = restore_params(path, abstract, sharding.state_shardings(abstract, mesh))
+  return graphdef, params

@@ -1,0 +1,186 @@
+"""SA-CPO and the baseline losses: pure, keyword-only functions over the [B, K, T] batch contract.
+
+The model runs once over the flattened `[B*K, T]` batch; `sequence_logprobs` turns its logits into
+per-response summed log-probs and token counts `[B, K]`; each loss maps those (with the ratings
+and the response mask) to `(scalar loss, metrics)`. Nothing here knows about models or configs.
+
+SA-CPO (DESIGN.md): with l_k the token-mean NLL of response k and b the best-rated valid response
+  L = l_b + ratio * A_{k != b valid}[ max(0, l_b - l_k + margin * (r_b - r_k) / rating_scale) ]
+A = mean or max. `hinge="after_aggregate"` reproduces the authors' release, which aggregates the
+differences first and applies one hinge: max(0, A[l_b - l_k + margin * (r_b - r_k) / S]).
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRIC_KEYS = ("nll_best", "hinge_mean", "hinge_active", "nll_gap", "accuracy")
+
+
+def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+  """Summed log-prob of the masked tokens of each row, and their count.
+
+  logits [N,T,V] (position t predicts token t+1), tokens [N,T] int, loss_mask [N,T] (1 on the
+  response tokens whose log-prob counts; DESIGN.md alignment). Returns (logp [N], n_tokens [N]),
+  both f32. Uses logsumexp + gather so no second [N,T,V] log-softmax array is materialised.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = tokens[:, 1:]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  token_logp = picked - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def _token_mean_nll(logp, n_tokens):
+  return -logp / jnp.maximum(n_tokens, 1.0)
+
+
+def _best_index(ratings, valid):
+  """Index of the highest rating among valid responses; ties go to the first."""
+  return jnp.argmax(jnp.where(valid, ratings, -jnp.inf), axis=-1)
+
+
+def _take(x, idx):
+  return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+
+
+def _safe_mean(x, w):
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _ranking_metrics(nll, valid, ratings, best, hinge=None, others=None):
+  """The metrics DESIGN.md lists, shared by every loss so logs compare across methods."""
+  k = nll.shape[-1]
+  others = valid & (jnp.arange(k)[None] != best[:, None]) if others is None else others
+  nll_best = _take(nll, best)
+  has_valid = jnp.any(valid, axis=-1).astype(jnp.float32)
+  has_pair = jnp.any(others, axis=-1).astype(jnp.float32)
+  gap = nll - nll_best[:, None]
+  min_other = jnp.min(jnp.where(others, nll, jnp.inf), axis=-1)
+  metrics = {
+      "nll_best": _safe_mean(nll_best, has_valid),
+      "nll_gap": _safe_mean(gap, others.astype(jnp.float32)),
+      "accuracy": _safe_mean((nll_best < min_other).astype(jnp.float32), has_pair),
+      "hinge_mean": jnp.float32(0.0),
+      "hinge_active": jnp.float32(0.0),
+  }
+  if hinge is not None:
+    w = others.astype(jnp.float32)
+    metrics["hinge_mean"] = _safe_mean(hinge, w)
+    metrics["hinge_active"] = _safe_mean((hinge > 0).astype(jnp.float32), w)
+  return metrics
+
+
+def sa_cpo(*, logp, n_tokens, response_mask, ratings, ratio=0.2, margin=10.0, rating_scale=7.0,
+           aggregate="mean", hinge="per_pair"):
+  """Stable Alignment's contrastive preference loss. All array args are [B, K]."""
+  if aggregate not in ("mean", "max") or hinge not in ("per_pair", "after_aggregate"):
+    raise ValueError(f"aggregate={aggregate!r} (mean|max), hinge={hinge!r} (per_pair|after_aggregate)")
+  valid = response_mask > 0
+  nll = _token_mean_nll(logp, n_tokens)
+  best = _best_index(ratings, valid)
+  k = nll.shape[-1]
+  others = valid & (jnp.arange(k)[None] != best[:, None])
+  nll_best, r_best = _take(nll, best), _take(ratings, best)
+  diff = nll_best[:, None] - nll + margin * (r_best[:, None] - ratings) / rating_scale  # [B,K]
+  w = others.astype(jnp.float32)
+  n_others = jnp.maximum(jnp.sum(w, axis=-1), 1.0)
+
+  def agg(x):
+    if aggregate == "mean":
+      return jnp.sum(x * w, axis=-1) / n_others
+    return jnp.max(jnp.where(others, x, -jnp.inf), axis=-1)
+
+  pair_hinge = jnp.maximum(diff, 0.0)
+  if hinge == "per_pair":
+    penalty = agg(pair_hinge)
+  else:
+    penalty = jnp.maximum(agg(diff), 0.0)
+  penalty = jnp.where(jnp.any(others, axis=-1), penalty, 0.0)  # one valid response: plain SFT
+  has_valid = jnp.any(valid, axis=-1).astype(jnp.float32)
+  loss = _safe_mean(nll_best + ratio * penalty, has_valid)
+  return loss, _ranking_metrics(nll, valid, ratings, best, pair_hinge, others)
+
+
+def sft(*, logp, n_tokens, response_mask, ratings, responses="best"):
+  """Token-mean NLL of the best response (`responses="best"`) or of every valid one (`"all"`)."""
+  valid = response_mask > 0
+  nll = _token_mean_nll(logp, n_tokens)
+  best = _best_index(ratings, valid)
+  if responses == "best":
+    loss = _safe_mean(_take(nll, best), jnp.any(valid, axis=-1).astype(jnp.float32))
+  elif responses == "all":
+    loss = _safe_mean(nll, valid.astype(jnp.float32))
+  else:
+    raise ValueError(f"sft responses={responses!r}; expected best|all")
+  return loss, _ranking_metrics(nll, valid, ratings, best)
+
+
+def rrhf(*, logp, n_tokens, response_mask, ratings, rank_weight=1.0):
+  """RRHF (Yuan et al. 2023): sum over pairs r_i < r_j of max(0, p_i - p_j), p = length-normalised
+  log-prob, plus the NLL of the best response; averaged over prompts."""
+  valid = response_mask > 0
+  p = logp / jnp.maximum(n_tokens, 1.0)
+  nll = -p
+  best = _best_index(ratings, valid)
+  worse = (ratings[:, :, None] < ratings[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+  pair = jnp.maximum(p[:, :, None] - p[:, None, :], 0.0) * worse  # [B, i, j]
+  has_valid = jnp.any(valid, axis=-1).astype(jnp.float32)
+  rank = jnp.sum(pair, axis=(1, 2))
+  loss = _safe_mean(rank_weight * rank + _take(nll, best), has_valid)
+  metrics = _ranking_metrics(nll, valid, ratings, best)
+  metrics["hinge_mean"] = _safe_mean(jnp.sum(pair, axis=(1, 2)), has_valid)
+  metrics["hinge_active"] = _safe_mean((pair > 0).astype(jnp.float32), worse.astype(jnp.float32))
+  return loss, metrics
+
+
+def dpo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1):
+  """DPO (Rafailov et al. 2023) on the best vs the worst-rated valid response of each prompt.
+
+  logp / ref_logp are summed response log-probs [B, K] under the policy and the frozen reference.
+  Prompts without two differently rated valid responses carry no pair and are left out.
+  """
+  valid = response_mask > 0
+  best = _best_index(ratings, valid)
+  worst = jnp.argmin(jnp.where(valid, ratings, jnp.inf), axis=-1)
+  has_pair = (_take(ratings, best) > _take(ratings, worst)).astype(jnp.float32)
+  chosen = _take(logp, best) - _take(ref_logp, best)
+  rejected = _take(logp, worst) - _take(ref_logp, worst)
+  margin = beta * (chosen - rejected)
+  loss = _safe_mean(-jax.nn.log_sigmoid(margin), has_pair)
+  nll = _token_mean_nll(logp, n_tokens)
+  metrics = _ranking_metrics(nll, valid, ratings, best)
+  metrics["hinge_mean"] = _safe_mean(margin, has_pair)  # the DPO reward margin
+  metrics["hinge_active"] = _safe_mean((margin > 0).astype(jnp.float32), has_pair)
+  return loss, metrics
+
+
+# name -> loss. `needs_reference` losses get `ref_logp` from a frozen copy of the start params.
+LOSSES: dict[str, Callable] = {"sa_cpo": sa_cpo, "sft": sft, "rrhf": rrhf, "dpo": dpo}
+NEEDS_REFERENCE = frozenset({"dpo"})
+
+
+def get_loss(name: str) -> Callable:
+  if name not in LOSSES:
+    raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
+  return LOSSES[name]
+
+
+def validate_batch(batch: dict, where: str = "batch") -> None:
+  """Host-side check before any compute: every prompt has a valid response, no NaN rating,
+  every valid response has at least one loss token."""
+  rm = np.asarray(batch["response_mask"]) > 0
+  ratings = np.asarray(batch["ratings"])
+  n_tok = np.asarray(batch["loss_mask"]).sum(-1)
+  empty = np.flatnonzero(~rm.any(-1))
+  if empty.size:
+    raise ValueError(f"{where}: prompts {empty.tolist()} have no valid response (response_mask all 0)")
+  bad = np.argwhere(rm & ~np.isfinite(ratings))
+  if bad.size:
+    raise ValueError(f"{where}: non-finite ratings at [prompt, response] {bad.tolist()[:8]}")
+  no_tok = np.argwhere(rm & (n_tok == 0))
+  if no_tok.size:
+    raise ValueError(f"{where}: valid responses with no loss tokens at {no_tok.tolist()[:8]}")

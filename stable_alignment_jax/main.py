@@ -1,0 +1,52 @@
+"""Trains one stage (or baseline) from an ml_collections config file.
+
+  python -m stable_alignment_jax.main --config=configs/stage3.py
+  python -m stable_alignment_jax.main --config=configs/stage1.py:tiny --config.optim.lr=1e-3
+
+On a multi-host TPU pod or GPU cluster run the same command on every host; JAX's distributed
+runtime is initialised from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID) before anything touches a device.
+"""
+
+import os
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny",
+    lock_config=True)  # a typo in --config.x.y fails instead of adding a key
+
+
+def _maybe_init_distributed():
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or \
+     os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    kw = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      kw = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/stage1.py:tiny")
+  _maybe_init_distributed()
+  import jax
+  from stable_alignment_jax import train
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  if jax.process_index() == 0:
+    print(config, flush=True)
+  summary = train.run(config)
+  if jax.process_index() == 0:
+    final = {k: round(v, 4) for k, v in summary["final"].items()}
+    print(f"[{config.checkpoint.dir}] finished {summary['steps']} steps: {final}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

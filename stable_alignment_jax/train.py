@@ -1,0 +1,379 @@
+"""Training a stage: state, the one jitted step, the loop, metrics and checkpoints.
+
+Read top to bottom: optimizer -> loss over the [B, K, T] batch -> train step (gradient
+accumulation inside, one optax update) -> state init/restore (born sharded) -> the loop.
+The state is a plain dict {params, opt_state, step[, ref_params]}; the model's graphdef is static.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stable_alignment_jax import checkpoints, data, losses, sharding, synthetic
+from stable_alignment_jax.hindsight import chain_of_hindsight
+from stable_alignment_jax.model import llama
+from stable_alignment_jax.model.presets import ModelConfig
+from stable_alignment_jax.tokenizer import load_tokenizer
+
+# Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor spec sheets).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12,
+              "H100": 989e12, "A100": 312e12}
+
+
+# --- optimizer --------------------------------------------------------------------------------
+
+def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int):
+  """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales."""
+  warmup = max(1, int(oc.warmup_ratio * total_steps))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=oc.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=oc.lr * oc.min_lr_ratio)
+  tx = optax.chain(
+      optax.clip_by_global_norm(oc.grad_clip),
+      optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
+                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  return tx, schedule
+
+
+# --- loss over a batch ------------------------------------------------------------------------
+
+def loss_kwargs(lc: ml_collections.ConfigDict) -> dict:
+  """The hyper-parameters the chosen loss takes, unpacked from config.loss."""
+  per_loss = {
+      "sa_cpo": dict(ratio=lc.ratio, margin=lc.margin, rating_scale=lc.rating_scale,
+                     aggregate=lc.aggregate, hinge=lc.hinge),
+      "sft": dict(responses=lc.sft_responses),
+      "rrhf": dict(rank_weight=lc.rank_weight),
+      "dpo": dict(beta=lc.beta),
+  }
+  losses.get_loss(lc.name)  # unknown names raise here, listing the known ones
+  return per_loss[lc.name]
+
+
+def response_logprobs(graphdef, params, batch):
+  """One forward over the flattened [B*K, T] batch -> summed log-probs and counts [B, K]."""
+  b, k, t = batch["tokens"].shape
+  tokens = batch["tokens"].reshape(b * k, t)
+  logits, _ = nnx.merge(graphdef, params)(tokens)
+  logp, n = losses.sequence_logprobs(logits, tokens, batch["loss_mask"].reshape(b * k, t))
+  return logp.reshape(b, k), n.reshape(b, k)
+
+
+def batch_loss(params, batch, *, graphdef, loss_name, kwargs, ref_params=None):
+  logp, n_tokens = response_logprobs(graphdef, params, batch)
+  extra = {}
+  if loss_name in losses.NEEDS_REFERENCE:
+    ref_logp, _ = response_logprobs(graphdef, ref_params, batch)
+    extra["ref_logp"] = jax.lax.stop_gradient(ref_logp)
+  return losses.get_loss(loss_name)(
+      logp=logp, n_tokens=n_tokens, response_mask=batch["response_mask"],
+      ratings=batch["ratings"], **kwargs, **extra)
+
+
+# --- the step ---------------------------------------------------------------------------------
+
+def train_step(state, batch, *, graphdef, tx, loss_name, kwargs, accum_steps):
+  """One optimizer update; the batch is split into `accum_steps` micro-batches scanned in order."""
+  params = state["params"]
+  grad_fn = jax.value_and_grad(
+      functools.partial(batch_loss, graphdef=graphdef, loss_name=loss_name, kwargs=kwargs,
+                        ref_params=state.get("ref_params")), has_aux=True)
+  if accum_steps == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+    def body(acc, mb):
+      (l, m), g = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, acc, (l, m, g)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
+        lambda x: x[0], micro)))
+    zero = (zero[0][0], zero[0][1], zero[1])
+    (loss, metrics, grads), _ = jax.lax.scan(body, zero, micro)
+    loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  params = optax.apply_updates(params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates))
+  return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+
+
+def eval_step(state, batch, *, graphdef, loss_name, kwargs):
+  loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, loss_name=loss_name,
+                             kwargs=kwargs, ref_params=state.get("ref_params"))
+  return dict(metrics, loss=loss)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def open_source(dc: ml_collections.ConfigDict, split: str, seed: int):
+  """The random-access example source of a split: TFDS array_record, or the embedded set."""
+  if dc.source == "synthetic":
+    n = dc.synthetic_examples
+    if split == dc.train_split:
+      src = synthetic.examples(n, seed=seed, num_responses=max(dc.num_responses, 2))
+    else:  # held-out topics
+      src = synthetic.examples(max(n // 8, 8), seed=seed + 1, start=n,
+                               num_responses=max(dc.num_responses, 2))
+  elif dc.source == "tfds":
+    src = data.open_tfds(dc.dataset, os.path.expanduser(dc.data_dir), split)
+  else:
+    raise ValueError(f"data.source={dc.source!r}; expected tfds or synthetic")
+  if dc.chain_of_hindsight:
+    src = _Mapped(src, seed)
+  return src
+
+
+class _Mapped:
+  """A random-access source with Chain-of-Hindsight applied per example (deterministic per index)."""
+
+  def __init__(self, source, seed):
+    self.source, self.seed = source, seed
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return chain_of_hindsight(self.source[i], np.random.default_rng([self.seed, i]))
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Process-local numpy batch -> global jax arrays split over the data-parallel axes."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+          for k, v in local.items()}
+
+
+# --- state ------------------------------------------------------------------------------------
+
+def _config_json(c) -> str:
+  return c.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Fails before any compute on settings that cannot work."""
+  ModelConfig.from_dict(c.model)
+  loss_kwargs(c.loss)
+  if c.loss.name == "dpo" and not c.checkpoint.init_from:
+    logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
+  init = c.checkpoint.init_from
+  if init and not init.startswith("random:"):
+    path = os.path.expanduser(init)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"checkpoint.init_from={init!r}: no such directory")
+    if not checkpoints.is_hf_dir(path):
+      checkpoints.read_run_config(path)  # raises naming the directory when it is not a run
+  if c.data.batch_size % max(c.optim.accum_steps, 1):
+    raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
+                     f"optim.accum_steps={c.optim.accum_steps}")
+
+
+def _init_params(c, cfg, graphdef, abstract, shardings, mesh):
+  init = c.checkpoint.init_from
+  if not init:
+    with sharding.activate(mesh):
+      make = lambda: nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(c.seed)))[1]
+      return jax.jit(make, out_shardings=shardings)(), "random init"
+  if checkpoints.is_hf_dir(init):
+    from stable_alignment_jax.model import convert
+    _, params = convert.load_hf(os.path.expanduser(init), dtype=cfg.dtype, mesh=mesh)
+    return params, f"HF checkpoint {init}"
+  prev = ModelConfig.from_dict(checkpoints.read_run_config(init)["model"])
+  arch = lambda m: {k: v for k, v in vars(m).items() if k not in ("dtype", "remat")}
+  if arch(prev) != arch(cfg):
+    raise ValueError(f"checkpoint.init_from={init}: its model {arch(prev)} differs from this "
+                     f"config's model {arch(cfg)}")
+  params, step = checkpoints.restore_params(init, abstract, shardings)
+  return params, f"{init} (step {step})"
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Trains one stage as configured; returns a summary (final metrics, steps, paths)."""
+  check_config(c)
+  cfg = ModelConfig.from_dict(c.model)
+  mesh = sharding.make_mesh(dict(c.mesh))
+  tokenizer = load_tokenizer(c.data.tokenizer)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer {c.data.tokenizer} has {tokenizer.vocab_size} ids but "
+                     f"model.vocab_size is {cfg.vocab_size}")
+  load = functools.partial(data.make_loader, tokenizer=tokenizer,
+                           global_batch_size=c.data.batch_size, max_len=c.data.max_len,
+                           num_responses=c.data.num_responses, seed=c.seed,
+                           worker_count=c.data.worker_count)
+  loader = load(open_source(c.data, c.data.train_split, c.seed))
+  kept = loader.stats["kept"]
+  total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)
+  tx, schedule = make_optimizer(c.optim, total)
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed))))
+  param_sh = sharding.state_shardings(abstract, mesh)
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  opt_sh = sharding.state_shardings(opt_abstract, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  needs_ref = c.loss.name in losses.NEEDS_REFERENCE
+  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  if needs_ref:
+    state_sh["ref_params"] = param_sh
+
+  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
+  mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  it = iter(loader)
+  start = mgr.latest_step()
+  if start is not None:
+    abstract_state = {"params": abstract, "opt_state": opt_abstract}
+    target = {k: checkpoints.abstract_like(v, state_sh[k]) for k, v in abstract_state.items()}
+    args = {k: ocp.args.StandardRestore(v) for k, v in target.items()}
+    if needs_ref:
+      args["ref_params"] = ocp.args.StandardRestore(checkpoints.abstract_like(abstract, param_sh))
+    restored = mgr.restore(start, args=ocp.args.Composite(
+        **args, data_iter=ocp.args.JsonRestore()))
+    state = {k: checkpoints.unflatten(abstract if k == "ref_params" else abstract_state[k],
+                                      dict(restored[k])) for k in args}
+    state["step"] = jax.device_put(jnp.int32(start), replicated)
+    it.set_state(restored["data_iter"]["iterator"])
+    origin = f"resumed {ckpt_dir} at step {start}"
+  else:
+    params, origin = _init_params(c, cfg, graphdef, abstract, param_sh, mesh)
+    with sharding.activate(mesh):
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.device_put(jnp.int32(0), replicated)}
+    if needs_ref:
+      state["ref_params"] = jax.tree.map(jnp.copy, params)
+    start = 0
+  if jax.process_index() == 0:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
+      f.write(_config_json(c))
+  logging.info("stage %s: params from %s; %d steps, data %s", c.checkpoint.dir, origin, total,
+               loader.stats)
+  print(f"[{c.checkpoint.dir}] params loaded from: {origin}", flush=True)
+
+  kwargs = loss_kwargs(c.loss)
+  batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
+              (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2))}
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, loss_name=c.loss.name,
+                        kwargs=kwargs, accum_steps=c.optim.accum_steps),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_name=c.loss.name,
+                                      kwargs=kwargs), in_shardings=(state_sh, batch_sh))
+  logger = _Logger(ckpt_dir, c, cfg, mesh)
+
+  def save(step):
+    mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(checkpoints.flatten(state["params"])),
+        opt_state=ocp.args.StandardSave(checkpoints.flatten(state["opt_state"])),
+        **({"ref_params": ocp.args.StandardSave(checkpoints.flatten(state["ref_params"]))}
+           if needs_ref else {}),
+        data_iter=ocp.args.JsonSave({"iterator": it.get_state()}),
+        config=ocp.args.JsonSave(json.loads(_config_json(c)))), force=True)
+
+  pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
+  last = {}
+  from tqdm import tqdm
+  bar = tqdm(range(start, total), initial=start, total=total, desc=c.checkpoint.dir,
+             disable=jax.process_index() != 0, mininterval=2.0)
+  t_log, step_log = time.perf_counter(), start
+  with sharding.activate(mesh):
+    for step in bar:
+      local = next(it)
+      losses.validate_batch(local, where=f"step {step + 1} batch")
+      state, metrics = step_fn(state, global_batch(local, mesh))
+      pending.append((step + 1, metrics["loss"]))
+      done = step + 1
+      is_save = done % c.checkpoint.save_every == 0 or done == total
+      if done % c.train.log_every == 0 or is_save:
+        _check_finite(pending, ckpt_dir, mgr)
+        pending.clear()
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last["lr"] = float(schedule(done - 1))
+        now = time.perf_counter()  # metrics were fetched, so every step up to here has finished
+        logger.train(done, last, local, (now - t_log) / max(done - step_log, 1))
+        t_log, step_log = now, done
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
+      if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
+        logger.eval(done, evaluate(c, state, eval_fn, load, mesh))
+      if is_save:
+        save(done)
+  mgr.wait_until_finished()
+  mgr.close()
+  logger.close()
+  return {"steps": total, "start": start, "origin": origin, "final": last, "dir": ckpt_dir,
+          "data": loader.stats, "state": state}
+
+
+def _check_finite(pending, ckpt_dir, mgr) -> None:
+  values = np.asarray(jax.device_get([l for _, l in pending]))
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    first = pending[int(bad[0])][0]
+    mgr.wait_until_finished()
+    raise FloatingPointError(
+        f"non-finite loss at step {first} (steps {pending[0][0]}..{pending[-1][0]} checked); "
+        f"the last good checkpoint in {ckpt_dir} is step {mgr.latest_step()} and was kept")
+
+
+def evaluate(c, state, eval_fn, load, mesh) -> dict[str, float]:
+  """Mean loss and metrics over `train.eval_batches` batches of the eval split."""
+  loader = load(open_source(c.data, c.data.eval_split, c.seed), shuffle=False)
+  it, sums = iter(loader), {}
+  n = min(c.train.eval_batches, max(1, int(loader.stats["batches_per_epoch"])))
+  for _ in range(n):
+    m = jax.device_get(eval_fn(state, global_batch(next(it), mesh)))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {k: v / n for k, v in sums.items()}
+
+
+class _Logger:
+  """TensorBoard scalars (process 0): loss, metrics, lr, norms, tokens/s and an MFU estimate."""
+
+  def __init__(self, ckpt_dir, c, cfg: ModelConfig, mesh):
+    self.writer = None
+    if c.train.tensorboard and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
+    kind = jax.devices()[0].device_kind
+    peak = c.train.peak_flops_per_device or next(
+        (v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+    self.peak_total = peak * mesh.size
+    self.cfg, self.ref = cfg, c.loss.name in losses.NEEDS_REFERENCE
+
+  def train(self, step, metrics, local_batch, seconds):
+    """`seconds`: mean wall time per step since the last log."""
+    tokens = local_batch["tokens"].size * jax.process_count()
+    metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    flops = tokens * (6 + 2 * self.ref) * self.cfg.num_params()
+    if self.peak_total:
+      metrics["mfu"] = flops / max(seconds, 1e-9) / self.peak_total
+    self._write("train", step, metrics)
+
+  def eval(self, step, metrics):
+    self._write("eval", step, metrics)
+    if jax.process_index() == 0:
+      shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+      print(f"[eval step {step}] {shown}", flush=True)
+
+  def _write(self, prefix, step, metrics):
+    if self.writer:
+      for k, v in metrics.items():
+        self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+  def close(self):
+    if self.writer:
+      self.writer.close()
