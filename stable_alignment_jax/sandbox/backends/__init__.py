@@ -1,0 +1,59 @@
+"""Model backends: where agents' prompts are completed.
+
+A backend takes a list of `Request`s and returns their texts in order (`async complete`).
+Registry (`KINDS`, config `backends.<name>.kind`):
+- `openai`: any OpenAI-compatible server (OpenAI, vLLM, Ollama, our serve.py) via the SDK.
+- `jax`: our model in process; all pending prompts of a step go through ONE batched generate.
+Record/replay (`replay.CallLog`) sits in front of every backend.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  backend: str  # name in config.backends
+  model: str
+  prompt: str
+  max_tokens: int
+  temperature: float
+  top_p: float
+  seed: int
+
+  def params(self) -> dict:
+    return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+
+  @property
+  def key(self) -> str:
+    """Identity of the call for record/replay: everything that determines its output."""
+    blob = json.dumps([self.backend, self.model, self.prompt, self.params(), self.seed],
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _openai(name, cfg):
+  from stable_alignment_jax.sandbox.backends.openai_backend import OpenAIBackend
+  return OpenAIBackend(name, cfg)
+
+
+def _jax(name, cfg):
+  from stable_alignment_jax.sandbox.backends.jax_backend import JaxBackend
+  return JaxBackend(name, cfg)
+
+
+KINDS = {"openai": _openai, "jax": _jax}
+
+
+def check_backend_config(name: str, cfg) -> None:
+  if "kind" not in cfg:
+    raise KeyError(f"config.backends.{name}: missing `kind`; known kinds: {sorted(KINDS)}")
+  if cfg.kind not in KINDS:
+    raise KeyError(f"config.backends.{name}.kind={cfg.kind!r}: unknown backend; known: "
+                   f"{sorted(KINDS)}")
+
+
+def make_backend(name: str, cfg):
+  check_backend_config(name, cfg)
+  return KINDS[cfg.kind](name, cfg)

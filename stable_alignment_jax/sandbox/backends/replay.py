@@ -1,0 +1,76 @@
+"""Record/replay: every model call is keyed (backend, model, prompt, sampling params, seed) and
+logged in the run store as soon as its phase returns.
+
+- record (default): a call already in this run's log (e.g. made before a kill) is not sent
+  again; new calls go to their backend and into the log.
+- replay: calls come from another run's store only; a call missing there is an error, so an
+  offline replay is exact or fails loudly. The replayed calls are copied into this run's log.
+"""
+
+import asyncio
+import collections
+import json
+
+from stable_alignment_jax.sandbox.store import Store
+
+
+class CallLog:
+
+  def __init__(self, store: Store, backends: dict, *, replay_path: str | None = None):
+    self.store, self.backends = store, backends
+    self.replay = Store(replay_path) if replay_path else None
+    self.replay_path = replay_path
+    self.counters = collections.Counter()
+    self.loop = asyncio.new_event_loop()  # one loop for the run: HTTP pools live across steps
+
+  def complete(self, reqs: list) -> list[str]:
+    keys = [r.key for r in reqs]
+    unique = list(dict.fromkeys(keys))
+    source = self.replay or self.store
+    found = source.lookup_calls(unique)
+    by_key = {r.key: r for r in reqs}
+    missing = [k for k in unique if k not in found]
+    if self.replay is not None and missing:
+      r = by_key[missing[0]]
+      raise KeyError(f"replay: {len(missing)} call(s) not in {self.replay_path}; first: backend "
+                     f"{r.backend!r} model {r.model!r} seed {r.seed} prompt {r.prompt[:80]!r}")
+    self.counters["calls_replayed" if self.replay else "calls_cached"] += len(unique) - len(missing)
+    if missing:
+      groups: dict[str, list] = {}
+      for k in missing:
+        groups.setdefault(by_key[k].backend, []).append(by_key[k])
+      names = list(groups)
+      for name in names:
+        if name not in self.backends:
+          raise KeyError(f"no backend named {name!r}; configured: {sorted(self.backends)}")
+
+      async def run_all():
+        return await asyncio.gather(*(self.backends[n].complete(groups[n]) for n in names))
+
+      results = self.loop.run_until_complete(run_all())
+      for name, texts in zip(names, results):
+        for r, text in zip(groups[name], texts):
+          found[r.key] = text
+      self.counters["calls_made"] += len(missing)
+    new_rows = [(k, by_key[k].backend, by_key[k].model, by_key[k].prompt,
+                 json.dumps(by_key[k].params(), sort_keys=True), by_key[k].seed, found[k])
+                for k in (unique if self.replay else missing)]
+    if new_rows:
+      with self.store.transaction():
+        self.store.add_calls(new_rows)
+    return [found[k] for k in keys]
+
+  def backend_counters(self) -> dict:
+    total = collections.Counter()
+    for b in self.backends.values():
+      total.update(getattr(b, "counters", {}))
+    return dict(total)
+
+  def close(self):
+    for b in self.backends.values():
+      close = getattr(b, "aclose", None)
+      if close is not None:
+        self.loop.run_until_complete(close())
+    self.loop.close()
+    if self.replay is not None:
+      self.replay.close()

@@ -1,0 +1,82 @@
+"""The sandbox export (DESIGN.md "Sandbox export"): JSONL, one Back-Scatter episode a line.
+
+  {"run_id": str, "round": int, "agent": int, "agent_model": str, "question": str,
+   "draft":   {"text": str, "moral": float|null, "engagement": float|null},
+   "feedback": [{"peer": int, "rating": int|null, "reason": str}],
+   "revised": {"text": str, "moral": float|null, "engagement": float|null}}
+"""
+
+import json
+
+from stable_alignment_jax.sandbox.store import Store
+
+TOP_KEYS = ("run_id", "round", "agent", "agent_model", "question", "draft", "feedback", "revised")
+ANSWER_KEYS = ("text", "moral", "engagement")
+FEEDBACK_KEYS = ("peer", "rating", "reason")
+
+
+def records(store: Store) -> list[dict]:
+  run_id = store.get_meta("run_id")
+  return [{"run_id": run_id, **{k: ep[k] for k in TOP_KEYS[1:]}} for ep in store.episodes()]
+
+
+def write_jsonl(store_path: str, out_path: str) -> int:
+  store = Store(store_path)
+  try:
+    recs = records(store)
+  finally:
+    store.close()
+  with open(out_path, "w", encoding="utf-8") as f:
+    for rec in recs:
+      f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+  return len(recs)
+
+
+def _check(cond: bool, where: str, problem: str):
+  if not cond:
+    raise ValueError(f"{where}: {problem}")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_record(rec: dict, where: str = "record") -> None:
+  """Raises naming the field when `rec` breaks the export contract."""
+  _check(isinstance(rec, dict), where, "not a JSON object")
+  _check(tuple(rec) == TOP_KEYS, where, f"keys {list(rec)}, expected {list(TOP_KEYS)}")
+  _check(isinstance(rec["run_id"], str), f"{where}.run_id", "not a string")
+  for k in ("round", "agent"):
+    _check(_is_int(rec[k]) and rec[k] >= 0, f"{where}.{k}", "not a non-negative int")
+  for k in ("agent_model", "question"):
+    _check(isinstance(rec[k], str), f"{where}.{k}", "not a string")
+  for part in ("draft", "revised"):
+    ans = rec[part]
+    _check(isinstance(ans, dict) and tuple(ans) == ANSWER_KEYS, f"{where}.{part}",
+           f"expected keys {list(ANSWER_KEYS)}")
+    _check(isinstance(ans["text"], str), f"{where}.{part}.text", "not a string")
+    for k in ("moral", "engagement"):
+      v = ans[k]
+      _check(v is None or (isinstance(v, float) and 1.0 <= v <= 7.0), f"{where}.{part}.{k}",
+             f"{v!r} is neither null nor a float in [1, 7]")
+  _check(isinstance(rec["feedback"], list), f"{where}.feedback", "not a list")
+  for i, fb in enumerate(rec["feedback"]):
+    w = f"{where}.feedback[{i}]"
+    _check(isinstance(fb, dict) and tuple(fb) == FEEDBACK_KEYS, w,
+           f"expected keys {list(FEEDBACK_KEYS)}")
+    _check(_is_int(fb["peer"]) and fb["peer"] != rec["agent"], f"{w}.peer",
+           "not an int naming another agent")
+    _check(fb["rating"] is None or (_is_int(fb["rating"]) and 1 <= fb["rating"] <= 7),
+           f"{w}.rating", f"{fb['rating']!r} is neither null nor an int in 1..7")
+    _check(isinstance(fb["reason"], str), f"{w}.reason", "not a string")
+
+
+def read_jsonl(path: str, *, validate: bool = True) -> list[dict]:
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      rec = json.loads(line)
+      if validate:
+        validate_record(rec, f"{path}:{n}")
+      out.append(rec)
+  return out

@@ -1,0 +1,226 @@
+"""A small OpenAI-compatible HTTP server for the SANDBOX tests and benchmark.
+
+It generates text (not canned answers): a word-bigram Markov chain, seeded from the request
+(model, prompt, seed), walks over a small corpus plus the prompt's own words. Judging prompts
+get the fixed formats (`Rating:`/`Reason:`, `Moral:`/`Engagement:`) with scores computed from
+the judged answer's words, and, at `malformed_rate`, a malformed or out-of-range variant.
+Revision prompts draw from a kinder corpus, so revisions tend to score higher, as in the paper.
+Faults (429, 500, a reply slower than the client's timeout) hit `fault_rate` of requests at
+random, independent of content: a retried request gets the same text.
+
+  python tests/sandbox_server.py --port=8123 --delay=0.2      # standalone, for benchmarks
+"""
+
+import asyncio
+import collections
+import hashlib
+import random
+import re
+import socket
+import threading
+import time
+
+import fastapi
+import uvicorn
+from fastapi.responses import JSONResponse
+
+PLAIN = ("you could try to ask someone you trust about it and think about what happens next . "
+         "i am not sure this is a good idea but it might work if you are careful . "
+         "people often do this when they feel angry or hurt , and it can go wrong quickly . "
+         "the best way is to find out more , maybe online , before you decide anything .")
+KIND = ("it is important to stay safe and respect other people . please consider talking to a "
+        "friend or a professional who can help you . honesty and kindness usually lead to better "
+        "outcomes for everyone . i would not recommend harming anyone , but i can help you find "
+        "a safe and legal way to solve the problem .")
+HARSH = {"kill", "steal", "hurt", "harm", "murder", "weapon", "drugs", "revenge", "angry", "wrong"}
+GOOD = {"safe", "respect", "help", "honesty", "kindness", "legal", "professional", "consider",
+        "please", "trust", "careful"}
+_WORD = re.compile(r"[a-z']+|[.,?!]")
+
+
+def _rng(*parts) -> random.Random:
+  digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+  return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _chain(text: str) -> dict:
+  words = _WORD.findall(text.lower())
+  chain = collections.defaultdict(list)
+  for a, b in zip(words, words[1:]):
+    chain[a].append(b)
+  return chain
+
+
+_PLAIN_CHAIN, _KIND_CHAIN = _chain(PLAIN), _chain(KIND)
+
+
+def markov(rng: random.Random, chain: dict, extra: str, n_words: int) -> str:
+  """A walk of up to n_words over `chain` merged with the bigrams of `extra`."""
+  local = collections.defaultdict(list, {k: list(v) for k, v in chain.items()})
+  for k, v in _chain(extra).items():
+    local[k].extend(v)
+  word = rng.choice(sorted(local))
+  out = [word]
+  for _ in range(max(0, n_words - 1)):
+    nxt = local.get(word)
+    word = rng.choice(nxt) if nxt else rng.choice(sorted(local))
+    out.append(word)
+  text = " ".join(out).replace(" .", ".").replace(" ,", ",").replace(" ?", "?")
+  return text[:1].upper() + text[1:]
+
+
+def _score(answer: str, rng: random.Random) -> int:
+  words = _WORD.findall(answer.lower())
+  good = sum(w in GOOD for w in words)
+  harsh = sum(w in HARSH for w in words)
+  return max(1, min(7, 4 + min(good, 3) - min(harsh, 3) + rng.choice((-1, 0, 0, 1))))
+
+
+def _field(prompt: str, name: str) -> str:
+  m = re.search(rf"^{name}: (.*)$", prompt, re.MULTILINE)
+  return m.group(1) if m else ""
+
+
+def _malformed(rng: random.Random, kind: str) -> str:
+  if kind == "feedback":
+    return rng.choice(["Rating: 9\nReason: far above the scale.", "I would give it a five.",
+                       "Rating: seven\nReason: spelled out.", "Reason: no rating given.",
+                       "Rating: 0\nReason: below the scale."])
+  return rng.choice(["Moral: 8\nEngagement: 3", "Moral: high, engagement: low",
+                     "Engagement: 4\nMoral: 5", "Moral: 5"])
+
+
+def generate(model: str, prompt: str, seed, max_tokens: int, malformed_rate: float) -> str:
+  rng = _rng(model, prompt, seed)
+  n_words = max(1, min(int(max_tokens or 16), 60) // 2)
+  if "Rating: <an integer" in prompt:
+    if rng.random() < malformed_rate:
+      return _malformed(rng, "feedback")
+    answer = _field(prompt, "Answer")
+    reason = markov(rng, _KIND_CHAIN if _score(answer, rng) >= 4 else _PLAIN_CHAIN, answer,
+                    n_words)
+    return f"Rating: {_score(answer, rng)}\nReason: {reason}"
+  if "Moral: <an integer" in prompt:
+    if rng.random() < malformed_rate:
+      return _malformed(rng, "observe")
+    answer = _field(prompt, "Answer")
+    return f"Moral: {_score(answer, rng)}\nEngagement: {rng.randint(2, 6)}"
+  if prompt.rstrip().endswith("Revised answer:"):
+    return markov(rng, _KIND_CHAIN, _field(prompt, "Question"), n_words)
+  return markov(rng, _PLAIN_CHAIN, _field(prompt, "Question"), n_words)
+
+
+def embed_text(model: str, text: str, dim: int = 32) -> list[float]:
+  rng = _rng("embed", model, text)
+  v = [rng.gauss(0, 1) for _ in range(dim)]
+  norm = sum(x * x for x in v) ** 0.5
+  return [x / norm for x in v]
+
+
+def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: float = 0.0,
+             slow_s: float = 2.0, fault_seed: int = 0) -> fastapi.FastAPI:
+  app = fastapi.FastAPI()
+  app.state.stats = collections.Counter()
+  faults = random.Random(fault_seed)
+  lock = threading.Lock()
+
+  async def maybe_fail():
+    with lock:
+      draw, kind = faults.random(), faults.choice(("429", "500", "slow"))
+    if draw >= fault_rate:
+      return None
+    app.state.stats[f"fault_{kind}"] += 1
+    if kind == "429":
+      return JSONResponse({"error": {"message": "rate limited", "type": "rate_limit"}}, 429)
+    if kind == "500":
+      return JSONResponse({"error": {"message": "internal error", "type": "server_error"}}, 500)
+    await asyncio.sleep(slow_s)  # longer than the client's timeout
+    return JSONResponse({"error": {"message": "too slow", "type": "server_error"}}, 503)
+
+  async def reply(body: dict, prompt: str, chat: bool):
+    app.state.stats["requests"] += 1
+    failed = await maybe_fail()
+    if failed is not None:
+      return failed
+    if delay_s:
+      await asyncio.sleep(delay_s)
+    text = generate(body.get("model", ""), prompt, body.get("seed"), body.get("max_tokens", 16),
+                    malformed_rate)
+    app.state.stats["ok"] += 1
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+               "finish_reason": "stop"} if chat else
+              {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+    return {"id": f"gen-{app.state.stats['ok']}", "object": "chat.completion" if chat else
+            "text_completion", "created": int(time.time()), "model": body.get("model", ""),
+            "choices": [choice],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+  @app.post("/v1/chat/completions")
+  async def chat(request: fastapi.Request):
+    body = await request.json()
+    prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
+    return await reply(body, prompt, True)
+
+  @app.post("/v1/completions")
+  async def completions(request: fastapi.Request):
+    body = await request.json()
+    return await reply(body, body.get("prompt", ""), False)
+
+  @app.post("/v1/embeddings")
+  async def embeddings(request: fastapi.Request):
+    body = await request.json()
+    texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    app.state.stats["embeddings"] += len(texts)
+    return {"object": "list", "model": body.get("model", ""),
+            "data": [{"object": "embedding", "index": i, "embedding": embed_text(body.get(
+                "model", ""), t)} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+
+  return app
+
+
+class ServerThread:
+  """Runs an app with uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
+
+  def __init__(self, app):
+    self.app = app
+    self.sock = socket.socket()
+    self.sock.bind(("127.0.0.1", 0))
+    self.port = self.sock.getsockname()[1]
+    self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                   daemon=True)
+
+  @property
+  def url(self) -> str:
+    return f"http://127.0.0.1:{self.port}/v1"
+
+  @property
+  def stats(self) -> collections.Counter:
+    return self.app.state.stats
+
+  def __enter__(self):
+    self.thread.start()
+    deadline = time.time() + 20
+    while not self.server.started:
+      if time.time() > deadline or not self.thread.is_alive():
+        raise RuntimeError("test server did not start")
+      time.sleep(0.01)
+    return self
+
+  def __exit__(self, *exc):
+    self.server.should_exit = True
+    self.thread.join(timeout=10)
+    self.sock.close()
+
+
+if __name__ == "__main__":
+  import argparse
+  p = argparse.ArgumentParser()
+  p.add_argument("--port", type=int, required=True)
+  p.add_argument("--delay", type=float, default=0.0)
+  p.add_argument("--fault_rate", type=float, default=0.0)
+  p.add_argument("--malformed_rate", type=float, default=0.1)
+  a = p.parse_args()
+  uvicorn.run(make_app(fault_rate=a.fault_rate, malformed_rate=a.malformed_rate, delay_s=a.delay),
+              host="127.0.0.1", port=a.port, log_level="error", access_log=False)
