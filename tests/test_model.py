@@ -1,0 +1,242 @@
+"""The LLaMA model against an independent numpy forward, and its config knobs.
+
+The reference below is written from the LLaMA formulas (RMSNorm, rotate-half RoPE, grouped-query
+attention by repeating KV heads, causal softmax, SwiGLU, untied head), in float64, reading our
+`Llama`'s weights from `nnx.state`. It is the spec: if it disagrees with the model, the model is
+wrong. Do not "fix" the reference to match the model.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stable_alignment_jax.model.llama import Llama
+from stable_alignment_jax.model.presets import ModelConfig, preset
+
+
+# ---------------------------------------------------------------- numpy reference (do not "fix")
+
+def _np_params(model) -> dict:
+  """Our model's weights as a nested dict of float64 numpy arrays."""
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model)))
+
+
+def _rmsnorm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, theta):
+  """x: [T, N, E] at positions 0..T-1; pairs dimension i with i + E/2 (rotate-half)."""
+  t, _, e = x.shape
+  freqs = theta ** (-np.arange(0, e // 2) * 2.0 / e)  # [E/2]
+  ang = np.arange(t)[:, None] * freqs[None, :]  # [T, E/2]
+  cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+  a, b = x[..., : e // 2], x[..., e // 2:]
+  return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def _silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def reference_logits(params: dict, cfg: ModelConfig, tokens) -> np.ndarray:
+  """Logits [T, V] of one unpadded sequence, computed head by head."""
+  h_, k_, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  group = h_ // k_  # query heads per kv head: head j reads kv head j // group
+  x = params["embed"][np.asarray(tokens)]  # [T, D]
+  t = x.shape[0]
+  future = np.triu(np.ones((t, t), bool), k=1)
+  for i in range(cfg.n_layers):
+    lp = params["layers"][i]
+    a = lp["attn"]
+    hn = _rmsnorm(x, lp["attn_norm"]["scale"], cfg.norm_eps)
+    q = _rope(np.einsum("td,dhe->the", hn, a["wq"]), cfg.rope_theta)
+    k = _rope(np.einsum("td,dke->tke", hn, a["wk"]), cfg.rope_theta)
+    v = np.einsum("td,dke->tke", hn, a["wv"])
+    k = np.repeat(k, group, axis=1)  # [T, H, E]
+    v = np.repeat(v, group, axis=1)
+    heads = []
+    for j in range(h_):
+      s = q[:, j] @ k[:, j].T / np.sqrt(e)
+      s = np.where(future, -np.inf, s)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      heads.append(p @ v[:, j])
+    attn = np.stack(heads, axis=1)  # [T, H, E]
+    x = x + np.einsum("the,hed->td", attn, a["wo"])
+    m = lp["mlp"]
+    hn = _rmsnorm(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
+    x = x + (_silu(hn @ m["w_gate"]) * (hn @ m["w_up"])) @ m["w_down"]
+  x = _rmsnorm(x, params["final_norm"]["scale"], cfg.norm_eps)
+  return x @ params["lm_head"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def cfg():
+  return preset("tiny", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+  return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens, key_mask):
+  return nnx.merge(graphdef, state)(tokens, key_mask=key_mask)[0]
+
+
+def _forward(model, tokens, key_mask=None):
+  graphdef, state = nnx.split(model)
+  return np.asarray(_apply(graphdef, state, jnp.asarray(tokens), key_mask))
+
+
+def _with_cfg(model, **changes):
+  """The same weights under a changed config (the config is static data of the module)."""
+  cfg = dataclasses.replace(model.cfg, **changes)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+# ---------------------------------------------------------------- forward parity
+
+def test_forward_matches_numpy_reference_on_a_batch(model, cfg):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (3, 24))
+  logits = _forward(model, tokens)
+  assert logits.shape == (3, 24, cfg.vocab_size) and logits.dtype == np.float32
+  params = _np_params(model)
+  for b in range(3):
+    ref = reference_logits(params, cfg, tokens[b])
+    np.testing.assert_allclose(logits[b], ref, atol=1e-4, rtol=0)
+  # The comparison is not vacuous: logits vary across the vocabulary and positions.
+  assert logits.std() > 0.1
+
+
+def test_forward_matches_reference_on_a_long_prompt(model, cfg):
+  # Long prompts reach rotary angles where a wrong frequency layout shows; short ones hide it.
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 320))
+  logits = _forward(model, tokens)
+  ref = reference_logits(_np_params(model), cfg, tokens[0])
+  np.testing.assert_allclose(logits[0], ref, atol=1e-4, rtol=0)
+
+
+def test_right_padding_with_key_mask_keeps_valid_logits(model, cfg):
+  rng = np.random.default_rng(2)
+  lengths = [7, 19, 12]
+  t = 20
+  tokens = np.zeros((3, t), np.int32)
+  seqs = [rng.integers(1, cfg.vocab_size, n) for n in lengths]
+  for b, s in enumerate(seqs):
+    tokens[b, :len(s)] = s
+    tokens[b, len(s):] = rng.integers(1, cfg.vocab_size, t - len(s))  # junk, must not leak
+  key_mask = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+  padded = _forward(model, tokens, key_mask=jnp.asarray(key_mask))
+  for b, s in enumerate(seqs):
+    alone = _forward(model, s[None])[0]
+    np.testing.assert_allclose(padded[b, :len(s)], alone, atol=1e-5, rtol=0)
+
+
+def test_rope_theta_is_live(model, cfg):
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 64))
+  base = _forward(model, tokens)[0]
+  other = _with_cfg(model, rope_theta=500000.0)
+  changed = _forward(other, tokens)[0]
+  # Position 0 has no rotation, so only later positions may differ.
+  np.testing.assert_allclose(changed[0], base[0], atol=1e-5)
+  assert np.abs(changed[1:] - base[1:]).max() > 1e-2
+  ref = reference_logits(_np_params(model), other.cfg, tokens[0])
+  np.testing.assert_allclose(changed, ref, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- remat and dtype
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grads(graphdef, state, tokens):
+  def loss(state):
+    logits = nnx.merge(graphdef, state)(tokens)[0]
+    # Logit-based and nonlinear so every weight gets a gradient.
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+  return jax.value_and_grad(loss)(state)
+
+
+REMAT_TOKENS = np.random.default_rng(4).integers(0, 1024, (2, 16))
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(model):
+  return _loss_and_grads(*nnx.split(model), jnp.asarray(REMAT_TOKENS))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_loss_and_grads(model, cfg, remat, no_remat_grads):
+  loss0, g0 = no_remat_grads
+  loss1, g1 = _loss_and_grads(*nnx.split(_with_cfg(model, remat=remat)),
+                              jnp.asarray(REMAT_TOKENS))
+  np.testing.assert_allclose(loss1, loss0, atol=1e-5, rtol=0)
+  leaves0, leaves1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  assert len(leaves0) == len(leaves1) == 3 + 9 * cfg.n_layers
+  for a, b in zip(leaves0, leaves1):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+  assert max(float(jnp.abs(a).max()) for a in leaves0) > 1e-3  # gradients are not all zero
+
+
+def test_bfloat16_compute_with_f32_params(model, cfg):
+  tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 32))
+  bf = _with_cfg(model, dtype="bfloat16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf)))
+  logits16 = _forward(bf, tokens)
+  logits32 = _forward(model, tokens)
+  assert logits16.dtype == np.float32 and np.isfinite(logits16).all()
+  err = np.abs(logits16 - logits32)
+  scale = np.abs(logits32).max()
+  # bf16 keeps ~3 significant digits: close, but not equal (so the dtype really is used).
+  assert err.max() < 0.1 * scale, (err.max(), scale)
+  assert err.max() > 1e-6
+  assert (logits16.argmax(-1) == logits32.argmax(-1)).mean() > 0.9
+
+
+# ---------------------------------------------------------------- config validation
+
+def test_config_validation_errors():
+  base = dict(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)
+  with pytest.raises(ValueError, match=r"dim=66 is not divisible by n_heads=4"):
+    ModelConfig(**{**base, "dim": 66})
+  with pytest.raises(ValueError, match=r"n_kv_heads=3 must divide n_heads=4"):
+    ModelConfig(**{**base, "n_kv_heads": 3})
+  with pytest.raises(ValueError, match=r"n_kv_heads=8 must divide n_heads=4"):
+    ModelConfig(**{**base, "n_kv_heads": 8})
+  with pytest.raises(ValueError, match=r"remat='some'.*none, full, dots"):
+    ModelConfig(**{**base, "remat": "some"})
+  with pytest.raises(KeyError, match=r"unknown model config keys \['n_layer'\]"):
+    ModelConfig.from_dict({**base, "n_layer": 2})
+  # The accepted path: from_dict ignores the preset name and builds the config.
+  assert ModelConfig.from_dict({**base, "preset": "tiny"}) == ModelConfig(**base)
+  with pytest.raises(KeyError, match="unknown model preset"):
+    preset("llama9_1t")
+
+
+# ---------------------------------------------------------------- presets
+
+# Published parameter counts (HF config.json + safetensors index of meta-llama/Llama-2-7b-hf,
+# Llama-2-13b-hf, Meta-Llama-3-8B).
+PUBLISHED = {"llama2_7b": 6.74e9, "llama2_13b": 13.0e9, "llama3_8b": 8.03e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_counts(name):
+  cfg = preset(name)
+  assert abs(cfg.num_params() - PUBLISHED[name]) / PUBLISHED[name] < 0.01
+  # Abstract build: shapes only, no memory; its parameter count must equal the formula.
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
