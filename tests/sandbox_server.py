@@ -224,3 +224,27 @@ if __name__ == "__main__":
   a = p.parse_args()
   uvicorn.run(make_app(fault_rate=a.fault_rate, malformed_rate=a.malformed_rate, delay_s=a.delay),
               host="127.0.0.1", port=a.port, log_level="error", access_log=False)
+
+
+def society_config(url: str, store: str, question_file: str, prior_file: str = "", *,
+                   n_agents: int = 9, rounds: int = 2, seed: int = 0, concurrency: int = 8,
+                   timeout_s: float = 10.0, agents_per_step: int = -1, key_env: str = "SBX_KEY"):
+  """The test society: `configs/sandbox.py:tiny` pointed at an OpenAI-compatible server, with
+  two agent models (the paper mixes several) and a separate observer model."""
+  import ml_collections
+  from configs import sandbox
+  c = sandbox.get_config("tiny")
+  c.seed, c.rounds, c.store, c.agents_per_step = seed, rounds, store, agents_per_step
+  c.world.n_agents = n_agents
+  c.world.grid_size = max(4, int((n_agents * 2) ** 0.5) + 1)
+  c.world.question_file, c.world.prior_file = question_file, prior_file
+  c.backends = ml_collections.ConfigDict({"srv": dict(
+      kind="openai", base_url=url, api="chat", api_key_env=key_env, concurrency=concurrency,
+      timeout_s=timeout_s, max_retries=8, backoff_s=0.01, backoff_max_s=0.1)})
+  c.agent_models = ml_collections.ConfigDict({
+      "a": dict(backend="srv", model="agent-small", count=n_agents // 2),
+      "b": dict(backend="srv", model="agent-large", count=-1)})
+  c.observer = ml_collections.ConfigDict(dict(backend="srv", model="observer"))
+  for role in ("draft", "feedback", "revise", "observe"):
+    c.sampling[role].max_tokens = 32
+  return c

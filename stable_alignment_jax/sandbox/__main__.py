@@ -53,6 +53,14 @@ def _status(path: str) -> None:
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except (FileNotFoundError, FileExistsError, KeyError, ValueError, EnvironmentError) as e:
+    # Bad input: one clear line, no traceback.
+    sys.exit(f"sandbox: error: {e.args[0] if e.args else e}")
+
+
+def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m stable_alignment_jax.sandbox {{{'|'.join(COMMANDS)}}} "
                          "[flags]")
