@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.data.worker_count = 0  # grain worker processes (0 = in the training process)
   c.data.synthetic_examples = 0  # size of the embedded data set when source == synthetic
   c.data.chain_of_hindsight = False  # rewrite examples as CoH feedback text before tokenising
+  # auto: the checkpoint's chat template when its tokenizer has one (a chat model is trained on
+  # the format it is served with), else the paper's Alpaca layout | alpaca | chat_template
+  c.data.prompt_format = "auto"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo

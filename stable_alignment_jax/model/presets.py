@@ -1,7 +1,9 @@
 """Model sizes: the `ModelConfig` dataclass and a table of named presets.
 
 Pure Python (no JAX import) so config files can read it cheaply. The keys are DESIGN.md's
-`model.*` config keys; `head_dim` is derived (dim / n_heads) as in every LLaMA release.
+`model.*` config keys. `head_dim` 0 means dim / n_heads (LLaMA 1-3.1); LLaMA-3.2 and Mistral
+checkpoints may give it explicitly. RoPE scaling follows `transformers`' `rope_type`s "linear"
+(positions divided by `rope_factor`) and "llama3" (LLaMA-3.1's per-frequency scaling).
 """
 
 import dataclasses
@@ -19,27 +21,45 @@ class ModelConfig:
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
+  head_dim: int = 0  # 0 = dim // n_heads
+  tie_embeddings: bool = False  # the LM head is the input embedding (LLaMA-3.2, SmolLM2)
+  rope_type: str = "default"  # default | linear | llama3
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 0  # llama3: the pre-training context the scaling extends
   dtype: str = "bfloat16"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the weights (and of the optimizer moments)
   remat: str = "none"  # none | full | dots: recompute policy per decoder layer
+  # Layers as one stacked module run under a scan: compile time stops growing with depth.
+  scan_layers: bool = True
 
   def __post_init__(self):
-    if self.dim % self.n_heads:
-      raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+    if not self.head_dim:
+      if self.dim % self.n_heads:
+        raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                         "give head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
     if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; expected one of none, full, dots")
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.n_heads
+    if self.rope_type not in ("default", "linear", "llama3"):
+      raise ValueError(f"rope_type={self.rope_type!r}; expected one of default, linear, llama3")
+    if self.rope_type != "default" and self.rope_factor <= 0:
+      raise ValueError(f"rope_factor={self.rope_factor} must be > 0")
+    if self.rope_type == "llama3":
+      if self.rope_original_max_len <= 0:
+        raise ValueError("rope_type='llama3' needs rope_original_max_len > 0")
+      if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+        raise ValueError("rope_high_freq_factor must exceed rope_low_freq_factor")
 
   def num_params(self) -> int:
     d, f, hd = self.dim, self.ffn_dim, self.head_dim
     attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
     layer = attn + 3 * d * f + 2 * d
-    return 2 * self.vocab_size * d + self.n_layers * layer + d
+    embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * d
+    return embeddings + self.n_layers * layer + d
 
   @classmethod
   def from_dict(cls, d: Any) -> "ModelConfig":
@@ -54,7 +74,11 @@ class ModelConfig:
 
 
 # Sizes from the papers' tables (LLaMA-2: Touvron et al. 2023, Table 1 / HF config.json of
-# meta-llama/Llama-2-7b-hf, -13b-hf; LLaMA-3: meta-llama/Meta-Llama-3-8B config.json).
+# meta-llama/Llama-2-7b-hf, -13b-hf; LLaMA-3: meta-llama/Meta-Llama-3-8B config.json) and the
+# published config.json files of meta-llama/Llama-3.1-8B, Llama-3.2-1B, Llama-3.2-3B and
+# HuggingFaceTB/SmolLM2-135M, -360M, -1.7B.
+_LLAMA3_ROPE = dict(rope_theta=500000.0, rope_type="llama3", rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=4.0, rope_original_max_len=8192)
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs in seconds on one CPU core; GQA on (4 heads over 2 KV heads) so tests cover it.
     "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
@@ -68,6 +92,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                        ffn_dim=13824, max_seq_len=4096),
     "llama3_8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                       ffn_dim=14336, max_seq_len=8192, rope_theta=500000.0),
+    "llama3_1_8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        ffn_dim=14336, max_seq_len=131072, rope_factor=8.0, **_LLAMA3_ROPE),
+    "llama3_2_1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        head_dim=64, ffn_dim=8192, max_seq_len=131072, tie_embeddings=True,
+                        rope_factor=32.0, **_LLAMA3_ROPE),
+    "llama3_2_3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                        head_dim=128, ffn_dim=8192, max_seq_len=131072, tie_embeddings=True,
+                        rope_factor=32.0, **_LLAMA3_ROPE),
+    "smollm2_135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0,
+                         tie_embeddings=True),
+    "smollm2_360m": dict(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                         ffn_dim=2560, max_seq_len=8192, rope_theta=100000.0,
+                         tie_embeddings=True),
+    "smollm2_1_7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32,
+                         ffn_dim=8192, max_seq_len=8192, rope_theta=130000.0,
+                         tie_embeddings=True),
 }
 
 
