@@ -25,3 +25,13 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real benchmark data not found at {SHARED_DATA}")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """HF directory of the real SmolLM2-135M-Instruct (dequantized from ../shared/models' GGUF,
+  cached across sessions by tests/hf_models.py); skips with a reason when the GGUF is absent."""
+  import hf_models  # tests/ is on sys.path (rootdir conftest); imports torch, so only on use
+  if not hf_models.SMOLLM2_GGUF.exists():
+    pytest.skip(f"real model not found at {hf_models.SMOLLM2_GGUF}")
+  return hf_models.smollm2_dir()
