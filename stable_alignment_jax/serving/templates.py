@@ -35,6 +35,9 @@ class ChatTemplate:
       if "{content}" not in getattr(self, name):
         raise ValueError(f"chat template field {name!r} must contain '{{content}}'")
 
+  def render(self, messages: Sequence[dict]) -> str:
+    return render(self, messages)
+
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "alpaca": ChatTemplate(default_system=ALPACA_PREAMBLE),
@@ -83,21 +86,32 @@ def message_text(message: dict, index: int) -> str:
   raise ValueError(f"messages[{index}].content: expected a string or a list of text parts")
 
 
-def render(template: ChatTemplate, messages: Sequence[dict]) -> str:
-  """The prompt string for `messages` (dicts with `role` and `content`)."""
+def normalize(messages: Sequence[dict]) -> list[dict]:
+  """Messages checked and reduced to {"role", "content": str}; OpenAI's `developer` role is the
+  older `system` (what chat templates know)."""
   if not messages:
     raise ValueError("messages: at least one message is required")
-  system, turns = [], []
+  out = []
   for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise ValueError(f"messages[{i}]: expected an object with role and content")
     role = m.get("role")
-    text = message_text(m, i)
-    if role in ("system", "developer"):
-      system.append(text)
-    elif role in ("user", "assistant"):
-      turns.append((role, text))
-    else:
+    if role not in ("system", "developer", "user", "assistant"):
       raise ValueError(f"messages[{i}].role: unsupported role {role!r}; expected system, "
                        "developer, user or assistant")
+    out.append({"role": "system" if role == "developer" else role,
+                "content": message_text(m, i)})
+  return out
+
+
+def render(template: ChatTemplate, messages: Sequence[dict]) -> str:
+  """The prompt string for `messages` (dicts with `role` and `content`)."""
+  system, turns = [], []
+  for m in normalize(messages):
+    if m["role"] == "system":
+      system.append(m["content"])
+    else:
+      turns.append((m["role"], m["content"]))
   system_text = "\n\n".join(system) if system else template.default_system
   parts = [template.system.format(content=system_text)] if system_text else []
   continuing = bool(turns) and turns[-1][0] == "assistant"

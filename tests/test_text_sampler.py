@@ -1,0 +1,145 @@
+"""TextSampler against independent computations: the raw Sampler on hand-encoded ids, the model's
+own logits, and transformers' `apply_chat_template` on a small HF directory."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+import hf_models
+from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.model.llama import Llama
+from stable_alignment_jax.model.presets import preset
+from stable_alignment_jax.text_sampler import TextSampler
+from stable_alignment_jax.tokenizer import load_tokenizer
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  tok = load_tokenizer("byte")
+  model = Llama(preset("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  ts = TextSampler(graphdef, state, tok)
+  ref = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  return ts, ref, tok, model
+
+
+def _decoded(tok, ids):
+  body = ids[:-1] if ids and ids[-1] == tok.eos_id else ids
+  return tok.decode([i for i in body if i < tok.vocab_size])
+
+
+def test_complete_equals_the_raw_sampler_decoded(tiny):
+  ts, ref, tok, _ = tiny
+  prompts = ["Hello there", "A longer prompt about kindness"]
+  params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=1.0,
+                                                              seed=3)]
+  got = ts.complete(prompts, params)
+  want = ref.generate([tok.encode(p, bos=True) for p in prompts], params)
+  assert [c.text for c in got] == [_decoded(tok, w) for w in want]
+  assert [c.token_ids for c in got] == want
+  assert [c.prompt_tokens for c in got] == [len(p.encode()) + 1 for p in prompts]
+  assert all(c.finish_reason == ("stop" if w[-1] == tok.eos_id else "length")
+             for c, w in zip(got, want))
+  assert not any(c.truncated for c in got)
+
+
+def test_too_long_prompt_keeps_its_end_and_bos(tiny):
+  ts, ref, tok, _ = tiny
+  short = TextSampler(ts.sampler.graphdef, ts.sampler.state, tok, max_prompt_tokens=16)
+  text = "".join(chr(ord("a") + i % 26) for i in range(40))
+  c = short.complete([text], SamplingParams(max_new_tokens=4))[0]
+  ids = [tok.bos_id] + [b + 3 for b in text[-15:].encode()]  # BOS + the last 15 bytes
+  assert c.truncated and c.prompt_tokens == 16
+  assert c.token_ids == ref.generate([ids], SamplingParams(max_new_tokens=4))[0]
+  # The context of 512: 100 new tokens pad to 128, leaving 384, of which a power of two: 256.
+  assert ts.context == 512 and ts.prompt_budget(100) == 256 and ts.prompt_budget(0) == 512
+  with pytest.raises(ValueError, match="leaves no room"):
+    ts.prompt_budget(300)  # pads to 512: nothing left
+
+
+def test_stop_strings_cut_the_text(tiny):
+  ts, _, _, _ = tiny
+  full = ts.complete(["Stop here"], SamplingParams(max_new_tokens=16))[0]
+  stop = next(full.text[i:i + 2] for i in range(1, len(full.text) - 1)
+              if "\ufffd" not in full.text[i:i + 2])
+  c = ts.complete(["Stop here"], SamplingParams(max_new_tokens=16), stop=[stop])[0]
+  assert c.text == full.text[:full.text.find(stop)] and c.finish_reason == "stop"
+  assert c.token_ids == full.token_ids[:len(c.token_ids)]
+  assert stop in ts.decode(c.token_ids) and stop not in ts.decode(c.token_ids[:-1])
+
+
+def test_choice_logprobs_equal_the_models_next_token_log_softmax(tiny):
+  ts, _, tok, model = tiny
+  prompts = ["Rate it. Rating:", "Another one, much longer. Rating:"]
+  choices = [str(k) for k in range(1, 8)]
+  got = ts.choice_logprobs(prompts, choices)
+  for i, p in enumerate(prompts):
+    ids = tok.encode(p, bos=True)  # one unpadded row: no mask, no shared batch
+    logits, _ = model(np.asarray([ids], np.int32))
+    want = np.asarray(jax.nn.log_softmax(logits[0, -1]))[[b + 3 for b in "1234567".encode()]]
+    np.testing.assert_allclose(got[i], want, atol=1e-4)
+  with pytest.raises(ValueError, match="'12' is not a single token"):
+    ts.choice_logprobs(prompts, ["1", "12"])
+
+
+# -- a small HF directory: random LLaMA weights, a BPE tokenizer.json, a ChatML template --------
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  path = tmp_path_factory.mktemp("chatml")
+  hf_models.build("llama3_1", path)
+  t = Tokenizer(models.BPE(unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  t.train_from_iterator(["be kind to others", "honest and helpful answers", "user assistant"] * 20,
+                        trainers.BpeTrainer(vocab_size=280, special_tokens=[
+                            "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]))
+  t.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+  (path / "chat_template.jinja").write_text(CHATML)
+  (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
+  return path
+
+
+def test_hf_dir_chat_rendering_stop_ids_and_bos_policy(hf_dir):
+  ts = TextSampler.load(str(hf_dir), dtype="float32")
+  tok = ts.tokenizer
+  msgs = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "honest?"}]
+  want = transformers.AutoTokenizer.from_pretrained(str(hf_dir)).apply_chat_template(
+      msgs, tokenize=False, add_generation_prompt=True)
+  assert ts.render(msgs) == want
+  assert not tok.add_bos  # the post-processor adds nothing, and tokenizer_config does not ask
+  im_start, im_end = tok.tok.token_to_id("<|im_start|>"), tok.tok.token_to_id("<|im_end|>")
+  assert ts.prompt_ids(msgs)[0] == im_start  # no BOS in front
+  assert ts.stop_ids == sorted({2, 4, im_end})  # eos, generation_config list, end of turn
+  # Generation: the same as the raw sampler on transformers' own token ids for that text.
+  ids = transformers.AutoTokenizer.from_pretrained(str(hf_dir))(want, add_special_tokens=False)
+  ids = ids["input_ids"]
+  ref = Sampler(ts.sampler.graphdef, ts.sampler.state, eos_id=ts.stop_ids, pad_id=tok.pad_id)
+  c = ts.complete([msgs], SamplingParams(max_new_tokens=8))[0]
+  assert c.prompt_tokens == len(ids)
+  assert c.token_ids == ref.generate([ids], SamplingParams(max_new_tokens=8))[0]
+
+
+def test_bos_policy_follows_the_tokenizer_config_and_is_never_doubled(hf_dir, tmp_path):
+  import shutil
+  for name in ("tokenizer.json", "chat_template.jinja"):
+    shutil.copy(hf_dir / name, tmp_path / name)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+       "tokenizer_class": "PreTrainedTokenizerFast"}))
+  tok = load_tokenizer(str(tmp_path))
+  assert tok.add_bos and tok.bos_id == 1
+  ts = TextSampler.__new__(TextSampler)  # encoding needs no model
+  ts.tokenizer = tok
+  assert ts.encode("be kind")[:1] == [1]
+  assert ts.encode("<s>be kind") == ts.encode("be kind")  # a template's own BOS: just one
