@@ -116,9 +116,18 @@ def eval_step(params, batch, *, graphdef):
 
 # --- loading a trained reward model -----------------------------------------------------------
 
+def abstract_trunk(cfg: ModelConfig):
+  """(graphdef, abstract state) of a LLaMA of this config: restore targets, no memory."""
+  return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))
+
+
+def abstract_head(dim: int) -> dict:
+  return jax.eval_shape(lambda: init_head(dim))
+
+
 def _abstract(cfg: ModelConfig):
-  graphdef, trunk = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))
-  return graphdef, {"trunk": trunk, "head": jax.eval_shape(lambda: init_head(cfg.dim))}
+  graphdef, trunk = abstract_trunk(cfg)
+  return graphdef, {"trunk": trunk, "head": abstract_head(cfg.dim)}
 
 
 def load(directory: str, *, mesh, dtype: str | None = None):

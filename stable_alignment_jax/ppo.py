@@ -1,0 +1,316 @@
+"""PPO on our model (the paper's RLHF baseline, trained there with TRLX), written out.
+
+One iteration: take `rollout_batch` prompts from the data set -> sample responses from the
+current policy with our Sampler (in process, batched, on the training mesh) -> score each
+response (a reward model from reward.py, or a programmatic reward) -> per-token rewards: the
+score on the last response token minus kl_coef * (log pi - log pi_ref) on every response token,
+pi_ref the frozen starting policy -> values from a scalar head on the policy's hidden states,
+GAE advantages (whitened) and returns -> `epochs` passes over the rollout in shuffled
+minibatches of the clipped surrogate + vf_coef * clipped value loss -> the adaptive (or fixed)
+KL coefficient moves toward its target. Experience and the update are each one jitted function.
+
+  python -m stable_alignment_jax.ppo --config=configs/ppo.py[:tiny]
+
+The run directory holds Orbax items params ({policy, value_head}), opt_state, ref_params,
+data_iter (the prompt iterator), ppo (kl_coef and the rollout RNG key) and config, so a killed
+run resumes with the same rollouts and losses. Its `params["policy"]` is a plain LLaMA state.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from stable_alignment_jax import checkpoints, data, reward, sharding, train
+from stable_alignment_jax import ppo_losses as pl
+from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.model.presets import ModelConfig
+from stable_alignment_jax.tokenizer import load_tokenizer
+
+# --- programmatic rewards (tests, smoke runs): (prompts, responses) -> scores [N] -------------
+
+def token_count_reward(prompts, responses, *, tokens, length_cost) -> np.ndarray:
+  """Number of response tokens in `tokens`, minus length_cost per response token."""
+  wanted = set(int(t) for t in tokens)
+  return np.asarray([sum(t in wanted for t in r) - length_cost * len(r) for r in responses],
+                    np.float32)
+
+
+PROGRAMS: dict[str, Callable] = {"token_count": token_count_reward}
+
+
+# --- the jitted pieces ------------------------------------------------------------------------
+
+def policy_forward(graphdef, params, tokens):
+  """Log-probs of tokens[:, 1:] and the values of the states before them: [N, T-1] each."""
+  model = nnx.merge(graphdef, params["policy"])
+  h, _ = model.hidden(tokens)
+  logp = pl.token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:])
+  return logp, reward.apply_head(params["value_head"], h[:, :-1])
+
+
+def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, gamma, lam,
+               cliprange_reward):
+  """A sampled batch -> the rollout PPO trains on. tokens [N, T]; mask [N, T-1] on sampled
+  tokens (action frame); scores [N]."""
+  logp, values = policy_forward(graphdef, params, tokens)
+  ref_model = nnx.merge(graphdef, ref_policy)
+  ref_logp = pl.token_logprobs(ref_model(tokens)[0][:, :-1], tokens[:, 1:])
+  scores = jnp.clip(scores, -cliprange_reward, cliprange_reward)
+  last = pl.last_index(mask)
+  rewards = pl.kl_penalty(logp=logp, ref_logp=ref_logp, mask=mask, coef=kl_coef)
+  rewards = rewards.at[jnp.arange(tokens.shape[0]), last].add(scores)
+  advantages, returns = pl.gae(rewards=rewards, values=values, mask=mask, gamma=gamma, lam=lam)
+  advantages = pl.whiten(advantages, mask)
+  kl = pl.kl_estimate(logp=logp, ref_logp=ref_logp, mask=mask)
+  rollout = {"tokens": tokens, "mask": mask, "old_logp": logp * mask, "old_values": values * mask,
+             "advantages": advantages, "returns": returns}
+  metrics = {"score": jnp.mean(scores), "reward": jnp.mean(jnp.sum(rewards, axis=-1)),
+             "kl": jnp.mean(kl), "response_len": jnp.mean(jnp.sum(mask, axis=-1)),
+             "value_rollout": pl.masked_mean(values, mask)}
+  return rollout, metrics
+
+
+def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef):
+  logp, values = policy_forward(graphdef, params, mb["tokens"])
+  pg, pg_m = pl.policy_loss(logp=logp, old_logp=mb["old_logp"], advantages=mb["advantages"],
+                            mask=mb["mask"], cliprange=cliprange)
+  vf, vf_m = pl.value_loss(values=values, old_values=mb["old_values"], returns=mb["returns"],
+                           mask=mb["mask"], cliprange_value=cliprange_value)
+  return pg + vf_coef * vf, {"pg_loss": pg, "vf_loss": vf, **pg_m, **vf_m}
+
+
+def update(state, rollout, key, *, graphdef, tx, epochs, minibatch, loss_kw):
+  """`epochs` passes over the rollout in shuffled minibatches, one optimizer step each."""
+  n = rollout["tokens"].shape[0]
+  grad_fn = jax.value_and_grad(functools.partial(ppo_loss, graphdef=graphdef, **loss_kw),
+                               has_aux=True)
+
+  def one(state, mb):
+    (loss, m), grads = grad_fn(state["params"], mb)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    m = dict(m, loss=loss, grad_norm=optax.tree.norm(grads))
+    return dict(state, params=params, opt_state=opt_state), m
+
+  def epoch(state, k):
+    perm = jax.random.permutation(k, n)
+    mbs = jax.tree.map(lambda x: x[perm].reshape(n // minibatch, minibatch, *x.shape[1:]),
+                       rollout)
+    return jax.lax.scan(one, state, mbs)
+
+  state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, epochs))
+  metrics = jax.tree.map(jnp.mean, metrics)
+  metrics["last_loss"] = jax.tree.map(lambda x: x.reshape(-1)[-1], metrics["loss"])
+  return dict(state, step=state["step"] + 1), metrics
+
+
+# --- host side --------------------------------------------------------------------------------
+
+def prompts_of(batch: dict) -> list[list[int]]:
+  """The BOS + prompt ids of each example of a loader batch (K = 1): the tokens before the
+  first loss-mask position."""
+  out = []
+  for toks, lm in zip(batch["tokens"][:, 0], batch["loss_mask"][:, 0]):
+    out.append(toks[:int(np.argmax(lm > 0))].tolist())
+  return out
+
+
+def layout(prompts, responses, length: int, pad_id: int):
+  """Right-padded [N, length] tokens of prompt + response and the action-frame mask [N, length-1]
+  (1 where tokens[:, 1:] is a response token)."""
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length - 1), np.float32)
+  for i, (p, r) in enumerate(zip(prompts, responses)):
+    row = (list(p) + list(r))[:length]
+    tokens[i, :len(row)] = row
+    mask[i, len(p) - 1:len(row) - 1] = 1.0
+  return tokens, mask
+
+
+def check_config(c: ml_collections.ConfigDict, n_batch_devices: int) -> None:
+  p = c.ppo
+  if p.rollout_batch % p.minibatch:
+    raise ValueError(f"ppo.rollout_batch={p.rollout_batch} is not a multiple of "
+                     f"ppo.minibatch={p.minibatch}")
+  if p.minibatch % n_batch_devices:
+    raise ValueError(f"ppo.minibatch={p.minibatch} must split evenly over the "
+                     f"{n_batch_devices} data-parallel devices")
+  if not c.reward.model and c.reward.program not in PROGRAMS:
+    raise ValueError(f"reward.model is empty and reward.program={c.reward.program!r} is not one "
+                     f"of {sorted(PROGRAMS)}")
+  if jax.process_count() > 1:
+    raise NotImplementedError("ppo.run samples from process-local prompts: one process only")
+
+
+def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Trains a policy with PPO as configured; returns a summary and the per-iteration history."""
+  mesh = sharding.make_mesh(dict(c.mesh))
+  check_config(c, math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
+  p = c.ppo
+  tok = load_tokenizer(c.data.tokenizer)
+  loader = data.make_loader(train.open_source(c.data, c.data.train_split, c.seed), tok,
+                            global_batch_size=p.rollout_batch, max_len=p.max_prompt_len + 1,
+                            num_responses=1, seed=c.seed, worker_count=c.data.worker_count)
+  it = iter(loader)
+  updates_per_iter = p.epochs * (p.rollout_batch // p.minibatch)
+  tx, _ = train.make_optimizer(c.optim, c.train.steps * updates_per_iter)
+
+  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
+  mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  start = mgr.latest_step()
+  if start is None:
+    graphdef, policy, origin = reward.init_trunk(c, mesh)
+    cfg = nnx.merge(graphdef, policy).cfg
+  else:  # the run's own record of its model (a checkpoint's architecture, not config.model)
+    cfg = ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
+  graphdef, abstract_policy = reward.abstract_trunk(cfg)
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer {c.data.tokenizer} has {tok.vocab_size} ids but the policy's "
+                     f"vocab_size is {cfg.vocab_size}")
+  abstract = {"policy": abstract_policy, "value_head": reward.abstract_head(cfg.dim)}
+  param_sh = sharding.state_shardings(abstract, mesh)
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  opt_sh = sharding.state_shardings(opt_abstract, mesh)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep}
+  if start is None:
+    params = jax.device_put({"policy": policy, "value_head": reward.init_head(cfg.dim)}, param_sh)
+    with sharding.activate(mesh):
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
+    ref_policy = jax.tree.map(jnp.copy, params["policy"])
+    del policy
+    kl_coef, key, start = float(p.init_kl_coef), jax.random.key(c.seed), 0
+  else:
+    targets = {"params": abstract, "opt_state": opt_abstract, "ref_params": abstract["policy"]}
+    shard = {"params": param_sh, "opt_state": opt_sh, "ref_params": param_sh["policy"]}
+    restored = mgr.restore(start, args=ocp.args.Composite(
+        **{k: ocp.args.StandardRestore(checkpoints.abstract_like(v, shard[k]))
+           for k, v in targets.items()},
+        data_iter=ocp.args.JsonRestore(), ppo=ocp.args.JsonRestore()))
+    got = {k: checkpoints.unflatten(v, dict(restored[k])) for k, v in targets.items()}
+    state = {"params": got["params"], "opt_state": got["opt_state"],
+             "step": jax.device_put(jnp.int32(start), rep)}
+    ref_policy = got["ref_params"]
+    it.set_state(restored["data_iter"]["iterator"])
+    kl_coef = float(restored["ppo"]["kl_coef"])
+    key = jax.random.wrap_key_data(jnp.asarray(restored["ppo"]["key"], jnp.uint32))
+    origin = f"resumed {ckpt_dir} at iteration {start}"
+  score_fn = _scorer(c, mesh, tok, cfg)
+  run_c = ml_collections.ConfigDict(c.to_dict())
+  run_c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+  if jax.process_index() == 0:
+    with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
+      f.write(run_c.to_json_best_effort(indent=2, sort_keys=True))
+  print(f"[{c.checkpoint.dir}] policy from: {origin}; {c.train.steps} iterations", flush=True)
+
+  length = p.max_prompt_len + p.max_new_tokens
+  row = lambda n: sharding.batch_sharding(mesh, n)
+  roll_sh = {"tokens": row(2), "mask": row(2), "old_logp": row(2), "old_values": row(2),
+             "advantages": row(2), "returns": row(2)}
+  exp_fn = jax.jit(functools.partial(experience, graphdef=graphdef, gamma=p.gamma, lam=p.lam,
+                                     cliprange_reward=p.cliprange_reward),
+                   in_shardings=(param_sh, param_sh["policy"], row(2), row(2), row(1), rep),
+                   out_shardings=(roll_sh, None))
+  upd_fn = jax.jit(functools.partial(
+      update, graphdef=graphdef, tx=tx, epochs=p.epochs, minibatch=p.minibatch,
+      loss_kw=dict(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef)),
+      in_shardings=(state_sh, roll_sh, rep), out_shardings=(state_sh, None), donate_argnums=0)
+
+  def save(step):
+    mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(checkpoints.flatten(state["params"])),
+        opt_state=ocp.args.StandardSave(checkpoints.flatten(state["opt_state"])),
+        ref_params=ocp.args.StandardSave(checkpoints.flatten(ref_policy)),
+        data_iter=ocp.args.JsonSave({"iterator": it.get_state()}),
+        ppo=ocp.args.JsonSave({"kl_coef": kl_coef,
+                               "key": np.asarray(jax.random.key_data(key)).tolist()}),
+        config=ocp.args.JsonSave(json.loads(run_c.to_json_best_effort()))), force=True)
+
+  history = []
+  log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+  gen = [dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+              top_k=p.top_k)]
+  with sharding.activate(mesh):
+    for step in range(start, c.train.steps):
+      prompts = prompts_of(next(it))
+      key, k_sample, k_update = jax.random.split(key, 3)
+      seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))
+      sampler = Sampler(graphdef, state["params"]["policy"], eos_id=tok.eos_id,
+                        pad_id=tok.pad_id, mesh=mesh, min_batch=len(prompts))
+      responses = sampler.generate(prompts, [SamplingParams(**gen[0], seed=int(s)) for s in seeds])
+      tokens, mask = layout(prompts, responses, length, tok.pad_id)
+      scores = score_fn(prompts, responses, tokens, mask)
+      rollout, em = exp_fn(state["params"], ref_policy, tokens, mask, scores,
+                           jnp.float32(kl_coef))
+      state, um = upd_fn(state, rollout, k_update)
+      m = {k: float(v) for k, v in jax.device_get({**em, **um}).items()}
+      m.update(kl_coef=kl_coef, iteration=step + 1,
+               rollout_crc=zlib.crc32(tokens.tobytes()) ^ zlib.crc32(scores.tobytes()))
+      if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"non-finite PPO loss at iteration {step + 1}; the last good "
+                                 f"checkpoint in {ckpt_dir} is {mgr.latest_step()}")
+      kl_coef = pl.adaptive_kl_coef(kl_coef, m["kl"], target=p.kl_target, horizon=p.kl_horizon,
+                                    n_steps=len(prompts))
+      history.append(m)
+      if log:
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+      if (step + 1) % c.train.log_every == 0:
+        print(f"[ppo {step + 1}] score={m['score']:.3f} kl={m['kl']:.3f} "
+              f"loss={m['loss']:.4f} kl_coef={kl_coef:.4f}", flush=True)
+      if (step + 1) % c.checkpoint.save_every == 0 or step + 1 == c.train.steps:
+        save(step + 1)
+  mgr.wait_until_finished()
+  mgr.close()
+  if log:
+    log.close()
+  return {"dir": ckpt_dir, "start": start, "origin": origin, "history": history, "state": state,
+          "graphdef": graphdef, "kl_coef": kl_coef}
+
+
+def _scorer(c, mesh, tok, policy_cfg):
+  """(prompts, responses, tokens, mask) -> clipped-later scores [N] float32 (host numpy)."""
+  if not c.reward.model:
+    fn = functools.partial(PROGRAMS[c.reward.program], tokens=tuple(c.reward.tokens),
+                           length_cost=c.reward.length_cost)
+    return lambda prompts, responses, tokens, mask: fn(prompts, responses)
+  rm_graphdef, rm_params = reward.load(c.reward.model, mesh=mesh, dtype=c.model.dtype)
+  rm_cfg = nnx.merge(rm_graphdef, rm_params["trunk"]).cfg
+  if rm_cfg.vocab_size != policy_cfg.vocab_size:
+    raise ValueError(f"reward.model={c.reward.model}: vocab_size {rm_cfg.vocab_size} differs "
+                     f"from the policy's {policy_cfg.vocab_size} (they must share a tokenizer)")
+  jitted = jax.jit(functools.partial(reward.sequence_scores, rm_graphdef))
+
+  def score(prompts, responses, tokens, mask):
+    loss_mask = np.concatenate([np.zeros_like(mask[:, :1]), mask], axis=1)
+    return np.asarray(jitted(rm_params, tokens, loss_mask), np.float32)
+
+  return score
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  summary = run(flags.FLAGS.config)
+  print(json.dumps({"dir": summary["dir"], "last": summary["history"][-1:]}, indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "configs/ppo.py[:tiny]", lock_config=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  app.run(main)
