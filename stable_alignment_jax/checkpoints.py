@@ -10,10 +10,12 @@ different process count) is Orbax's job: every array restores straight into its 
   "random:<preset>[:seed]"  a freshly initialised preset (tests, smoke runs)
   <HF directory>            config.json + *.safetensors (through model/convert.py)
   <run directory>           the latest step's params of one of our runs
+Its compute dtype is `compute_dtype`'s choice, logged on stderr as one line per load.
 """
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -95,7 +97,8 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
 
 
 _HF_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "generation_config.json", "chat_template.jinja", "chat_template.json"]
 
 
 def resolve(spec: str) -> str:
@@ -114,16 +117,42 @@ def resolve(spec: str) -> str:
                             f"hub could not provide it ({type(e).__name__}: {e})") from None
 
 
+def compute_dtype(checkpoint: str | None, requested: str | None = None,
+                  platform: str | None = None) -> str:
+  """The compute dtype a loaded model runs in: the caller's when given; on CPU float32 (bf16
+  matmuls there are emulated, slower and less exact); on GPU/TPU the checkpoint's own dtype
+  (bfloat16 when it names none)."""
+  return _dtype_and_reason(checkpoint, requested, platform)[0]
+
+
+def _dtype_and_reason(checkpoint, requested, platform):
+  platform = platform or jax.default_backend()
+  if requested:
+    return requested, "requested"
+  if platform == "cpu":
+    return "float32", "cpu"
+  return checkpoint or "bfloat16", platform
+
+
+def _log_dtype(spec: str, checkpoint: str | None, requested: str | None) -> str:
+  dtype, why = _dtype_and_reason(checkpoint, requested, None)
+  print(f"model {spec}: compute dtype {dtype} ({why}; checkpoint says {checkpoint or 'nothing'})",
+        file=sys.stderr, flush=True)
+  return dtype
+
+
 def _abstract_model(cfg: ModelConfig, seed: int = 0):
   return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(seed))))
 
 
 def load_model(spec: str, *, dtype: str | None = None, mesh=None):
-  """(graphdef, state) for a spec of the module docstring; `dtype` overrides the compute dtype."""
+  """(graphdef, state) for a spec of the module docstring; `dtype` overrides the compute dtype
+  (default: `compute_dtype`'s choice, printed on stderr)."""
   mesh = mesh or sharding.make_mesh({"fsdp": -1})
   if spec.startswith("random:"):
     _, name, *seed = spec.split(":")
-    cfg = preset(name, **({"dtype": dtype} if dtype else {}))
+    dtype = _log_dtype(spec, preset(name).dtype, dtype)
+    cfg = preset(name, dtype=dtype)
     seed = int(seed[0]) if seed else 0
     return sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(seed)), mesh)
   path = resolve(spec)
@@ -132,11 +161,12 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
                             "HF LLaMA directory or hub id, or a run directory)")
   if is_hf_dir(path):
     from stable_alignment_jax.model import convert  # only HF users pay for its imports
+    config_json, _ = convert.read_hf_json(path)
+    dtype = _log_dtype(spec, convert.checkpoint_dtype(config_json), dtype)
     return convert.load_hf(path, dtype=dtype, mesh=mesh)
   run = read_run_config(path)
   fields = dict(run["model"])
-  if dtype:
-    fields["dtype"] = dtype
+  fields["dtype"] = _log_dtype(spec, fields.get("dtype"), dtype)
   cfg = ModelConfig.from_dict(fields)
   graphdef, abstract = _abstract_model(cfg)
   params, _ = restore_params(path, abstract, sharding.state_shardings(abstract, mesh))

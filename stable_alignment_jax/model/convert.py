@@ -1,11 +1,17 @@
-"""Hugging Face LLaMA checkpoints in and out: `config.json` + `*.safetensors` <-> our NNX state.
+"""Hugging Face LLaMA-family checkpoints in and out: `config.json` + `*.safetensors` <-> NNX state.
+
+Reads LlamaForCausalLM and MistralForCausalLM (LLaMA 1-3.2, SmolLM2, Mistral without a sliding
+window): tied or untied head, RoPE scaling "linear" / "llama3", an explicit `head_dim`. Anything
+else (biases, other activations or RoPE types, a sliding window shorter than the context) is
+refused naming the file and the field: we never silently compute a different model.
 
 Import streams: the model is built abstractly (`nnx.eval_shape`), then each parameter is read
 from its safetensors file alone, converted on the host and placed straight onto its sharding, so
-the host holds about one tensor at a time, never the whole model. Export gathers one parameter at
-a time to the host and writes shards of at most `max_shard_bytes` (process 0 writes).
+the host holds about one (layer-stacked, with `scan_layers`) tensor at a time. Export gathers one
+parameter at a time to the host and writes shards of at most `max_shard_bytes` (process 0 writes).
 
-Layouts (HF stores torch Linear weights as [out, in]; ours are einsum-shaped [in, ..., out]):
+Layouts (HF stores torch Linear weights as [out, in]; ours are einsum-shaped [in, ..., out]; with
+`scan_layers` each layer tensor is row `i` of one stacked [L, ...] parameter `layers/...`):
   model.embed_tokens.weight [V,D]           -> embed [V,D]
   layers.i.self_attn.q_proj.weight [H*E,D]  -> layers[i].attn.wq [D,H,E]   (.T, reshape)
   k_proj / v_proj [K*E,D]                   -> wk / wv [D,K,E]
@@ -13,22 +19,24 @@ Layouts (HF stores torch Linear weights as [out, in]; ours are einsum-shaped [in
   mlp.gate_proj / up_proj [F,D]             -> mlp.w_gate / w_up [D,F]     (.T)
   mlp.down_proj [D,F]                       -> mlp.w_down [F,D]            (.T)
   input_layernorm / post_attention_layernorm -> attn_norm.scale / mlp_norm.scale
-  model.norm.weight -> final_norm.scale;  lm_head.weight [V,D] -> lm_head [D,V] (.T)
+  model.norm.weight -> final_norm.scale;  lm_head.weight [V,D] -> lm_head [D,V] (.T; absent tied)
 HF LLaMA applies RoPE in the rotate-half form, as `llama.rope` does, so q/k need no permutation.
 
 CLI:
   python -m stable_alignment_jax.model.convert --from_hf=HF_DIR --to=CKPT_DIR
   python -m stable_alignment_jax.model.convert --from=CKPT_DIR --to_hf=HF_DIR [--tokenizer=PATH]
 CKPT_DIR is an Orbax checkpoint (step 0) with items `params` (nnx pure dict) and `config`
-(the ModelConfig as JSON); tokenizer files are copied alongside.
+(the ModelConfig as JSON); tokenizer files, chat template and generation config are copied along.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
+import sys
 from typing import Callable
 
 import jax
@@ -43,10 +51,15 @@ from stable_alignment_jax.model.presets import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 # Older conversions saved the rotary buffer; it is derived from rope_theta, so it is skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What serving a checkpoint needs beside the weights, copied verbatim in both directions.
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json")
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+_SIDE_FILES = _TOKENIZER_FILES + (GENERATION_CONFIG,)
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_MISSING = object()
 
 
 class CheckpointError(ValueError):
@@ -57,23 +70,24 @@ class CheckpointError(ValueError):
 
 
 def config_from_hf(config_json: dict, path: str = "config.json", **overrides) -> ModelConfig:
-  """ModelConfig from a HF LLaMA `config.json` dict; anything we do not implement raises."""
+  """ModelConfig from a HF LLaMA/Mistral `config.json` dict; anything we do not implement raises.
+
+  overrides: ModelConfig fields that are ours to choose (dtype, param_dtype, remat, ...).
+  """
   c = config_json
 
-  def bad(field, why):
-    return CheckpointError(f"{path}: field {field!r} = {c.get(field)!r}: {why}")
+  def bad(field, why, value=_MISSING):
+    value = c.get(field) if value is _MISSING else value
+    return CheckpointError(f"{path}: field {field!r} = {value!r}: {why}")
 
+  model_type = c.get("model_type")
+  if model_type not in _ARCHITECTURES:
+    raise bad("model_type", "unsupported architecture; only LlamaForCausalLM (model_type "
+                            "'llama') and MistralForCausalLM ('mistral') are supported")
   archs = c.get("architectures") or []
-  if c.get("model_type") != "llama" or (archs and archs != ["LlamaForCausalLM"]):
-    field = "model_type" if c.get("model_type") != "llama" else "architectures"
-    raise bad(field, "unsupported architecture; only LLaMA (LlamaForCausalLM) is supported")
-  if c.get("tie_word_embeddings", False):
-    raise bad("tie_word_embeddings", "tied embeddings are not supported (our LM head is untied)")
-  if c.get("rope_scaling") is not None:
-    raise bad("rope_scaling", "RoPE scaling is not supported; only plain RoPE")
-  rope_params = c.get("rope_parameters") or {}
-  if rope_params.get("rope_type", "default") != "default":
-    raise bad("rope_parameters", "RoPE scaling is not supported; only rope_type 'default'")
+  if archs and archs != [_ARCHITECTURES[model_type]]:
+    raise bad("architectures", f"model_type {model_type!r} must be "
+                               f"[{_ARCHITECTURES[model_type]!r}]")
   for field in ("attention_bias", "mlp_bias"):
     if c.get(field, False):
       raise bad(field, "biases are not supported (LLaMA has none)")
@@ -81,19 +95,25 @@ def config_from_hf(config_json: dict, path: str = "config.json", **overrides) ->
     raise bad("hidden_act", "only SwiGLU with silu is supported")
   for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "vocab_size"):
-    if not isinstance(c.get(field), int):
-      raise bad(field, "missing or not an integer")
-  heads = c["num_attention_heads"]
-  head_dim = c.get("head_dim") or c["hidden_size"] // heads
-  if head_dim * heads != c["hidden_size"]:
-    raise bad("head_dim", f"must equal hidden_size / num_attention_heads = "
-                          f"{c['hidden_size']}/{heads}")
-  theta = rope_params.get("rope_theta", c.get("rope_theta", 10000.0))
+    if not isinstance(c.get(field), int) or c[field] <= 0:
+      raise bad(field, "missing or not a positive integer")
+  heads, dim = c["num_attention_heads"], c["hidden_size"]
+  head_dim = c.get("head_dim")
+  if head_dim is None and dim % heads:
+    raise bad("num_attention_heads", f"does not divide hidden_size={dim} and no head_dim is given")
+  if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+    raise bad("head_dim", "not a positive integer")
+  max_len = c.get("max_position_embeddings") or 2048
+  window = c.get("sliding_window")
+  if window is not None and window < max_len:
+    raise bad("sliding_window", f"sliding-window attention is not supported; only a window of "
+                                f"null or >= max_position_embeddings={max_len} (full attention)")
   fields = dict(
-      vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-      n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
-      ffn_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-      rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-5)))
+      vocab_size=c["vocab_size"], dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+      n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=head_dim or dim // heads,
+      ffn_dim=c["intermediate_size"], max_seq_len=max_len,
+      norm_eps=float(c.get("rms_norm_eps", 1e-6)),  # transformers' default for both
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)), **_rope_fields(c, bad))
   fields.update(overrides)
   try:
     return ModelConfig(**fields)
@@ -101,20 +121,60 @@ def config_from_hf(config_json: dict, path: str = "config.json", **overrides) ->
     raise CheckpointError(f"{path}: {e}") from e
 
 
-def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2) -> dict:
+def _rope_fields(c: dict, bad) -> dict:
+  """RoPE from transformers 5's `rope_parameters` or the older `rope_scaling` + `rope_theta`."""
+  field = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+  params = c.get(field) or {}
+  if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+    raise bad(field, "expected one mapping of RoPE settings (per-layer-type RoPE is unsupported)")
+  theta = params.get("rope_theta") or c.get("rope_theta") or 10000.0
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind == "default":
+    return dict(rope_theta=float(theta))
+  if kind not in ("linear", "llama3"):
+    raise bad(field, f"rope_type {kind!r} is not supported; only default, linear and llama3")
+  if params.get("attention_factor") not in (None, 1, 1.0):
+    raise bad(field, "attention_factor is not supported")
+  need = ["factor"] + (["low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings"] if kind == "llama3" else [])
+  missing = [k for k in need if params.get(k) is None]
+  if missing:
+    raise bad(field, f"rope_type {kind!r} needs {missing}")
+  out = dict(rope_theta=float(theta), rope_type=kind, rope_factor=float(params["factor"]))
+  if kind == "llama3":
+    out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]),
+               rope_original_max_len=int(params["original_max_position_embeddings"]))
+  return out
+
+
+def checkpoint_dtype(config_json: dict) -> str:
+  """The dtype the checkpoint was saved in (`torch_dtype`, or transformers 5's `dtype`)."""
+  return str(config_json.get("torch_dtype") or config_json.get("dtype") or "bfloat16")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int | list = 2) -> dict:
   """The `config.json` transformers needs to build LlamaForCausalLM for these weights."""
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  # transformers >= 5 reads rope_parameters; older releases rope_theta + rope_scaling.
+  scaling = None if cfg.rope_type == "default" else \
+      {k: v for k, v in rope.items() if k != "rope_theta"}
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
       "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
       "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-      # transformers >= 5 reads rope_parameters, older releases read rope_theta.
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
-      "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
-      "dtype": dtype, "torch_dtype": dtype, "use_cache": True,
+      "rope_theta": cfg.rope_theta, "rope_parameters": rope, "rope_scaling": scaling,
+      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+      "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
+      "use_cache": True,
   }
 
 
@@ -124,6 +184,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2)
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   path: tuple  # our NNX state path
+  layer: int | None  # the row of a stacked [L, ...] parameter (scan_layers), else None
   hf_name: str
   hf_shape: tuple[int, ...]
   to_ours: Callable[[np.ndarray], np.ndarray]
@@ -131,6 +192,7 @@ class _Entry:
 
 
 def _mapping(cfg: ModelConfig) -> list[_Entry]:
+  """Every HF tensor, grouped by our parameter (all layers of one stacked parameter adjacent)."""
   d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
   h, k, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   same = lambda x: x
@@ -139,25 +201,36 @@ def _mapping(cfg: ModelConfig) -> list[_Entry]:
   def in_heads(n):  # [n*E, D] <-> [D, n, E]
     return (lambda x: x.T.reshape(d, n, e), lambda x: x.reshape(d, n * e).T)
 
-  out = [_Entry(("embed",), "model.embed_tokens.weight", (v, d), same, same)]
-  for i in range(cfg.n_layers):
-    pre, ours = f"model.layers.{i}.", ("layers", i)
-    out += [
-        _Entry(ours + ("attn_norm", "scale"), pre + "input_layernorm.weight", (d,), same, same),
-        _Entry(ours + ("attn", "wq"), pre + "self_attn.q_proj.weight", (h * e, d), *in_heads(h)),
-        _Entry(ours + ("attn", "wk"), pre + "self_attn.k_proj.weight", (k * e, d), *in_heads(k)),
-        _Entry(ours + ("attn", "wv"), pre + "self_attn.v_proj.weight", (k * e, d), *in_heads(k)),
-        _Entry(ours + ("attn", "wo"), pre + "self_attn.o_proj.weight", (d, h * e),
-               lambda x: x.T.reshape(h, e, d), lambda x: x.reshape(h * e, d).T),
-        _Entry(ours + ("mlp_norm", "scale"), pre + "post_attention_layernorm.weight", (d,),
-               same, same),
-        _Entry(ours + ("mlp", "w_gate"), pre + "mlp.gate_proj.weight", (f, d), t, t),
-        _Entry(ours + ("mlp", "w_up"), pre + "mlp.up_proj.weight", (f, d), t, t),
-        _Entry(ours + ("mlp", "w_down"), pre + "mlp.down_proj.weight", (d, f), t, t),
-    ]
-  out += [_Entry(("final_norm", "scale"), "model.norm.weight", (d,), same, same),
-          _Entry(("lm_head",), "lm_head.weight", (v, d), t, t)]
+  per_layer = [
+      (("attn_norm", "scale"), "input_layernorm.weight", (d,), same, same),
+      (("attn", "wq"), "self_attn.q_proj.weight", (h * e, d), *in_heads(h)),
+      (("attn", "wk"), "self_attn.k_proj.weight", (k * e, d), *in_heads(k)),
+      (("attn", "wv"), "self_attn.v_proj.weight", (k * e, d), *in_heads(k)),
+      (("attn", "wo"), "self_attn.o_proj.weight", (d, h * e),
+       lambda x: x.T.reshape(h, e, d), lambda x: x.reshape(h * e, d).T),
+      (("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), same, same),
+      (("mlp", "w_gate"), "mlp.gate_proj.weight", (f, d), t, t),
+      (("mlp", "w_up"), "mlp.up_proj.weight", (f, d), t, t),
+      (("mlp", "w_down"), "mlp.down_proj.weight", (d, f), t, t),
+  ]
+  out = [_Entry(("embed",), None, "model.embed_tokens.weight", (v, d), same, same)]
+  for sub, name, shape, to_ours, to_hf in per_layer:
+    for i in range(cfg.n_layers):
+      path, layer = (("layers",) + sub, i) if cfg.scan_layers else (("layers", i) + sub, None)
+      out.append(_Entry(path, layer, f"model.layers.{i}.{name}", shape, to_ours, to_hf))
+  out.append(_Entry(("final_norm", "scale"), None, "model.norm.weight", (d,), same, same))
+  if not cfg.tie_embeddings:
+    out.append(_Entry(("lm_head",), None, "lm_head.weight", (v, d), t, t))
   return out
+
+
+def _our_shape(group: list[_Entry]) -> tuple[int, ...]:
+  one = group[0].to_ours(np.empty(group[0].hf_shape, np.int8)).shape
+  return one if group[0].layer is None else (len(group),) + one
+
+
+def _groups(entries: list[_Entry]):
+  return [list(g) for _, g in itertools.groupby(entries, key=lambda en: en.path)]
 
 
 # ----------------------------------------------------------------------------- import
@@ -192,32 +265,46 @@ def _weight_map(directory: str) -> tuple[dict[str, str], str]:
   return weight_map, os.path.join(directory, files[0] if len(files) == 1 else "*.safetensors")
 
 
-def read_hf_config(directory: str, **overrides) -> ModelConfig:
+def read_hf_json(directory: str) -> tuple[dict, str]:
+  """(config.json as a dict, its path); errors name the file."""
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no config.json in the checkpoint directory")
   with open(path) as fh:
-    return config_from_hf(json.load(fh), path, **overrides)
+    try:
+      return json.load(fh), path
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_hf_config(directory: str, **overrides) -> ModelConfig:
+  return config_from_hf(*read_hf_json(directory), **overrides)
 
 
 def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "float32",
             mesh=None, **overrides):
   """Reads a HF LLaMA directory into (graphdef, state) of `llama.Llama`.
 
-  dtype: compute dtype (default: ModelConfig's); param_dtype: storage dtype of the weights;
-  mesh: place every weight on its sharding from the logical-axis rules (default: one device).
-  Extra keyword arguments override ModelConfig fields (e.g. remat, max_seq_len).
+  dtype: compute dtype (default: `checkpoints.compute_dtype`'s choice: float32 on CPU, the
+  checkpoint's dtype on accelerators); param_dtype: storage dtype of the weights; mesh: place
+  every weight on its sharding from the logical-axis rules (default: one device). Extra keyword
+  arguments set our own ModelConfig fields (remat, scan_layers, max_seq_len, ...).
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-  if dtype is not None:
-    overrides["dtype"] = dtype
-  cfg = read_hf_config(directory, param_dtype=param_dtype, **overrides)
+  config_json, config_path = read_hf_json(directory)
+  if dtype is None:
+    from stable_alignment_jax import checkpoints  # the one place that decides compute dtypes
+    dtype = checkpoints.compute_dtype(checkpoint_dtype(config_json))
+  cfg = config_from_hf(config_json, config_path, dtype=dtype, param_dtype=param_dtype,
+                       **overrides)
   weight_map, source = _weight_map(directory)
   entries = _mapping(cfg)
   expected = {en.hf_name for en in entries}
+  tied_head = cfg.tie_embeddings and "lm_head.weight" in weight_map
   for name in weight_map:
-    if name not in expected and not name.endswith(_IGNORED_SUFFIXES):
+    if name not in expected and not name.endswith(_IGNORED_SUFFIXES) and not (
+        tied_head and name == "lm_head.weight"):
       raise CheckpointError(f"{os.path.join(directory, weight_map[name])}: unexpected tensor "
                             f"{name!r} (not part of a LLaMA with this config.json)")
   for en in entries:
@@ -233,26 +320,46 @@ def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "flo
   values = {}
   with contextlib.ExitStack() as stack:
     handles = {}
-    for en in entries:
-      shard = weight_map[en.hf_name]
+
+    def read(name, shape):
+      shard = weight_map[name]
       file = os.path.join(directory, shard)
       if shard not in handles:
         handles[shard] = stack.enter_context(safe_open(file, framework="numpy"))
       fh = handles[shard]
-      if en.hf_name not in fh.keys():
-        raise CheckpointError(f"{file}: missing tensor {en.hf_name!r} (listed in {source})")
-      shape = tuple(fh.get_slice(en.hf_name).get_shape())
-      if shape != en.hf_shape:
-        raise CheckpointError(f"{file}: tensor {en.hf_name!r} has shape {shape}, config.json "
-                              f"implies {en.hf_shape}")
-      # One copy: the layout change and the dtype cast happen together.
-      host = np.ascontiguousarray(en.to_ours(fh.get_tensor(en.hf_name)), dtype=param_dtype)
+      if name not in fh.keys():
+        raise CheckpointError(f"{file}: missing tensor {name!r} (listed in {source})")
+      got = tuple(fh.get_slice(name).get_shape())
+      if got != shape:
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, {config_path} "
+                              f"implies {shape}")
+      return fh.get_tensor(name)
+
+    if tied_head:  # a tied checkpoint that saved its head anyway: fine when it is the embedding
+      if not np.array_equal(read("lm_head.weight", (cfg.vocab_size, cfg.dim)),
+                            read("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim))):
+        raise CheckpointError(f"{os.path.join(directory, weight_map['lm_head.weight'])}: tensor "
+                              f"'lm_head.weight' differs from 'model.embed_tokens.weight' but "
+                              f"{config_path} says tie_word_embeddings=true")
+    for group in _groups(entries):
+      path, shape = group[0].path, _our_shape(group)
+      want = _lookup(abstract_state, path)
+      if tuple(want.shape) != shape:
+        raise ValueError(f"parameter {'/'.join(map(str, path))}: the model has shape "
+                         f"{tuple(want.shape)}, the checkpoint layout gives {shape}")
+      if group[0].layer is None:  # one copy: the layout change and the cast happen together
+        host = np.ascontiguousarray(group[0].to_ours(read(group[0].hf_name, group[0].hf_shape)),
+                                    dtype=param_dtype)
+      else:  # the stacked parameter, filled row by row
+        host = np.empty(shape, dtype=param_dtype)
+        for en in group:
+          host[en.layer] = en.to_ours(read(en.hf_name, en.hf_shape))
       if shardings is None:
-        values[en.path] = jax.device_put(host)
+        values[path] = jax.device_put(host)
       else:
-        sh = _lookup(shardings, en.path)
+        sh = _lookup(shardings, path)
         sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-        values[en.path] = jax.make_array_from_callback(host.shape, sh, lambda i, a=host: a[i])
+        values[path] = jax.make_array_from_callback(host.shape, sh, lambda i, a=host: a[i])
       del host
   state = jax.tree.map_with_path(
       lambda p, var: var.replace(values[tuple(_key(x) for x in p)]), abstract_state,
@@ -261,7 +368,7 @@ def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "flo
 
 
 def _key(entry):
-  return getattr(entry, "key", getattr(entry, "name", entry))
+  return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
 
 
 def _lookup(tree, path):
@@ -283,20 +390,25 @@ def _to_host(x) -> np.ndarray:
 
 def save_hf(graphdef_or_cfg, state, directory: str, *, dtype: str | None = None,
             max_shard_bytes: int = 2 << 30, tokenizer: str | None = None,
-            bos_id: int | None = None, eos_id: int | None = None) -> list[str]:
+            bos_id: int | None = None, eos_id: int | list[int] | None = None) -> list[str]:
   """Writes `state` as a HF LLaMA directory; returns the safetensors file names written.
 
   dtype: storage dtype of the written tensors (default: the parameters' dtype). Host memory
-  peaks at one shard (<= max_shard_bytes) plus one tensor. tokenizer: a `.model` file or a
-  directory whose tokenizer files are copied next to the weights.
+  peaks at one shard (<= max_shard_bytes) plus one (stacked) parameter. tokenizer: a `.model`
+  file or a directory whose tokenizer files, chat template and generation_config.json are copied
+  next to the weights. bos_id / eos_id (eos may be a list) override the generation config's.
   """
   cfg = graphdef_or_cfg if isinstance(graphdef_or_cfg, ModelConfig) else \
       nnx.merge(graphdef_or_cfg, state).cfg
   pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
   entries = _mapping(cfg)
-  first = _lookup(pure, entries[0].path)
-  dtype = str(np.dtype(dtype or first.dtype))
+  dtype = str(np.dtype(dtype or _lookup(pure, entries[0].path).dtype))
   itemsize = np.dtype(dtype).itemsize
+  for group in _groups(entries):
+    got = tuple(_lookup(pure, group[0].path).shape)
+    if got != _our_shape(group):
+      raise ValueError(f"parameter {'/'.join(map(str, group[0].path))} has shape {got}, which "
+                       f"does not match the model config ({_our_shape(group)})")
   # Plan shards from the shapes first, so files can be named "-0000i-of-0000n" while streaming.
   plan: list[list[_Entry]] = [[]]
   size = 0
@@ -313,55 +425,69 @@ def save_hf(graphdef_or_cfg, state, directory: str, *, dtype: str | None = None,
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(directory, exist_ok=True)
-  weight_map, total = {}, 0
+  weight_map, total, held = {}, 0, {}  # held: the one parameter gathered to the host
   for name, group in zip(names, plan):
     tensors = {}
     for en in group:
-      value = _lookup(pure, en.path)
-      if tuple(value.shape) != tuple(en.to_ours(np.empty(en.hf_shape, np.int8)).shape):
-        raise ValueError(f"parameter {'/'.join(map(str, en.path))} has shape {value.shape}, "
-                         f"which does not match the model config")
-      host = np.ascontiguousarray(en.to_hf(_to_host(value)), dtype=dtype)
+      if en.path not in held:
+        held.clear()
+        held[en.path] = _to_host(_lookup(pure, en.path))
+      value = held[en.path] if en.layer is None else held[en.path][en.layer]
       if writer:
-        tensors[en.hf_name] = host
+        tensors[en.hf_name] = np.ascontiguousarray(en.to_hf(value), dtype=dtype)
         weight_map[en.hf_name] = name
-        total += host.nbytes
-      del host
+        total += tensors[en.hf_name].nbytes
     if writer:
       save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
     del tensors
+  held.clear()
   if not writer:
     return names
   if n > 1:
     with open(os.path.join(directory, INDEX_FILE), "w") as fh:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-  tok_ids = _copy_tokenizer(tokenizer, directory) if tokenizer else {}
-  hf_cfg = config_to_hf(cfg, dtype, bos_id if bos_id is not None else tok_ids.get("bos", 1),
-                        eos_id if eos_id is not None else tok_ids.get("eos", 2))
+  bos_id, eos_id = _side_files(tokenizer, directory, bos_id, eos_id)
   with open(os.path.join(directory, "config.json"), "w") as fh:
-    json.dump(hf_cfg, fh, indent=2)
+    json.dump(config_to_hf(cfg, dtype, bos_id, eos_id), fh, indent=2)
   return names
 
 
-def _copy_tokenizer(path: str, directory: str) -> dict:
-  """Copies tokenizer files into `directory`; returns their bos/eos ids when known."""
-  from stable_alignment_jax.tokenizer import load_tokenizer
-  tok = load_tokenizer(path)  # validates the path (FileNotFoundError names it)
-  copy_tokenizer_files(path, directory)
-  return {"bos": tok.bos_id, "eos": tok.eos_id}
+def _side_files(tokenizer: str | None, directory: str, bos_id, eos_id):
+  """Copies the tokenizer's files (and generation config) into `directory`, writes
+  generation_config.json when the source had none or ids were given; returns (bos, eos)."""
+  gen_path = os.path.join(directory, GENERATION_CONFIG)
+  ids = {}
+  if tokenizer:
+    from stable_alignment_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer)  # validates the path (FileNotFoundError names it)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    copy_tokenizer_files(tokenizer, directory)
+  gen = {}
+  if os.path.exists(gen_path):
+    with open(gen_path) as fh:
+      gen = json.load(fh)
+  given = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
+  if given or not gen:
+    gen = {**{k: v for k, v in ids.items() if v is not None and v >= 0}, **gen, **given}
+    gen.setdefault("bos_token_id", 1)
+    gen.setdefault("eos_token_id", 2)
+    with open(gen_path, "w") as fh:
+      json.dump(gen, fh, indent=2)
+  return gen.get("bos_token_id", 1), gen.get("eos_token_id", 2)
 
 
 def copy_tokenizer_files(path: str, directory: str) -> list[str]:
-  """A `.model` file becomes `tokenizer.model`; a directory gives its known tokenizer files."""
+  """A `.model` file becomes `tokenizer.model`; a directory gives its tokenizer files, chat
+  template and generation_config.json (those present)."""
   os.makedirs(directory, exist_ok=True)
   if os.path.isfile(path):
     shutil.copyfile(path, os.path.join(directory, "tokenizer.model"))
     return ["tokenizer.model"]
   copied = []
-  for name in _TOKENIZER_FILES:
-    src = os.path.join(path, name)
-    if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(directory, name)):
-      shutil.copyfile(src, os.path.join(directory, name))
+  for name in _SIDE_FILES:
+    src, dst = os.path.join(path, name), os.path.join(directory, name)
+    if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(dst):
+      shutil.copyfile(src, dst)
       copied.append(name)
   return copied
 
@@ -382,6 +508,8 @@ def save_checkpoint(cfg: ModelConfig, state, directory: str) -> None:
 def load_checkpoint(directory: str, step: int | None = None, mesh=None):
   """(graphdef, state) from `save_checkpoint`'s format (latest step unless told)."""
   import orbax.checkpoint as ocp
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory not found: {directory}")
   with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -418,22 +546,25 @@ def main(argv=None):
   ap.add_argument("--tokenizer", default=None, help="tokenizer file/dir copied along")
   ap.add_argument("--max_shard_bytes", type=int, default=2 << 30)
   a = ap.parse_args(argv)
-  if a.from_hf and a.to:
-    graphdef, state = load_hf(a.from_hf, param_dtype=a.param_dtype)
-    cfg = nnx.merge(graphdef, state).cfg
-    save_checkpoint(cfg, state, a.to)
-    copied = copy_tokenizer_files(a.tokenizer or a.from_hf, a.to)
-    print(f"wrote {a.to}: {cfg.num_params():,} parameters; tokenizer files {copied}")
-  elif a.src and a.to_hf:
-    graphdef, state = load_checkpoint(a.src)
-    tok = a.tokenizer
-    if tok is None and any(os.path.exists(os.path.join(a.src, x)) for x in _TOKENIZER_FILES[:2]):
-      tok = a.src
-    files = save_hf(graphdef, state, a.to_hf, dtype=a.hf_dtype,
-                    max_shard_bytes=a.max_shard_bytes, tokenizer=tok)
-    print(f"wrote {a.to_hf}: {len(files)} safetensors file(s)")
-  else:
+  if not ((a.from_hf and a.to) or (a.src and a.to_hf)):
     ap.error("give --from_hf DIR --to DIR (import) or --from DIR --to_hf DIR (export)")
+  try:
+    if a.from_hf:
+      graphdef, state = load_hf(a.from_hf, param_dtype=a.param_dtype)
+      cfg = nnx.merge(graphdef, state).cfg
+      save_checkpoint(cfg, state, a.to)
+      copied = copy_tokenizer_files(a.tokenizer or a.from_hf, a.to)
+      print(f"wrote {a.to}: {cfg.num_params():,} parameters; side files {copied}")
+    else:
+      graphdef, state = load_checkpoint(a.src)
+      tok = a.tokenizer
+      if tok is None and any(os.path.exists(os.path.join(a.src, x)) for x in _TOKENIZER_FILES[:2]):
+        tok = a.src
+      files = save_hf(graphdef, state, a.to_hf, dtype=a.hf_dtype,
+                      max_shard_bytes=a.max_shard_bytes, tokenizer=tok)
+      print(f"wrote {a.to_hf}: {len(files)} safetensors file(s)")
+  except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    sys.exit(f"convert: error: {e.args[0] if e.args else e}")
 
 
 if __name__ == "__main__":
