@@ -61,6 +61,12 @@ def get_config(arg=None):
   c.agents_per_round = -1  # -1 = every agent is a central agent once per round
   c.agents_per_step = -1  # -1 = the whole round is one step (one batch per phase)
 
+  # How peer ratings and observer scores are read (sandbox/judging.py): text = the strict parse
+  # of the written format; choice = the next-token scores of "1".."7" after the format's cue
+  # (JAX backend: the model's logits; OpenAI-compatible: the server's logprobs, text where it
+  # returns none); auto = choice where the backend kind can score, text elsewhere.
+  c.rating_mode = "auto"
+
   c.memory = ml_collections.ConfigDict(dict(threshold=0.5, accept="better"))
   c.embedder = ml_collections.ConfigDict(dict(kind="hashing", dim=256))
 
@@ -72,7 +78,7 @@ def get_config(arg=None):
   c.backends = ml_collections.ConfigDict({
       "server": dict(kind="openai", base_url="http://127.0.0.1:8000/v1", api="chat",
                      api_key_env="SANDBOX_API_KEY", concurrency=16, timeout_s=60.0,
-                     max_retries=6, backoff_s=0.5, backoff_max_s=30.0),
+                     max_retries=6, backoff_s=0.5, backoff_max_s=30.0, top_logprobs=20),
   })
   c.sampling = ml_collections.ConfigDict({
       "draft": _sampling(256), "feedback": _sampling(96), "revise": _sampling(256),
@@ -87,8 +93,9 @@ def get_config(arg=None):
     c.backends = ml_collections.ConfigDict({
         # `model`: any checkpoint spec (random:tiny[:seed], an HF LLaMA dir, a training run
         # dir); one batch of 64 rows serves every phase of 9 agents with one compiled program.
+        # chat_template: auto = the model's own template when its tokenizer has one, else raw.
         "local": dict(kind="jax", model="random:tiny:0", tokenizer="", dtype="float32",
-                      max_prompt_tokens=192, devices=1, min_batch=64),
+                      max_prompt_tokens=192, devices=1, min_batch=64, chat_template="auto"),
     })
     c.agent_models = ml_collections.ConfigDict({
         "a": dict(backend="local", model="tiny-random", count=-1)})

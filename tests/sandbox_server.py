@@ -8,12 +8,21 @@ Revision prompts draw from a kinder corpus, so revisions tend to score higher, a
 Faults (429, 500, a reply slower than the client's timeout) hit `fault_rate` of requests at
 random, independent of content: a retried request gets the same text.
 
+Choice reads (rating_mode=choice): a request may carry the start of the reply (`prefix`: a
+final assistant message with vLLM's `continue_final_message`, or text after the format lines
+of a completions prompt), which the reply continues. With `logprobs="yes"` a logprobs request
+gets the next token's top logprobs: after "Rating:" / "Moral:" / "Engagement:" a distribution
+over " 1".." 7" peaked at the score the text reply would carry, plus some non-digit tokens;
+`logprobs="none"` returns none (`"logprobs": null`), `"refuse"` answers HTTP 400 as a server
+that does not implement them.
+
   python tests/sandbox_server.py --port=8123 --delay=0.2      # standalone, for benchmarks
 """
 
 import asyncio
 import collections
 import hashlib
+import math
 import random
 import re
 import socket
@@ -90,9 +99,43 @@ def _malformed(rng: random.Random, kind: str) -> str:
                      "Engagement: 4\nMoral: 5", "Moral: 5"])
 
 
-def generate(model: str, prompt: str, seed, max_tokens: int, malformed_rate: float) -> str:
+FORMAT_ENDS = ("Reason: <one or two sentences>\n", "Engagement: <an integer from 1 to 7>\n")
+
+
+def split_prefix(prompt: str) -> tuple[str, str]:
+  """(prompt, prefix): a completions prompt's text after its judging format is the start of
+  the reply."""
+  for end in FORMAT_ENDS:
+    cut = prompt.rfind(end)
+    if cut >= 0:
+      return prompt[:cut + len(end)], prompt[cut + len(end):]
+  return prompt, ""
+
+
+def next_token_logprobs(model: str, prompt: str, prefix: str, n: int) -> dict[str, float] | None:
+  """The top-n next tokens after `prefix` as {token: logprob}; None when it is no cue."""
+  rng = _rng("choice", model, prompt, prefix)
+  answer = _field(prompt, "Answer")
+  if prefix.endswith(("Rating:", "Moral:")):
+    peak = _score(answer, _rng(model, prompt, "score"))
+  elif prefix.endswith("Engagement:"):
+    peak = rng.randint(2, 6)
+  else:
+    return None
+  weights = {f" {v}": 0.02 + 0.6 * (v == peak) + 0.15 * (abs(v - peak) == 1) for v in range(1, 8)}
+  weights.update({" I": 0.05, " The": 0.03, "\n": 0.01})
+  total = sum(weights.values())
+  ranked = sorted(weights.items(), key=lambda kv: -kv[1])[:max(1, n)]
+  return {t: float(math.log(w / total)) for t, w in ranked}
+
+
+def generate(model: str, prompt: str, seed, max_tokens: int, malformed_rate: float,
+             prefix: str = "") -> str:
   rng = _rng(model, prompt, seed)
   n_words = max(1, min(int(max_tokens or 16), 60) // 2)
+  if prefix.endswith("Reason:"):  # a rating was chosen: the reply goes on with the reason only
+    answer = _field(prompt, "Answer")
+    return " " + markov(rng, _KIND_CHAIN, answer, n_words)
   if "Rating: <an integer" in prompt:
     if rng.random() < malformed_rate:
       return _malformed(rng, "feedback")
@@ -118,7 +161,9 @@ def embed_text(model: str, text: str, dim: int = 32) -> list[float]:
 
 
 def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: float = 0.0,
-             slow_s: float = 2.0, fault_seed: int = 0) -> fastapi.FastAPI:
+             slow_s: float = 2.0, fault_seed: int = 0, logprobs: str = "yes") -> fastapi.FastAPI:
+  if logprobs not in ("yes", "none", "refuse"):
+    raise ValueError(f"logprobs={logprobs!r}: expected yes, none or refuse")
   app = fastapi.FastAPI()
   app.state.stats = collections.Counter()
   faults = random.Random(fault_seed)
@@ -137,34 +182,57 @@ def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: f
     await asyncio.sleep(slow_s)  # longer than the client's timeout
     return JSONResponse({"error": {"message": "too slow", "type": "server_error"}}, 503)
 
-  async def reply(body: dict, prompt: str, chat: bool):
+  async def reply(body: dict, prompt: str, prefix: str, chat: bool, top_n: int):
     app.state.stats["requests"] += 1
+    if top_n and logprobs == "refuse":
+      app.state.stats["logprobs_refused"] += 1
+      return JSONResponse({"error": {"message": "logprobs are not supported",
+                                     "type": "invalid_request_error"}}, 400)
     failed = await maybe_fail()
     if failed is not None:
       return failed
     if delay_s:
       await asyncio.sleep(delay_s)
-    text = generate(body.get("model", ""), prompt, body.get("seed"), body.get("max_tokens", 16),
-                    malformed_rate)
+    model = body.get("model", "")
+    top = next_token_logprobs(model, prompt, prefix, top_n) if top_n else None
+    if top is not None:
+      text = max(top, key=top.get)  # greedy: the most likely next token (max_tokens=1)
+    else:
+      text = generate(model, prompt, body.get("seed"), body.get("max_tokens", 16),
+                      malformed_rate, prefix)
     app.state.stats["ok"] += 1
+    app.state.stats["logprobs" if top is not None else "texts"] += 1
+    lp = None
+    if top is not None and logprobs == "yes":
+      lp = ({"content": [{"token": text, "logprob": top[text], "bytes": None,
+                          "top_logprobs": [{"token": t, "logprob": v, "bytes": None}
+                                           for t, v in top.items()]}]} if chat else
+            {"tokens": [text], "token_logprobs": [top[text]], "top_logprobs": [top],
+             "text_offset": [0]})
     choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-               "finish_reason": "stop"} if chat else
-              {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+               "finish_reason": "stop", "logprobs": lp} if chat else
+              {"index": 0, "text": text, "finish_reason": "stop", "logprobs": lp})
     return {"id": f"gen-{app.state.stats['ok']}", "object": "chat.completion" if chat else
-            "text_completion", "created": int(time.time()), "model": body.get("model", ""),
+            "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
 
   @app.post("/v1/chat/completions")
   async def chat(request: fastapi.Request):
     body = await request.json()
-    prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
-    return await reply(body, prompt, True)
+    msgs = list(body.get("messages", []))
+    prefix = ""
+    if body.get("continue_final_message") and msgs and msgs[-1].get("role") == "assistant":
+      prefix = msgs.pop()["content"]
+    prompt = "\n".join(m.get("content", "") for m in msgs)
+    top_n = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+    return await reply(body, prompt, prefix, True, top_n)
 
   @app.post("/v1/completions")
   async def completions(request: fastapi.Request):
     body = await request.json()
-    return await reply(body, body.get("prompt", ""), False)
+    prompt, prefix = split_prefix(body.get("prompt", ""))
+    return await reply(body, prompt, prefix, False, int(body.get("logprobs") or 0))
 
   @app.post("/v1/embeddings")
   async def embeddings(request: fastapi.Request):
@@ -228,18 +296,21 @@ if __name__ == "__main__":
 
 def society_config(url: str, store: str, question_file: str, prior_file: str = "", *,
                    n_agents: int = 9, rounds: int = 2, seed: int = 0, concurrency: int = 8,
-                   timeout_s: float = 10.0, agents_per_step: int = -1, key_env: str = "SBX_KEY"):
+                   timeout_s: float = 10.0, agents_per_step: int = -1, key_env: str = "SBX_KEY",
+                   rating_mode: str = "text", api: str = "chat"):
   """The test society: `configs/sandbox.py:tiny` pointed at an OpenAI-compatible server, with
-  two agent models (the paper mixes several) and a separate observer model."""
+  two agent models (the paper mixes several) and a separate observer model. Ratings are read
+  as text unless `rating_mode` says otherwise."""
   import ml_collections
   from configs import sandbox
   c = sandbox.get_config("tiny")
   c.seed, c.rounds, c.store, c.agents_per_step = seed, rounds, store, agents_per_step
+  c.rating_mode = rating_mode
   c.world.n_agents = n_agents
   c.world.grid_size = max(4, int((n_agents * 2) ** 0.5) + 1)
   c.world.question_file, c.world.prior_file = question_file, prior_file
   c.backends = ml_collections.ConfigDict({"srv": dict(
-      kind="openai", base_url=url, api="chat", api_key_env=key_env, concurrency=concurrency,
+      kind="openai", base_url=url, api=api, api_key_env=key_env, concurrency=concurrency,
       timeout_s=timeout_s, max_retries=8, backoff_s=0.01, backoff_max_s=0.1)})
   c.agent_models = ml_collections.ConfigDict({
       "a": dict(backend="srv", model="agent-small", count=n_agents // 2),

@@ -22,6 +22,7 @@ MAX_PROMPT = 128
 def _config(store: str, qf: str, pf: str):
   c = sandbox_config.get_config("tiny")
   c.store = store
+  c.rating_mode = "text"  # the generate-per-phase checks below; choice: test_rating_choice.py
   c.world.question_file, c.world.prior_file = qf, pf
   c.backends.local.max_prompt_tokens = MAX_PROMPT
   c.backends.local.models = ml_collections.ConfigDict({"m0": "random:tiny:0",
@@ -87,7 +88,7 @@ def test_jax_society_two_rounds(tmp_path, pool):
       picked[model].append((prompt, json.loads(params), seed, text))
   assert len(picked["m0"]) == 8 and len(picked["m1"]) == 6  # the observer is m0 only
   for model, spec in (("m0", "random:tiny:0"), ("m1", "random:tiny:1")):
-    sampler = local.models[spec].sampler
+    sampler = local.models[spec].ts.sampler
     before = sampler.calls
     prompts, sps = [], []
     for prompt, p, seed, _ in reversed(picked[model]):
@@ -106,7 +107,7 @@ def test_jax_society_two_rounds(tmp_path, pool):
     assert sampler.calls == before + 1
   # The two checkpoints really differ (distinct seeds): m1 continues m0's prompts differently.
   prompts, sps, new = outputs["m0"]
-  assert local.models["random:tiny:1"].sampler.generate(prompts, sps) != new
+  assert local.models["random:tiny:1"].ts.sampler.generate(prompts, sps) != new
 
 
 def test_jax_backend_bad_input_fails_before_the_run(tmp_path, pool):

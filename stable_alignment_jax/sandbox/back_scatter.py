@@ -11,11 +11,12 @@ is one batch per backend (the JAX backend turns it into one generate):
   B  peer feedback + observe(draft)     D  observe(revision)
 """
 
+import collections
 import dataclasses
 
 import numpy as np
 
-from stable_alignment_jax.sandbox import parsing, world as world_lib
+from stable_alignment_jax.sandbox import judging, world as world_lib
 from stable_alignment_jax.sandbox.backends import Request
 
 
@@ -27,6 +28,7 @@ class StepContext:
   calls: object  # backends.replay.CallLog
   embed: object  # texts -> [N, D] L2-normalised (cached)
   cfg: object  # the run config
+  counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def _request(ctx: StepContext, backend: str, model: str, role: str, prompt: str, round_: int,
@@ -34,11 +36,8 @@ def _request(ctx: StepContext, backend: str, model: str, role: str, prompt: str,
   s = ctx.cfg.sampling[role]
   return Request(backend=backend, model=model, prompt=prompt, max_tokens=int(s.max_tokens),
                  temperature=float(s.temperature), top_p=float(s.top_p),
-                 seed=world_lib.call_seed(ctx.cfg.seed, round_, agent, role, slot))
-
-
-def _score(value: int | None) -> float | None:
-  return None if value is None else float(value)
+                 seed=world_lib.call_seed(ctx.cfg.seed, round_, agent, role, slot),
+                 system=ctx.prompts.system)
 
 
 def run_step(ctx: StepContext, round_: int, agent_ids: list[int]) -> tuple[list[dict], list]:
@@ -62,26 +61,20 @@ def run_step(ctx: StepContext, round_: int, agent_ids: list[int]) -> tuple[list[
           for a, q, m in zip(centers, questions, recalled)]
   drafts = [t.strip() for t in ctx.calls.complete(reqs)]
 
-  # B: peer feedback and the observer's score of the draft, in one batch.
+  # B: peer feedback and the observer's score of the draft, in one batch (judging.py reads
+  # them as text or as choices, by config.rating_mode).
   peers = [world_lib.peers_of(ctx.agents, a, radius, wcfg.k_peers, cfg.seed, round_)
            for a in centers]
-  reqs = []
-  for a, q, d, ps in zip(centers, questions, drafts, peers):
-    for slot, p in enumerate(ps):
-      peer = ctx.agents[p]
-      reqs.append(_request(ctx, peer.backend, peer.model, "feedback",
-                           ctx.prompts.feedback(q, d), round_, a.id, slot))
-  for a, q, d in zip(centers, questions, drafts):
-    reqs.append(_request(ctx, obs.backend, obs.model, "observe", ctx.prompts.observe(q, d),
-                         round_, a.id, 0))
-  texts = ctx.calls.complete(reqs)
+  jobs = [judging.Job("feedback", ctx.agents[p].backend, ctx.agents[p].model, q, d, a.id, slot)
+          for a, q, d, ps in zip(centers, questions, drafts, peers) for slot, p in enumerate(ps)]
+  jobs += [judging.Job("observe", obs.backend, obs.model, q, d, a.id, 0)
+           for a, q, d in zip(centers, questions, drafts)]
+  read = judging.judge(ctx, round_, jobs)
   n_fb = sum(len(ps) for ps in peers)
-  fb_parsed = [parsing.parse_feedback(t) for t in texts[:n_fb]]
-  draft_scores = [parsing.parse_observer(t) for t in texts[n_fb:]]
+  draft_scores = read[n_fb:]
   feedback, i = [], 0
   for ps in peers:
-    feedback.append([{"peer": p, "rating": fb_parsed[i + j][0], "reason": fb_parsed[i + j][1]}
-                     for j, p in enumerate(ps)])
+    feedback.append([{"peer": p, **read[i + j]} for j, p in enumerate(ps)])
     i += len(ps)
 
   # C: revisions given the average rating and the reasons.
@@ -92,15 +85,13 @@ def run_step(ctx: StepContext, round_: int, agent_ids: list[int]) -> tuple[list[
   revised = [t.strip() for t in ctx.calls.complete(reqs)]
 
   # D: the observer scores the revision.
-  reqs = [_request(ctx, obs.backend, obs.model, "observe", ctx.prompts.observe(q, r),
-                   round_, a.id, 1)
-          for a, q, r in zip(centers, questions, revised)]
-  revised_scores = [parsing.parse_observer(t) for t in ctx.calls.complete(reqs)]
+  revised_scores = judging.judge(ctx, round_, [
+      judging.Job("observe", obs.backend, obs.model, q, r, a.id, 1)
+      for a, q, r in zip(centers, questions, revised)])
 
   episodes, writes = [], []
   for k, a in enumerate(centers):
-    dm, de = draft_scores[k]
-    rm, re_ = revised_scores[k]
+    dm, rm = draft_scores[k]["moral"], revised_scores[k]["moral"]
     # Keep the draft only when the observer clearly preferred it; unknown scores keep the
     # revision, which already saw the peers' feedback.
     keep_draft = (cfg.memory.accept == "better" and dm is not None and rm is not None and dm > rm)
@@ -108,9 +99,9 @@ def run_step(ctx: StepContext, round_: int, agent_ids: list[int]) -> tuple[list[
     episodes.append({
         "round": round_, "agent": a.id, "agent_model": a.model_label, "question": questions[k],
         "memory_question": None if recalled[k] is None else recalled[k][0],
-        "draft": {"text": drafts[k], "moral": _score(dm), "engagement": _score(de)},
+        "draft": {"text": drafts[k], **draft_scores[k]},
         "feedback": feedback[k],
-        "revised": {"text": revised[k], "moral": _score(rm), "engagement": _score(re_)},
+        "revised": {"text": revised[k], **revised_scores[k]},
         "accepted": accepted})
     writes.append((a.id, questions[k], drafts[k] if keep_draft else revised[k],
                    np.asarray(qvecs[k])))

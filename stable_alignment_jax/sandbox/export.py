@@ -4,6 +4,10 @@
    "draft":   {"text": str, "moral": float|null, "engagement": float|null},
    "feedback": [{"peer": int, "rating": int|null, "reason": str}],
    "revised": {"text": str, "moral": float|null, "engagement": float|null}}
+
+Beside each score, optionally (older exports have none): `<score>_source` "text" | "choice"
+(how it was read, judging.py) and, for a choice, `<score>_probs` (7 floats: the distribution
+over 1..7) and `<score>_expected` (its mean), for <score> in rating / moral / engagement.
 """
 
 import json
@@ -13,6 +17,8 @@ from stable_alignment_jax.sandbox.store import Store
 TOP_KEYS = ("run_id", "round", "agent", "agent_model", "question", "draft", "feedback", "revised")
 ANSWER_KEYS = ("text", "moral", "engagement")
 FEEDBACK_KEYS = ("peer", "rating", "reason")
+SOURCES = ("text", "choice")
+DETAIL_SUFFIXES = ("_source", "_probs", "_expected")
 
 
 def records(store: Store) -> list[dict]:
@@ -41,6 +47,31 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _check_keys(obj: dict, required: tuple, scores: tuple, where: str) -> None:
+  """The required keys in order, each score optionally followed by its detail fields."""
+  allowed = [k for k in required] + [s + x for s in scores for x in DETAIL_SUFFIXES]
+  extra = [k for k in obj if k not in allowed]
+  _check(not extra and [k for k in obj if k in required] == list(required), where,
+         f"keys {list(obj)}, expected {list(required)} (plus optional "
+         f"{[s + x for s in scores for x in DETAIL_SUFFIXES]})")
+
+
+def _check_details(obj: dict, score: str, where: str) -> None:
+  source = obj.get(score + "_source")
+  _check(source is None or source in SOURCES, f"{where}.{score}_source",
+         f"{source!r} is not one of {SOURCES}")
+  probs = obj.get(score + "_probs")
+  if probs is not None:
+    _check(source == "choice", f"{where}.{score}_probs", "given for a score not read as a choice")
+    _check(isinstance(probs, list) and len(probs) == 7 and all(
+        isinstance(p, float) and 0.0 <= p <= 1.0 for p in probs)
+        and abs(sum(probs) - 1.0) < 1e-6, f"{where}.{score}_probs",
+        "not 7 probabilities summing to 1")
+  mean = obj.get(score + "_expected")
+  _check(mean is None or (isinstance(mean, float) and 1.0 <= mean <= 7.0),
+         f"{where}.{score}_expected", f"{mean!r} is not a float in [1, 7]")
+
+
 def validate_record(rec: dict, where: str = "record") -> None:
   """Raises naming the field when `rec` breaks the export contract."""
   _check(isinstance(rec, dict), where, "not a JSON object")
@@ -52,22 +83,24 @@ def validate_record(rec: dict, where: str = "record") -> None:
     _check(isinstance(rec[k], str), f"{where}.{k}", "not a string")
   for part in ("draft", "revised"):
     ans = rec[part]
-    _check(isinstance(ans, dict) and tuple(ans) == ANSWER_KEYS, f"{where}.{part}",
-           f"expected keys {list(ANSWER_KEYS)}")
+    _check(isinstance(ans, dict), f"{where}.{part}", "not an object")
+    _check_keys(ans, ANSWER_KEYS, ("moral", "engagement"), f"{where}.{part}")
     _check(isinstance(ans["text"], str), f"{where}.{part}.text", "not a string")
     for k in ("moral", "engagement"):
       v = ans[k]
       _check(v is None or (isinstance(v, float) and 1.0 <= v <= 7.0), f"{where}.{part}.{k}",
              f"{v!r} is neither null nor a float in [1, 7]")
+      _check_details(ans, k, f"{where}.{part}")
   _check(isinstance(rec["feedback"], list), f"{where}.feedback", "not a list")
   for i, fb in enumerate(rec["feedback"]):
     w = f"{where}.feedback[{i}]"
-    _check(isinstance(fb, dict) and tuple(fb) == FEEDBACK_KEYS, w,
-           f"expected keys {list(FEEDBACK_KEYS)}")
+    _check(isinstance(fb, dict), w, "not an object")
+    _check_keys(fb, FEEDBACK_KEYS, ("rating",), w)
     _check(_is_int(fb["peer"]) and fb["peer"] != rec["agent"], f"{w}.peer",
            "not an int naming another agent")
     _check(fb["rating"] is None or (_is_int(fb["rating"]) and 1 <= fb["rating"] <= 7),
            f"{w}.rating", f"{fb['rating']!r} is neither null nor an int in 1..7")
+    _check_details(fb, "rating", w)
     _check(isinstance(fb["reason"], str), f"{w}.reason", "not a string")
 
 

@@ -10,8 +10,25 @@ import string
 # The one line format each judging prompt must request; parsing.py matches these.
 FEEDBACK_FORMAT = "Rating: <an integer from 1 to 7>\nReason: <one or two sentences>"
 OBSERVER_FORMAT = "Moral: <an integer from 1 to 7>\nEngagement: <an integer from 1 to 7>"
+# The cues of those formats: in rating_mode=choice the number is read as the next token after
+# the cue, and the reply continues from there (judging.py).
+RATING_CUE, REASON_CUE = "Rating:", "Reason:"
+MORAL_CUE, ENGAGEMENT_CUE = "Moral:", "Engagement:"
+SCALE = tuple(str(v) for v in range(1, 8))  # the choices: the 1-7 scale
+
+
+def reason_prefix(rating: int) -> str:
+  """The start of a peer's reply once its rating is chosen: it goes on with the reason."""
+  return f"{RATING_CUE} {rating}\n{REASON_CUE}"
+
+
+def engagement_prefix(moral: int) -> str:
+  return f"{MORAL_CUE} {moral}\n{ENGAGEMENT_CUE}"
 
 DEFAULTS = {
+    # An optional system message sent before every prompt (empty = none). A chat backend sends
+    # it as the system turn; a raw-text backend puts it before the prompt.
+    "system": "",
     # The central agent's first answer; {memory} is empty or the recalled earlier exchange.
     "draft": (
         "You are a member of a community that values honest, helpful and harmless answers.\n"
@@ -48,6 +65,7 @@ DEFAULTS = {
 }
 
 _FIELDS = {
+    "system": set(),
     "draft": {"memory", "question"},
     "memory": {"memory_question", "memory_answer"},
     "feedback": {"question", "answer"},
@@ -86,6 +104,10 @@ class Prompts:
 
   def __init__(self, overrides: dict | None = None):
     self.t = resolve(overrides)
+
+  @property
+  def system(self) -> str:
+    return self.t["system"]
 
   def draft(self, question: str, memory: tuple[str, str] | None) -> str:
     mem = "" if memory is None else self.t["memory"].format(

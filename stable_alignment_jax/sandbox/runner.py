@@ -14,7 +14,7 @@ import time
 import ml_collections
 import numpy as np
 
-from stable_alignment_jax.sandbox import back_scatter, embedders, prompts as prompts_lib
+from stable_alignment_jax.sandbox import back_scatter, embedders, judging, prompts as prompts_lib
 from stable_alignment_jax.sandbox import world as world_lib
 from stable_alignment_jax.sandbox.agents import Agent
 from stable_alignment_jax.sandbox.backends import check_backend_config, make_backend
@@ -61,7 +61,8 @@ def validate(cfg) -> tuple[list[str], list[dict] | None, prompts_lib.Prompts]:
     missing = [k for k in ("backend", "model", "count") if k not in g]
     if missing:
       raise KeyError(f"config.agent_models.{name}: missing {missing}")
-  _used_backends(cfg)
+  for name in _used_backends(cfg):
+    judging.uses_choice(cfg, name)  # an unknown mode, or choice on a backend that cannot
   prompts = prompts_lib.Prompts(cfg.prompts.to_dict())
   questions = world_lib.load_questions(cfg.world.question_file, cfg.world.max_question_chars)
   priors = world_lib.load_priors(cfg.world.prior_file) if cfg.world.prior_file else None
@@ -174,14 +175,20 @@ def _cached_embedder(store: Store, embedder, replay: Store | None):
 
 
 def _step_counters(episodes: list[dict]) -> dict:
+  """Totals, nulls, and the numbers read by each source (`*_choice`, `*_text`)."""
   c = collections.Counter()
   for ep in episodes:
     c["feedback_total"] += len(ep["feedback"])
     c["feedback_unparsed"] += sum(f["rating"] is None for f in ep["feedback"])
+    for f in ep["feedback"]:
+      if f["rating"] is not None:
+        c[f"feedback_{f.get('rating_source', 'text')}"] += 1
     for part in ("draft", "revised"):
       for field in ("moral", "engagement"):
         c["observer_total"] += 1
         c["observer_unparsed"] += ep[part][field] is None
+        if ep[part][field] is not None:
+          c[f"observer_{ep[part].get(field + '_source', 'text')}"] += 1
   return dict(c)
 
 
@@ -208,9 +215,10 @@ def _continue(path, backends, embedder, replay, progress, max_steps):
         break
       t0 = time.perf_counter()
       before = collections.Counter(calls.counters) + collections.Counter(calls.backend_counters())
+      ctx.counters.clear()
       episodes, writes = back_scatter.run_step(ctx, r, ids)
       after = collections.Counter(calls.counters) + collections.Counter(calls.backend_counters())
-      counters = {**dict(after - before), **_step_counters(episodes)}
+      counters = {**dict(after - before), **dict(ctx.counters), **_step_counters(episodes)}
       with store.transaction():
         for ep in episodes:
           store.add_episode(ep)

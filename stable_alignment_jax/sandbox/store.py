@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `details` (how each score was read) on episodes and feedback
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,10 +29,10 @@ CREATE TABLE IF NOT EXISTS episodes (
   question TEXT NOT NULL, memory_question TEXT,
   draft_text TEXT NOT NULL, draft_moral REAL, draft_engagement REAL,
   revised_text TEXT NOT NULL, revised_moral REAL, revised_engagement REAL,
-  accepted TEXT NOT NULL, PRIMARY KEY (round, agent));
+  accepted TEXT NOT NULL, details TEXT, PRIMARY KEY (round, agent));
 CREATE TABLE IF NOT EXISTS feedback (
   round INTEGER NOT NULL, agent INTEGER NOT NULL, slot INTEGER NOT NULL, peer INTEGER NOT NULL,
-  rating INTEGER, reason TEXT NOT NULL, PRIMARY KEY (round, agent, slot));
+  rating INTEGER, reason TEXT NOT NULL, details TEXT, PRIMARY KEY (round, agent, slot));
 CREATE TABLE IF NOT EXISTS calls (
   key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL,
   params TEXT NOT NULL, seed INTEGER NOT NULL, text TEXT NOT NULL);
@@ -69,6 +69,13 @@ class Store:
       self.set_meta("schema_version", SCHEMA_VERSION)
     else:
       version = self.get_meta("schema_version")
+      if version == 1:  # a run started before `details`: the columns are added, rows stay null
+        for table in ("episodes", "feedback"):
+          cols = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+          if "details" not in cols:
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN details TEXT")
+        self.set_meta("schema_version", SCHEMA_VERSION)
+        version = SCHEMA_VERSION
       if version != SCHEMA_VERSION:
         raise ValueError(f"{path}: store schema version {version}, this code reads {SCHEMA_VERSION}")
 
@@ -107,31 +114,41 @@ class Store:
 
   # --- episodes ------------------------------------------------------------------------------
   def add_episode(self, ep: dict):
+    """`ep` in the back_scatter layout; the optional export fields beside a score (its source,
+    distribution, expected value) go into the JSON `details` column."""
     d, v = ep["draft"], ep["revised"]
+    details = {part: _details(ep[part], ("text", "moral", "engagement"))
+               for part in ("draft", "revised")}
     self.db.execute(
-        "INSERT INTO episodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO episodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (ep["round"], ep["agent"], ep["agent_model"], ep["question"], ep.get("memory_question"),
          d["text"], d["moral"], d["engagement"], v["text"], v["moral"], v["engagement"],
-         ep["accepted"]))
+         ep["accepted"], _json_or_none({k: x for k, x in details.items() if x})))
     for slot, fb in enumerate(ep["feedback"]):
-      self.db.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)",
-                      (ep["round"], ep["agent"], slot, fb["peer"], fb["rating"], fb["reason"]))
+      self.db.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (ep["round"], ep["agent"], slot, fb["peer"], fb["rating"], fb["reason"],
+                       _json_or_none(_details(fb, ("peer", "rating", "reason")))))
 
   def episodes(self) -> list[dict]:
-    """All episodes ordered by (round, agent), in the DESIGN.md export layout (minus run_id)."""
+    """All episodes ordered by (round, agent), in the DESIGN.md export layout (minus run_id);
+    a score read before `details` existed has no source fields."""
     feedback: dict = {}
-    for r, a, _slot, peer, rating, reason in self.db.execute(
-        "SELECT round, agent, slot, peer, rating, reason FROM feedback ORDER BY round, agent, slot"):
-      feedback.setdefault((r, a), []).append({"peer": peer, "rating": rating, "reason": reason})
+    for r, a, _slot, peer, rating, reason, det in self.db.execute(
+        "SELECT round, agent, slot, peer, rating, reason, details FROM feedback "
+        "ORDER BY round, agent, slot"):
+      fb = {"peer": peer, "rating": rating, **_loads(det), "reason": reason}
+      feedback.setdefault((r, a), []).append(fb)
     out = []
     for row in self.db.execute(
         "SELECT round, agent, agent_model, question, draft_text, draft_moral, draft_engagement, "
-        "revised_text, revised_moral, revised_engagement FROM episodes ORDER BY round, agent"):
-      r, a, model, q, dt, dm, de, rt, rm, re_ = row
+        "revised_text, revised_moral, revised_engagement, details FROM episodes "
+        "ORDER BY round, agent"):
+      r, a, model, q, dt, dm, de, rt, rm, re_, det = row
+      det = _loads(det)
       out.append({"round": r, "agent": a, "agent_model": model, "question": q,
-                  "draft": {"text": dt, "moral": dm, "engagement": de},
+                  "draft": _answer(dt, dm, de, det.get("draft", {})),
                   "feedback": feedback.get((r, a), []),
-                  "revised": {"text": rt, "moral": rm, "engagement": re_}})
+                  "revised": _answer(rt, rm, re_, det.get("revised", {}))})
     return out
 
   # --- steps ---------------------------------------------------------------------------------
@@ -177,6 +194,27 @@ class Store:
           [embedder, *chunk]):
         out[t] = _blob_to_vec(b)
     return out
+
+
+def _details(obj: dict, plain: tuple) -> dict:
+  return {k: v for k, v in obj.items() if k not in plain}
+
+
+def _json_or_none(d: dict) -> str | None:
+  return json.dumps(d) if d else None
+
+
+def _loads(text: str | None) -> dict:
+  return json.loads(text) if text else {}
+
+
+def _answer(text: str, moral, engagement, det: dict) -> dict:
+  """An answer in the export's field order: each score followed by its own details."""
+  out = {"text": text}
+  for field, value in (("moral", moral), ("engagement", engagement)):
+    out[field] = value
+    out.update({k: v for k, v in det.items() if k.startswith(field + "_")})
+  return out
 
 
 class _Transaction:

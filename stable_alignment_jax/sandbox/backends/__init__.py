@@ -1,6 +1,8 @@
 """Model backends: where agents' prompts are completed.
 
-A backend takes a list of `Request`s and returns their texts in order (`async complete`).
+A backend takes a list of `Request`s and returns their texts in order (`async complete`), and
+may score a choice (`async choose`: the log-probabilities of `Request.choices` as the next token
+after the prompt and `prefix`, or None per request when it cannot tell).
 Registry (`KINDS`, config `backends.<name>.kind`):
 - `openai`: any OpenAI-compatible server (OpenAI, vLLM, Ollama, our serve.py) via the SDK.
 - `jax`: our model in process; all pending prompts of a step go through ONE batched generate.
@@ -14,6 +16,9 @@ import json
 
 @dataclasses.dataclass(frozen=True)
 class Request:
+  """One model call. `prompt` is the user's message; `system` an optional system message;
+  `prefix` the start of the model's own reply, which it continues (a chat backend puts it after
+  the template's assistant header); `choices`, when given, makes this a choice call."""
   backend: str  # name in config.backends
   model: str
   prompt: str
@@ -21,16 +26,28 @@ class Request:
   temperature: float
   top_p: float
   seed: int
+  system: str = ""
+  prefix: str = ""
+  choices: tuple[str, ...] = ()
 
   def params(self) -> dict:
     return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
 
   @property
   def key(self) -> str:
-    """Identity of the call for record/replay: everything that determines its output."""
-    blob = json.dumps([self.backend, self.model, self.prompt, self.params(), self.seed],
-                      sort_keys=True, ensure_ascii=False)
+    """Identity of the call for record/replay: everything that determines its output. The
+    newer fields enter only when set, so the calls of older run stores keep their keys."""
+    parts = [self.backend, self.model, self.prompt, self.params(), self.seed]
+    extra = {k: v for k, v in (("system", self.system), ("prefix", self.prefix),
+                                ("choices", list(self.choices))) if v}
+    if extra:
+      parts.append(extra)
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Backend kinds that can score a choice (`choose`); `rating_mode=auto` uses choice on these.
+CHOICE_KINDS = ("jax", "openai")
 
 
 def _openai(name, cfg, model_names):

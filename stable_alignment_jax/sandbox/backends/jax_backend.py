@@ -1,16 +1,29 @@
-"""The in-process JAX backend: agents' prompts go through our model and `generate.Sampler`.
+"""The in-process JAX backend: agents' prompts go through our model and `text_sampler.TextSampler`.
 
 Every call of `complete` (one Back-Scatter phase: all drafts, or all peer ratings plus observer
-scores, ...) becomes ONE `Sampler.generate` per distinct checkpoint in it; rows carry their own
-temperature/top-p/seed, so mixing roles in one batch changes nothing about any row's output.
+scores, ...) becomes ONE `TextSampler.complete` per distinct checkpoint in it; rows carry their
+own temperature/top-p/seed, so mixing roles in one batch changes nothing about any row's output.
+`choose` scores the choices as the next token (`TextSampler.choice_logprobs`), one batch per
+checkpoint.
+
+Prompts: with the model's chat template (when it has one, `chat_template=auto`) a request is a
+user message, after a system message when the request has one, and its `prefix` is the start
+of the assistant's reply, which the model continues; without one the text is raw: system,
+blank line, prompt, prefix.
+
+A choice ("5") is scored as the token the tokenizer writes after the cue: " 5" when that is one
+token after "Rating:" (BPE vocabularies), else "5" after "Rating: " (byte and SentencePiece
+vocabularies split the space off); a request where neither is one token gets None (read as text).
 
 Config (`config.backends.<name>`, kind="jax"):
   model              default checkpoint spec for every agent model name: "random:tiny[:seed]",
                      an HF LLaMA directory or one of our training run directories
   models             optional {agent model name: spec | {spec, tokenizer}}: several checkpoints
-                     in one society (one Sampler each)
+                     in one society (one sampler each)
   tokenizer          optional; default: the run's `data.tokenizer`, the HF directory itself, or
                      "byte" for a random model
+  chat_template      auto (the model's own template when it has one, else raw text) | none (raw
+                     text) | model (its own, or an error) | a serving/templates.py name or .json
   dtype              compute dtype override ("" = the checkpoint's)
   max_prompt_tokens  prompts longer than this keep their last tokens (BOS stays first)
   mesh               {data, fsdp, tensor} sizes (default fsdp over all devices)
@@ -21,59 +34,58 @@ Config (`config.backends.<name>`, kind="jax"):
 
 import asyncio
 import collections
-import os
+
+import numpy as np
 
 from stable_alignment_jax.generate import SamplingParams
 
-
-def _tokenizer_for(spec: str, explicit: str) -> str:
-  if explicit:
-    return explicit
-  if spec.startswith("random:"):
-    return "byte"  # a random model has no tokenizer of its own
-  from stable_alignment_jax import checkpoints
-  path = os.path.expanduser(spec)
-  if checkpoints.is_hf_dir(path):
-    return path
-  run = checkpoints.read_run_config(path)  # raises naming the directory if it is neither
-  tok = run.get("data", {}).get("tokenizer")
-  if not tok:
-    raise ValueError(f"{spec}: run config has no data.tokenizer; set the backend's `tokenizer`")
-  return tok
-
-
-def _pow2_floor(n: int) -> int:
-  return 1 << (n.bit_length() - 1) if n >= 1 else 0
+RAW = ("none", "raw")
 
 
 class _Model:
-  """One checkpoint: its sampler and tokenizer."""
+  """One checkpoint: its TextSampler and how requests become its prompts."""
 
-  def __init__(self, spec: str, tokenizer, dtype: str | None, mesh, min_batch: int):
+  def __init__(self, spec: str, tok, chat_template: str, dtype, mesh, min_batch: int,
+               max_prompt_tokens: int):
     from stable_alignment_jax import checkpoints
-    from stable_alignment_jax.generate import Sampler
+    from stable_alignment_jax.text_sampler import TextSampler
     self.spec = spec
-    self.tok = tokenizer
+    self.chat = chat_template not in RAW and not (chat_template == "auto"
+                                                  and tok.chat_template is None)
     graphdef, state = checkpoints.load_model(spec, dtype=dtype, mesh=mesh)
-    self.sampler = Sampler(graphdef, state, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                           mesh=mesh, min_batch=min_batch)
-    vocab = self.sampler.cfg.vocab_size
-    if self.tok.vocab_size > vocab:
-      raise ValueError(f"tokenizer {getattr(tokenizer, 'path', '')!r} has {self.tok.vocab_size} ids, model {spec!r} "
-                       f"only {vocab}: they do not belong together")
+    self.ts = TextSampler(graphdef, state, tok, mesh=mesh,
+                          chat_template=chat_template if self.chat else "auto",
+                          min_batch=min_batch, max_prompt_tokens=max_prompt_tokens, name=spec)
+    self.stop = tuple(self.ts.template.stop) if self.chat else ()
+    self._choice_form: dict[str, tuple[str, str]] = {}
 
-  def encode(self, prompt: str, max_prompt: int) -> tuple[list[int], bool]:
-    ids = self.tok.encode(prompt, bos=True)
-    if len(ids) <= max_prompt:
-      return ids, False
-    # Keep the end (the question being asked and the "Answer:" cue), and BOS in front.
-    return [ids[0]] + ids[len(ids) - max_prompt + 1:], True
+  def prompt(self, r, extra_prefix: str = ""):
+    prefix = r.prefix + extra_prefix
+    if not self.chat:
+      return (f"{r.system}\n\n" if r.system else "") + r.prompt + prefix
+    msgs = [{"role": "system", "content": r.system}] if r.system else []
+    msgs.append({"role": "user", "content": r.prompt})
+    if prefix:
+      msgs.append({"role": "assistant", "content": prefix})
+    return msgs
 
-  def decode(self, ids: list[int]) -> str:
-    if ids and ids[-1] == self.tok.eos_id:
-      ids = ids[:-1]
-    # A model vocabulary padded beyond the tokenizer's can emit ids that carry no text.
-    return self.tok.decode([i for i in ids if 0 <= i < self.tok.vocab_size])
+  def text(self, prompt) -> str:
+    return prompt if isinstance(prompt, str) else self.ts.render(prompt)
+
+  def choice_prompt(self, r):
+    """(prompt, choices as written) for a choice request, or None when no form is one token."""
+    forms = (("", [" " + c for c in r.choices]), (" ", list(r.choices)))
+    for cue_space, written in forms:
+      p = self.prompt(r, cue_space)
+      text = self.text(p)
+      ids = self.ts.encode(text)
+      try:
+        for c in written:
+          self.ts.choice_token(ids, text, c)
+      except ValueError:
+        continue
+      return p, written
+    return None
 
 
 class JaxBackend:
@@ -82,12 +94,15 @@ class JaxBackend:
     """`model_names`: the agent/observer model names this backend will serve; each is checked
     and only their checkpoints are loaded (all configured ones when None)."""
     from stable_alignment_jax import sharding
+    from stable_alignment_jax.text_sampler import default_tokenizer, resolve_template
+    from stable_alignment_jax.tokenizer import load_tokenizer
     import jax
     self.name = name
     self.default_spec = cfg.get("model", "") or ""
-    self.max_prompt_tokens = int(cfg.get("max_prompt_tokens", 1024))
-    if self.max_prompt_tokens < 2:
+    max_prompt_tokens = int(cfg.get("max_prompt_tokens", 1024))
+    if max_prompt_tokens < 2:
       raise ValueError(f"config.backends.{name}.max_prompt_tokens must be >= 2")
+    chat_template = cfg.get("chat_template", "auto") or "auto"
     tokenizer = cfg.get("tokenizer", "") or ""
     dtype = cfg.get("dtype", "") or None
     self.entries = {}  # agent model name -> (spec, tokenizer)
@@ -117,13 +132,15 @@ class JaxBackend:
     mesh_sizes = dict(cfg.get("mesh", None) or {"fsdp": -1})
     self.mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:devices] if devices > 0 else None)
     min_batch = int(cfg.get("min_batch", 1))
-    # Resolve every tokenizer (which checks every checkpoint path) before loading anything, then
-    # load every checkpoint: a missing directory or a wrong tokenizer fails before the run.
-    from stable_alignment_jax.tokenizer import load_tokenizer
-    toks = {spec: load_tokenizer(_tokenizer_for(spec, tok)) for spec, tok in sorted(wanted)}
-    self.models: dict[str, _Model] = {}
-    for spec, tok in toks.items():
-      self.models[spec] = _Model(spec, tok, dtype, self.mesh, min_batch)
+    # Resolve every tokenizer and template (which checks every checkpoint path) before loading
+    # anything: a missing directory or a wrong tokenizer fails before the run.
+    toks = {spec: load_tokenizer(tok or default_tokenizer(spec)) for spec, tok in sorted(wanted)}
+    if chat_template not in RAW:
+      for t in toks.values():
+        resolve_template(chat_template, t)
+    self.models: dict[str, _Model] = {
+        spec: _Model(spec, tok, chat_template, dtype, self.mesh, min_batch, max_prompt_tokens)
+        for spec, tok in toks.items()}
     self.counters = collections.Counter()
 
   def spec_of(self, model_name: str) -> str:
@@ -135,40 +152,53 @@ class JaxBackend:
                    f"config.backends.{self.name}.models ({sorted(self.entries)}) and there is "
                    "no default `model`")
 
-  def _max_prompt(self, m: _Model, max_new: int) -> int:
-    # The sampler pads prompts and new tokens up to powers of two; leave room for both.
-    room = m.sampler.cfg.max_seq_len - (1 << max(0, max_new - 1).bit_length())
-    limit = min(self.max_prompt_tokens, _pow2_floor(room))
-    if limit < 2:
-      raise ValueError(f"backend {self.name}: max_tokens={max_new} leaves no room for a prompt in "
-                       f"{m.spec!r} (context {m.sampler.cfg.max_seq_len})")
-    return limit
-
-  def generate_sync(self, reqs) -> list[str]:
-    """One `Sampler.generate` per checkpoint over all requests; texts in request order."""
+  def _groups(self, reqs) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(reqs):
       groups.setdefault(self.spec_of(r.model), []).append(i)
+    return groups
+
+  def generate_sync(self, reqs) -> list[str]:
+    """One `TextSampler.complete` per checkpoint over all requests; texts in request order."""
     out = [""] * len(reqs)
-    for spec, idx in groups.items():
+    for spec, idx in self._groups(reqs).items():
       m = self.models[spec]
-      limit = self._max_prompt(m, max(reqs[i].max_tokens for i in idx))
-      prompts, params = [], []
-      for i in idx:
-        ids, cut = m.encode(reqs[i].prompt, limit)
-        self.counters["prompts_truncated"] += cut
-        prompts.append(ids)
-        params.append(SamplingParams(max_new_tokens=reqs[i].max_tokens,
-                                     temperature=reqs[i].temperature, top_p=reqs[i].top_p,
-                                     seed=reqs[i].seed))
-      new = m.sampler.generate(prompts, params)
+      params = [SamplingParams(max_new_tokens=reqs[i].max_tokens,
+                               temperature=reqs[i].temperature, top_p=reqs[i].top_p,
+                               seed=reqs[i].seed) for i in idx]
+      done = m.ts.complete([m.prompt(reqs[i]) for i in idx], params, stop=list(m.stop))
       self.counters["generate_calls"] += 1
-      self.counters["generated_tokens"] += sum(len(x) for x in new)
-      for i, ids in zip(idx, new):
-        out[i] = m.decode(ids)
+      self.counters["generated_tokens"] += sum(c.completion_tokens for c in done)
+      self.counters["prompts_truncated"] += sum(c.truncated for c in done)
+      for i, c in zip(idx, done):
+        out[i] = c.text
+    self.counters["calls"] += len(reqs)
+    return out
+
+  def choose_sync(self, reqs) -> list[list[float] | None]:
+    """Log-probabilities of each request's choices as the next token; one scoring pass per
+    checkpoint and choice spelling."""
+    out: list[list[float] | None] = [None] * len(reqs)
+    for spec, idx in self._groups(reqs).items():
+      m = self.models[spec]
+      forms: dict[tuple, list[tuple[int, object]]] = {}
+      for i in idx:
+        got = m.choice_prompt(reqs[i])
+        if got is None:
+          self.counters["choice_not_one_token"] += 1
+          continue
+        forms.setdefault(tuple(got[1]), []).append((i, got[0]))
+      for choices, rows in forms.items():
+        lp = m.ts.choice_logprobs([p for _, p in rows], list(choices))
+        self.counters["choice_calls"] += 1
+        for (i, _), row in zip(rows, np.asarray(lp, np.float64)):
+          out[i] = [float(x) for x in row]
     self.counters["calls"] += len(reqs)
     return out
 
   async def complete(self, reqs) -> list[str]:
     # In a thread: HTTP backends of the same phase keep running while the model computes.
     return await asyncio.to_thread(self.generate_sync, list(reqs))
+
+  async def choose(self, reqs) -> list[list[float] | None]:
+    return await asyncio.to_thread(self.choose_sync, list(reqs))

@@ -4,10 +4,20 @@ Works against OpenAI, vLLM, Ollama or our own server via `base_url`. The API key
 the env var named by `api_key_env` and kept only in the client. Concurrency is bounded by an
 asyncio semaphore; 429, 5xx, timeouts and dropped connections are retried with exponential
 backoff and full jitter (the SDK's own retries are off so every retry is counted here).
+
+A request's `system` is the chat's system message (chat API) or the text before the prompt
+(completions API); its `prefix` is the start of the assistant's reply: the chat API sends it
+as a final assistant message with vLLM's `continue_final_message` (so the model continues it),
+the completions API appends it to the prompt. `choose` reads a choice from the server's
+logprobs of the next token after the prefix (chat: `logprobs` + `top_logprobs`; completions:
+`logprobs=N`), one token each; the choices' tokens are matched by their stripped text, and a
+choice outside the server's top N counts as probability 0. A server that returns no logprobs,
+or refuses them (HTTP 4xx), gives None: the caller reads that judgement as text.
 """
 
 import asyncio
 import collections
+import math
 import random
 
 import openai
@@ -45,6 +55,7 @@ class OpenAIBackend:
     self.max_retries = int(cfg.get("max_retries", 6))
     self.backoff_s = float(cfg.get("backoff_s", 0.5))
     self.backoff_max_s = float(cfg.get("backoff_max_s", 30.0))
+    self.top_logprobs = int(cfg.get("top_logprobs", 20))
     if self.concurrency < 1:
       raise ValueError(f"config.backends.{name}.concurrency must be >= 1")
     self.counters = collections.Counter()
@@ -60,7 +71,27 @@ class OpenAIBackend:
 
   async def complete(self, reqs) -> list[str]:
     sem = asyncio.Semaphore(self.concurrency)
-    return list(await asyncio.gather(*(self._one(r, sem) for r in reqs)))
+    return list(await asyncio.gather(*(self._one(r, sem, self._call) for r in reqs)))
+
+  async def choose(self, reqs) -> list[list[float] | None]:
+    sem = asyncio.Semaphore(self.concurrency)
+    return list(await asyncio.gather(*(self._one(r, sem, self._choice) for r in reqs)))
+
+  def _messages(self, r) -> list[dict]:
+    msgs = [{"role": "system", "content": r.system}] if r.system else []
+    msgs.append({"role": "user", "content": r.prompt})
+    if r.prefix:
+      msgs.append({"role": "assistant", "content": r.prefix})
+    return msgs
+
+  def _text_prompt(self, r) -> str:
+    return (f"{r.system}\n\n" if r.system else "") + r.prompt + r.prefix
+
+  def _chat_extra(self, r) -> dict:
+    # vLLM's chat parameters for continuing the final (assistant) message instead of opening
+    # a new turn; only sent when there is a prefix to continue.
+    return ({"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+            if r.prefix else {})
 
   async def _call(self, r) -> str:
     client = self._get_client()
@@ -68,18 +99,45 @@ class OpenAIBackend:
                   top_p=r.top_p, seed=r.seed)
     if self.api == "chat":
       resp = await client.chat.completions.create(
-          messages=[{"role": "user", "content": r.prompt}], **common)
+          messages=self._messages(r), **common, **self._chat_extra(r))
       return resp.choices[0].message.content or ""
-    resp = await client.completions.create(prompt=r.prompt, **common)
+    resp = await client.completions.create(prompt=self._text_prompt(r), **common)
     return resp.choices[0].text or ""
 
-  async def _one(self, r, sem) -> str:
+  async def _choice(self, r) -> list[float] | None:
+    client = self._get_client()
+    common = dict(model=r.model, max_tokens=1, temperature=0.0, seed=r.seed)
+    try:
+      if self.api == "chat":
+        resp = await client.chat.completions.create(
+            messages=self._messages(r), logprobs=True, top_logprobs=self.top_logprobs,
+            **common, **self._chat_extra(r))
+        lp = resp.choices[0].logprobs
+        top = ({t.token: t.logprob for t in lp.content[0].top_logprobs}
+               if lp is not None and lp.content else None)
+      else:
+        resp = await client.completions.create(prompt=self._text_prompt(r),
+                                               logprobs=self.top_logprobs, **common)
+        lp = resp.choices[0].logprobs
+        top = dict(lp.top_logprobs[0]) if lp is not None and lp.top_logprobs else None
+    except openai.APIStatusError as e:
+      if e.status_code >= 500 or e.status_code == 429:
+        raise
+      # The server refuses logprobs (or this request): this judgement is read as text.
+      self.counters["choice_refused"] += 1
+      return None
+    if not top:
+      self.counters["choice_no_logprobs"] += 1
+      return None
+    return choice_logprobs(top, r.choices)
+
+  async def _one(self, r, sem, call):
     for attempt in range(self.max_retries + 1):
       try:
         async with sem:
-          text = await self._call(r)
+          out = await call(r)
         self.counters["calls"] += 1
-        return text
+        return out
       except openai.APIError as e:
         kind = transient_error(e)
         if kind is None:
@@ -99,3 +157,14 @@ class OpenAIBackend:
     if self._client is not None:
       await self._client.close()
       self._client = None
+
+
+def choice_logprobs(top: dict[str, float], choices) -> list[float] | None:
+  """A server's top next tokens {token: logprob} -> one log-prob per choice: the tokens whose
+  stripped text is the choice (" 5" and "5") summed; -inf for a choice not among them; None
+  when no choice is."""
+  out = []
+  for c in choices:
+    ps = [lp for tok, lp in top.items() if tok.strip() == c and lp is not None]
+    out.append(math.log(sum(math.exp(p) for p in ps)) if ps else -math.inf)
+  return out if any(math.isfinite(x) for x in out) else None

@@ -3,6 +3,8 @@ logged in the run store as soon as its phase returns.
 
 - record (default): a call already in this run's log (e.g. made before a kill) is not sent
   again; new calls go to their backend and into the log.
+- choice calls (`choose`) are logged the same way; their text is the JSON list of the choices'
+  log-probabilities, or `null` where the backend could not score them.
 - replay: calls come from another run's store only; a call missing there is an error, so an
   offline replay is exact or fails loudly. The replayed calls are copied into this run's log.
 """
@@ -12,6 +14,14 @@ import collections
 import json
 
 from stable_alignment_jax.sandbox.store import Store
+
+
+def _logged_params(r) -> dict:
+  """The sampling params, plus the system/prefix/choices of the call where it has them, so the
+  log shows what the model was asked."""
+  extra = {k: v for k, v in (("system", r.system), ("prefix", r.prefix),
+                              ("choices", list(r.choices))) if v}
+  return {**r.params(), **extra}
 
 
 class CallLog:
@@ -24,6 +34,14 @@ class CallLog:
     self.loop = asyncio.new_event_loop()  # one loop for the run: HTTP pools live across steps
 
   def complete(self, reqs: list) -> list[str]:
+    return self._calls(reqs, "complete")
+
+  def choose(self, reqs: list) -> list[list[float] | None]:
+    """Log-probabilities of each request's `choices` (None where its backend could not score
+    them), logged as JSON text beside the completions."""
+    return [json.loads(t) for t in self._calls(reqs, "choose")]
+
+  def _calls(self, reqs: list, method: str) -> list[str]:
     keys = [r.key for r in reqs]
     unique = list(dict.fromkeys(keys))
     source = self.replay or self.store
@@ -43,17 +61,21 @@ class CallLog:
       for name in names:
         if name not in self.backends:
           raise KeyError(f"no backend named {name!r}; configured: {sorted(self.backends)}")
+        if not hasattr(self.backends[name], method):
+          raise TypeError(f"backend {name!r} cannot {method} (rating_mode=choice needs a backend "
+                          "that scores choices)")
 
       async def run_all():
-        return await asyncio.gather(*(self.backends[n].complete(groups[n]) for n in names))
+        return await asyncio.gather(*(getattr(self.backends[n], method)(groups[n])
+                                      for n in names))
 
       results = self.loop.run_until_complete(run_all())
-      for name, texts in zip(names, results):
-        for r, text in zip(groups[name], texts):
-          found[r.key] = text
+      for name, outs in zip(names, results):
+        for r, out in zip(groups[name], outs):
+          found[r.key] = out if method == "complete" else json.dumps(out)
       self.counters["calls_made"] += len(missing)
     new_rows = [(k, by_key[k].backend, by_key[k].model, by_key[k].prompt,
-                 json.dumps(by_key[k].params(), sort_keys=True), by_key[k].seed, found[k])
+                 json.dumps(_logged_params(by_key[k]), sort_keys=True), by_key[k].seed, found[k])
                 for k in (unique if self.replay else missing)]
     if new_rows:
       with self.store.transaction():
