@@ -5,7 +5,7 @@ Issue 3 asks for, on the same random LLaMA weights (vocab 8000, dim 256, 4 layer
   * tokens/s of `Sampler.generate` against HF `model.generate` (its own KV cache), 16 prompts of
     mixed length (left-padded) x 128 new tokens, greedy; printed as a ratio (target >= 3x);
   * our decode time per token at position 1024 over that at position 32 (target <= 1.3): the
-    sampler's decode step (`generate._decode_step`, the body of its while_loop) run for N steps
+    model's decode step (what the sampler's while_loop body runs) for N steps
     in a jitted loop over a cache of 1024+N vs 32+N slots, so no prefill enters the figure
     (differencing whole generate runs of N and 2N tokens drowns in the noise of a 16 x 1024
     prefill). Printed for the benchmark's batch of 16 and for batch 1.
@@ -18,6 +18,7 @@ hits both; medians are reported. Compiles happen in a warm-up before the timed r
 """
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -40,7 +41,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stable_alignment_jax import generate  # noqa: E402
 from stable_alignment_jax.generate import Sampler, SamplingParams  # noqa: E402
 from stable_alignment_jax.model import convert, llama  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
@@ -69,25 +69,24 @@ def hf_generate(model, prompts, new: int) -> list[list[int]]:
 
 
 def decode_cache(cfg, batch: int, length: int):
-  """A decode cache as the sampler holds it ([B,K,S,E] per layer); contents do not change cost."""
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-               for _ in range(cfg.n_layers))
+  """The model's own decode cache; its contents do not change the cost."""
+  return llama.init_cache(cfg, batch, length)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
 def decode_loop(state, cache, start, *, graphdef, n: int):
-  """n greedy steps of the sampler's own decode step, writing slots start..start+n-1."""
+  """n greedy decode steps through the model (as the sampler's loop body runs them), writing
+  slots start..start+n-1."""
   model = nnx.merge(graphdef, state)
-  b, s = cache[0][0].shape[0], cache[0][0].shape[2]
+  b, s = jax.tree.leaves(cache)[0].shape[-4], jax.tree.leaves(cache)[0].shape[-2]
   key_mask = jnp.broadcast_to(jnp.arange(s)[None, :] < start, (b, s))
 
   def body(carry):
     i, tok, cache, key_mask = carry
     key_mask = key_mask.at[:, start + i].set(True)
-    logits, cache = generate._decode_step(model, tok, jnp.full((b,), start + i), cache, key_mask,
-                                          start + i)
-    return i + 1, jnp.argmax(logits, -1).astype(jnp.int32), cache, key_mask
+    logits, cache = model(tok[:, None], positions=jnp.full((b, 1), start + i), key_mask=key_mask,
+                          cache=cache, cache_index=start + i)
+    return i + 1, jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache, key_mask
 
   init = (jnp.int32(0), jnp.zeros((b,), jnp.int32), cache, key_mask)
   return jax.lax.while_loop(lambda c: c[0] < n, body, init)[1]
@@ -112,16 +111,19 @@ def main():
   ap.add_argument("--pos_new", type=int, default=64, help="decode steps per timed loop")
   ap.add_argument("--pos_runs", type=int, default=7, help="timed decode loops per position")
   ap.add_argument("--pos_batches", default="16,1", help="batch sizes of the position runs")
+  ap.add_argument("--scan_layers", type=int, default=1, help="1: layers under lax.scan (the "
+                  "default layout), 0: unrolled")
   args = ap.parse_args()
   torch.set_num_threads(2)
 
   cfg = ModelConfig(vocab_size=8000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688,
-                    max_seq_len=2048, dtype="float32")
-  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
+                    max_seq_len=2048, dtype="float32", scan_layers=bool(args.scan_layers))
+  # The same seed gives the same weights in either layout; HF gets them from the unrolled one.
+  unrolled = dataclasses.replace(cfg, scan_layers=False)
   with tempfile.TemporaryDirectory() as d:
-    convert.save_hf(graphdef, state, d)
+    convert.save_hf(*nnx.split(llama.Llama(unrolled, rngs=nnx.Rngs(0))), d)
     hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+  graphdef, state = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(0)))
   sampler = Sampler(graphdef, state, eos_id=NO_EOS)
 
   rng = np.random.default_rng(0)
@@ -161,7 +163,7 @@ def main():
 
   rows = [
       ("model", f"vocab {cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, "
-                f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv, f32, "
+                f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv, f32, scan_layers={cfg.scan_layers}, "
                 f"{cfg.num_params() / 1e6:.2f}M params"),
       ("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, "
                   f"torch threads {torch.get_num_threads()}"),

@@ -1,6 +1,8 @@
 """Multiple-choice scoring by log-likelihood with our model.
 
-Every (context, choice) pair of a set of questions becomes one row `BOS + context + choice`; the
+Every (context, choice) pair of a set of questions becomes one row `context + choice`, behind a
+BOS only where the tokenizer itself adds one (LLaMA's SentencePiece does, SmolLM2's BPE does not;
+lm-evaluation-harness follows the tokenizer the same way); the
 score of a choice is the sum of log p(token | everything before it) over the choice's tokens,
 reported beside that sum divided by the number of choice tokens (length-normalised). Rows from
 all questions are sorted by length and cut into fixed-size batches padded to a few length
@@ -26,7 +28,6 @@ from flax import nnx
 from tqdm import tqdm
 
 from eval.items import MCItem
-from stable_alignment_jax.model import axes
 
 
 @dataclasses.dataclass
@@ -39,22 +40,6 @@ class ChoiceScores:
     return self.logp_sum / np.maximum(self.n_tokens, 1)
 
 
-def _final_hidden(model, tokens, key_mask):
-  """The decoder's normalised last hidden states [N, T, D]: `Llama.__call__` without lm_head.
-
-  Projecting only the choice positions onto the vocabulary matters: with a 32k vocabulary the
-  full [N, T, V] logits dominate time and memory while a choice is a few tokens of a long row.
-  """
-  n, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-  mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & key_mask[:, None, None, :]
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(model.cfg.dtype)
-  x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
-  for layer in model.layers:
-    x, _ = layer(x, positions, mask, None, 0)
-  return model.final_norm(x)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "k_max"))
 def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int):
   """Sum of log p over each row's scored tokens.
@@ -65,12 +50,13 @@ def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int):
   model = nnx.merge(graphdef, state)
   valid = tokens >= 0
   safe = jnp.where(valid, tokens, 0)
-  h = _final_hidden(model, safe, valid)  # [N, T, D]
+  # Only the choice positions are projected onto the vocabulary: with a 32k+ vocabulary the full
+  # [N, T, V] logits would dominate time and memory, while a choice is a few tokens of a row.
+  h, _ = model.hidden(safe, key_mask=valid)  # [N, T, D]
   j = jnp.arange(k_max)[None, :]
   target_pos = jnp.clip(start[:, None] + j, 0, tokens.shape[1] - 1)  # [N, K]
   h_k = jnp.take_along_axis(h, jnp.maximum(target_pos - 1, 0)[..., None], axis=1)  # [N, K, D]
-  logits = jnp.einsum("nkd,dv->nkv", h_k, model.lm_head[...].astype(model.cfg.dtype))
-  logits = logits.astype(jnp.float32)
+  logits = model.logits(h_k)
   picked = jnp.take_along_axis(logits, jnp.take_along_axis(safe, target_pos, 1)[..., None],
                                axis=-1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [N, K]
@@ -94,15 +80,19 @@ class LogLikelihoodScorer:
     self.batch_size = batch_size
     self.truncated = 0  # rows that lost context tokens to fit max_len
 
+  @property
+  def add_bos(self) -> bool:
+    return bool(getattr(self.tok, "add_bos", True)) and self.tok.bos_id >= 0
+
   def encode_pair(self, context: str, choice: str) -> tuple[list[int], int]:
-    """(token ids with BOS, number of trailing choice tokens)."""
+    """(token ids, BOS first where the tokenizer adds one; number of trailing choice tokens)."""
     ctx = self.tok.encode(context)
     whole = self.tok.encode(context + choice)
     n_choice = len(whole) - len(ctx)
     if n_choice <= 0 or whole[:len(ctx)] != ctx:
       # The context's last token merged with the choice: score the choice encoded on its own.
       whole, n_choice = ctx + self.tok.encode(choice), len(self.tok.encode(choice))
-    ids = [self.tok.bos_id] + whole
+    ids = [self.tok.bos_id] * self.add_bos + whole
     if len(ids) > self.max_len:
       self.truncated += 1
       if n_choice >= self.max_len:

@@ -1,9 +1,10 @@
 """Batched sampling with a preallocated KV cache.
 
 Prompts of different lengths are left-padded into one batch; prefill writes the whole prompt into
-the cache in one forward pass, then a `jax.lax.while_loop` decodes one token per step for every
-sequence until all have stopped (EOS or their own max_new_tokens). The decode step keeps the
-cache heads-first ([B,K,S,E]) so each step reads it in place (see `_decode_step`). Sampling
+the model's KV cache in one forward pass, then a `jax.lax.while_loop` decodes one token per step
+through the model for every sequence until all have stopped (any stop id or its own
+max_new_tokens). The loop can run in chunks of steps (`Sampler.stream`): the carry goes back to
+the host between chunks, so a server sends text while the rest is decoded. Sampling
 parameters are per row (temperature, top-p, top-k, seed), so requests with different settings
 share one batch and a row's output does not depend on what else is in the batch. Shapes are
 bucketed (batch, prompt length and new-token count rounded up to powers of two) so one compiled
@@ -14,14 +15,14 @@ CLI: python -m stable_alignment_jax.generate --checkpoint=DIR --prompt="..."
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stable_alignment_jax.model import axes, llama
+from stable_alignment_jax.model import llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,114 +75,87 @@ def _choose(logits, key_b, temperature, top_k, top_p, sample: bool):
   return jnp.where(temperature > 0, drawn, greedy)
 
 
-_CACHE_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # decode cache [B,K,S,E]
+class _Decode(NamedTuple):
+  """The decode loop's carry: everything a later chunk of steps needs to continue."""
+  step: jax.Array  # decode steps done
+  tok: jax.Array  # [B] the token chosen last, not yet fed to the model
+  cache: llama.KVCache
+  key_mask: jax.Array  # [B, S] slots holding real tokens
+  done: jax.Array  # [B]
+  out: jax.Array  # [B, max_new] tokens so far
+  lengths: jax.Array  # [B] for finished rows: their number of new tokens
 
 
-def _decode_step(model: llama.Llama, tok, pos, cache, key_mask, slot):
-  """One new token per row through the model's own layers, against a [B,K,S,E] cache.
-
-  The same computation as `model(tok[:, None], cache=..)` (the KV-cache test holds it to a
-  cache-free recompute), with the cache stored heads-first: the two attention dots then read it
-  in place, where the model's [B,S,K,E] layout makes XLA transpose the whole cache every layer
-  and step. The key mask replaces the causal mask: slots after `slot` are not yet written.
-  tok, pos: [B]; key_mask: [B,S]. Returns (logits f32 [B,V], cache).
-  """
-  cfg, dt = model.cfg, model.cfg.dtype
-  b, kh, e = tok.shape[0], cfg.n_kv_heads, cfg.head_dim
-  positions = pos[:, None]
-  x = jnp.take(model.embed[...], tok[:, None], axis=0).astype(dt)  # [B,1,D]
-  new_cache = []
-  for layer, (ck, cv) in zip(model.layers, cache):
-    attn = layer.attn
-    h = layer.attn_norm(x)
-    q = llama.rope(jnp.einsum("btd,dhe->bthe", h, attn.wq[...].astype(dt)), positions,
-                   cfg.rope_theta)
-    k = llama.rope(jnp.einsum("btd,dke->btke", h, attn.wk[...].astype(dt)), positions,
-                   cfg.rope_theta)
-    v = jnp.einsum("btd,dke->btke", h, attn.wv[...].astype(dt))
-    ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), (0, 0, slot, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, slot, 0))
-    ck, cv = axes.constrain(ck, _CACHE_NAMES), axes.constrain(cv, _CACHE_NAMES)
-    # Query head h uses kv head h // G (GQA grouping of HF and jax.nn.dot_product_attention).
-    qg = q.reshape(b, kh, cfg.n_heads // kh, e)
-    scores = jnp.einsum("bkge,bkse->bkgs", qg, ck.astype(dt),
-                        preferred_element_type=jnp.float32) * e**-0.5
-    scores = jnp.where(key_mask[:, None, None, :], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgs,bkse->bkge", probs, cv.astype(dt)).reshape(b, 1, cfg.n_heads, e)
-    x = x + jnp.einsum("bthe,hed->btd", out, attn.wo[...].astype(dt))
-    x = x + layer.mlp(layer.mlp_norm(x))
-    new_cache.append((ck, cv))
-  x = model.final_norm(x)
-  logits = jnp.einsum("btd,dv->btv", x, model.lm_head[...].astype(dt)).astype(jnp.float32)
-  return logits[:, 0], tuple(new_cache)
+def _pick(logits, base_keys, step, temperature, top_k, top_p, sample):
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, step)
+  return _choose(logits, keys, temperature, top_k, top_p, sample)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sample"))
-def _generate(graphdef, state, tokens, prompt_mask, max_new_b, temperature, top_k, top_p, seeds,
-              eos_id, *, max_new: int, sample: bool):
-  """tokens/prompt_mask: [B,P] left-padded. Returns generated tokens [B,max_new] and lengths [B]."""
+def _prefill(graphdef, state, tokens, prompt_mask, max_new_b, temperature, top_k, top_p, seeds,
+             *, max_new: int, sample: bool) -> _Decode:
+  """tokens/prompt_mask: [B,P] left-padded. The whole prompt in one pass into a cache with room
+  for the new tokens, and the first new token chosen."""
   model = nnx.merge(graphdef, state)
-  cfg = model.cfg
   b, p = tokens.shape
-  # Prefill: the whole prompt in one pass of the model into a prompt-sized cache, then moved
-  # once into the heads-first decode cache that has room for the new tokens.
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  logits, prompt_cache = model(tokens, positions=positions, key_mask=prompt_mask,
-                               cache=llama.init_cache(cfg, b, p), cache_index=0)
-  shape = (b, cfg.n_kv_heads, p + max_new, cfg.head_dim)
-  cache = tuple(tuple(axes.constrain(jnp.zeros(shape, x.dtype).at[:, :, :p].set(
-      x.transpose(0, 2, 1, 3)), _CACHE_NAMES) for x in kv) for kv in prompt_cache)
-  del prompt_cache
   key_mask = jnp.zeros((b, p + max_new), bool).at[:, :p].set(prompt_mask)
+  h, cache = model.hidden(tokens, positions=positions, key_mask=key_mask,
+                          cache=llama.init_cache(model.cfg, b, p + max_new), cache_index=0)
+  logits = model.logits(h[:, -1])  # only the last position is projected onto the vocabulary
+  first = _pick(logits, jax.vmap(jax.random.key)(seeds), 0, temperature, top_k, top_p, sample)
+  zeros = jnp.zeros((b,), jnp.int32)
+  return _Decode(jnp.int32(0), first, cache, key_mask, max_new_b <= 0,
+                 jnp.zeros((b, max_new), jnp.int32), zeros)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample"), donate_argnums=(2,))
+def _decode(graphdef, state, carry: _Decode, until, prompt_len, max_new_b, temperature, top_k,
+            top_p, seeds, eos_ids, *, sample: bool) -> _Decode:
+  """Decode steps until every row is done or `until` steps are done in total (a traced bound, so
+  streaming chunks of any size share one compiled program)."""
+  model = nnx.merge(graphdef, state)
+  max_new = carry.out.shape[1]
+  p = carry.key_mask.shape[1] - max_new
   base_keys = jax.vmap(jax.random.key)(seeds)
-  next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # [B]
 
-  def pick(logits_last, step):
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base_keys, step)
-    return _choose(logits_last, keys, temperature, top_k, top_p, sample)
+  def cond(c: _Decode):
+    return (c.step < jnp.minimum(until, max_new)) & ~jnp.all(c.done)
 
-  first = pick(logits[:, -1], 0)
-  out = jnp.zeros((b, max_new), jnp.int32)
-  done = max_new_b <= 0
+  def body(c: _Decode) -> _Decode:
+    out = c.out.at[:, c.step].set(jnp.where(c.done, 0, c.tok))
+    now_done = c.done | jnp.isin(c.tok, eos_ids) | (c.step + 1 >= max_new_b)
+    lengths = jnp.where(~c.done & now_done, c.step + 1, c.lengths)
+    slot = p + c.step
+    key_mask = c.key_mask.at[:, slot].set(True)
+    logits, cache = model(c.tok[:, None], positions=(prompt_len + c.step)[:, None],
+                          key_mask=key_mask, cache=c.cache, cache_index=slot)
+    nxt = _pick(logits[:, 0], base_keys, c.step + 1, temperature, top_k, top_p, sample)
+    return _Decode(c.step + 1, nxt, cache, key_mask, now_done, out, lengths)
 
-  def cond(carry):
-    step, _, _, _, done, _ = carry
-    return (step < max_new) & ~jnp.all(done)
+  return jax.lax.while_loop(cond, body, carry)
 
-  def body(carry):
-    step, tok, cache, key_mask, done, out = carry
-    out = out.at[:, step].set(jnp.where(done, 0, tok))
-    lengths_done = done | (tok == eos_id) | (step + 1 >= max_new_b)
-    slot = p + step
-    key_mask = key_mask.at[:, slot].set(True)
-    logits, cache = _decode_step(model, tok, next_pos + step, cache, key_mask, slot)
-    nxt = pick(logits, step + 1)
-    return step + 1, nxt, cache, key_mask, lengths_done, out
 
-  # The length of row i is the step at which it finished; track it through `done` transitions.
-  def body_with_len(carry):
-    inner, lengths = carry
-    step, _, _, _, done_before, _ = inner
-    inner = body(inner)
-    lengths = jnp.where(~done_before & inner[4], step + 1, lengths)
-    return inner, lengths
-
-  init = (jnp.int32(0), first, cache, key_mask, done, out)
-  (step, _, _, _, done, out), lengths = jax.lax.while_loop(
-      lambda c: cond(c[0]), body_with_len, (init, jnp.zeros((b,), jnp.int32)))
-  lengths = jnp.where(done, lengths, step)
-  return out, lengths
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
+  """log p(next token = ids[j]) after each left-padded prompt: [B, J]."""
+  model = nnx.merge(graphdef, state)
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+  h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
+  logp = jax.nn.log_softmax(model.logits(h[:, -1]), axis=-1)
+  return logp[:, ids]
 
 
 class Sampler:
   """Holds a model (graphdef + state) and generates for lists of token-id prompts."""
 
-  def __init__(self, graphdef, state, *, eos_id: int, pad_id: int = 0, mesh=None,
+  def __init__(self, graphdef, state, *, eos_id: int | Sequence[int], pad_id: int = 0, mesh=None,
                min_batch: int = 1, min_prompt: int = 16):
     self.graphdef, self.state = graphdef, state
     self.cfg = nnx.merge(graphdef, state).cfg  # ModelConfig: static data of the root module
-    self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
+    self.eos_ids = [int(eos_id)] if np.ndim(eos_id) == 0 else [int(e) for e in eos_id]
+    self.eos_id = self.eos_ids[0]
+    self.pad_id, self.mesh = pad_id, mesh
     self.min_batch, self.min_prompt = min_batch, min_prompt
     self.calls = 0  # generate calls made (serving counts batching with it)
 
@@ -190,33 +164,55 @@ class Sampler:
     graphdef, state = nnx.split(model)
     return cls(graphdef, state, **kw)
 
-  def generate(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
-               ) -> list[list[int]]:
-    """New tokens for each prompt (EOS included when it was produced)."""
+  def _left_pad(self, prompts, min_batch: int | None = None):
     n = len(prompts)
-    if n == 0:
-      return []
-    params = [params] * n if isinstance(params, SamplingParams) else list(params)
-    if len(params) != n:
-      raise ValueError(f"{n} prompts but {len(params)} sampling params")
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: give at least one token (e.g. BOS)")
-    max_new_b = np.array([sp.max_new_tokens for sp in params], np.int32)
-    b = _bucket(n, self.min_batch)
+    b = _bucket(n, self.min_batch if min_batch is None else min_batch)
     p = _bucket(max(len(x) for x in prompts), self.min_prompt)
-    new = _bucket(int(max_new_b.max()), 1)
-    cfg = self.cfg
-    if p + new > cfg.max_seq_len:
-      raise ValueError(f"prompt ({max(len(x) for x in prompts)} tokens) + max_new_tokens "
-                       f"({int(max_new_b.max())}) exceeds the model context "
-                       f"{cfg.max_seq_len} after bucketing to {p}+{new}")
     tokens = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
     for i, x in enumerate(prompts):
       tokens[i, p - len(x):] = x
       mask[i, p - len(x):] = True
     mask[n:, -1] = True  # padding rows hold one dummy token so their softmax is well defined
+    return tokens, mask
+
+  def _call(self, fn, *args, **kw):
+    if self.mesh is None:
+      return fn(*args, **kw)
+    from stable_alignment_jax import sharding  # the sampler works without a mesh too
+    with sharding.activate(self.mesh):
+      return fn(*args, **kw)
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+               ) -> list[list[int]]:
+    """New tokens for each prompt (the EOS/stop token included when it was produced)."""
+    out = []
+    for out in self.stream(prompts, params, chunk=0):
+      pass
+    return out
+
+  def stream(self, prompts: Sequence[Sequence[int]],
+             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+             chunk: int = 8) -> Iterator[list[list[int]]]:
+    """Yields each row's new tokens so far after every `chunk` decode steps (0 = only at the
+    end); the last yield is the finished result, as `generate` returns it."""
+    n = len(prompts)
+    if n == 0:
+      return
+    params = [params] * n if isinstance(params, SamplingParams) else list(params)
+    if len(params) != n:
+      raise ValueError(f"{n} prompts but {len(params)} sampling params")
+    tokens, mask = self._left_pad(prompts)
+    b, p = tokens.shape
+    max_new_b = np.array([sp.max_new_tokens for sp in params], np.int32)
+    new = _bucket(int(max_new_b.max()), 1)
+    if p + new > self.cfg.max_seq_len:
+      raise ValueError(f"prompt ({max(len(x) for x in prompts)} tokens) + max_new_tokens "
+                       f"({int(max_new_b.max())}) exceeds the model context "
+                       f"{self.cfg.max_seq_len} after bucketing to {p}+{new}")
     pad = b - n
     col = lambda vals, dt: np.concatenate([np.asarray(vals, dt), np.zeros(pad, dt)])
     temperature = col([sp.temperature for sp in params], np.float32)
@@ -226,17 +222,37 @@ class Sampler:
     seeds = col([sp.seed for sp in params], np.uint32)
     max_new_arr = col(max_new_b, np.int32)
     sample = bool((temperature > 0).any())
-    args = (self.graphdef, self.state, tokens, mask, max_new_arr, temperature, top_k, top_p,
-            seeds, np.int32(self.eos_id))
+    prompt_len = mask.sum(axis=1).astype(np.int32)
+    eos = np.asarray(self.eos_ids, np.int32)
     self.calls += 1
-    if self.mesh is not None:
-      from stable_alignment_jax import sharding  # the sampler works without a mesh too
-      with sharding.activate(self.mesh):
-        out, lengths = _generate(*args, max_new=new, sample=sample)
-    else:
-      out, lengths = _generate(*args, max_new=new, sample=sample)
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    return [out[i, :lengths[i]].tolist() for i in range(n)]
+    carry = self._call(_prefill, self.graphdef, self.state, tokens, mask, max_new_arr,
+                       temperature, top_k, top_p, seeds, max_new=new, sample=sample)
+    step = chunk if chunk > 0 else new
+    until = 0
+    while True:
+      until += step
+      carry = self._call(_decode, self.graphdef, self.state, carry, np.int32(until), prompt_len,
+                         max_new_arr, temperature, top_k, top_p, seeds, eos, sample=sample)
+      steps, out, done = int(carry.step), np.asarray(carry.out), np.asarray(carry.done)
+      finished = steps >= new or bool(done.all())
+      lengths = np.where(done, np.asarray(carry.lengths), steps)
+      yield [out[i, :lengths[i]].tolist() for i in range(n)]
+      if finished:
+        return
+
+  def next_token_logprobs(self, prompts: Sequence[Sequence[int]],
+                          token_ids: Sequence[int]) -> np.ndarray:
+    """log p(next token) at `token_ids` after each prompt (log-softmax over the whole
+    vocabulary): [len(prompts), len(token_ids)]. One prefill-sized forward, no decoding."""
+    if not prompts:
+      return np.zeros((0, len(token_ids)), np.float32)
+    tokens, mask = self._left_pad(prompts)
+    ids = np.asarray(token_ids, np.int32)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+      raise ValueError(f"token ids {token_ids} outside the vocabulary of {self.cfg.vocab_size}")
+    self.calls += 1
+    out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, ids)
+    return np.asarray(out)[:len(prompts)]
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.HEAD_DIM, None),
     (axes.MLP, "tensor"),
     (axes.NORM, None),
+    (axes.LAYERS, None),  # every device holds its shard of every layer (FSDP splits within)
     # activations
     (axes.BATCH, BATCH_AXES),
     (axes.LENGTH, None),

@@ -159,8 +159,9 @@ def test_per_row_params_equal_each_row_alone(sampler, prompts):
 
 def test_one_compile_per_shape_bucket(model):
   s = Sampler.from_module(model, eos_id=NO_EOS)
-  size = generate._generate._cache_size
-  start = size()
+  base = (generate._prefill._cache_size(), generate._decode._cache_size())
+  size = lambda: _programs(base)
+  start = 0
   s.generate([[1, 2, 3], [4] * 9], SamplingParams(max_new_tokens=20))  # bucket b2 p16 n32
   assert size() == start + 1
   s.generate([[7] * 12, [8, 9]], SamplingParams(max_new_tokens=25))  # same bucket
@@ -171,6 +172,50 @@ def test_one_compile_per_shape_bucket(model):
   s.generate([[1] * 17, [2]], SamplingParams(max_new_tokens=20))  # p32: new
   assert size() == start + 3
   assert s.calls == 5
+  # Streaming in chunks of any size reuses the same two programs.
+  list(s.stream([[7] * 16], SamplingParams(max_new_tokens=30), chunk=3))
+  list(s.stream([[7] * 16], SamplingParams(max_new_tokens=30), chunk=5))
+  assert size() == start + 3
+
+
+def _programs(base):
+  """New programs per bucket: prefill and decode compile once each, so their counts agree."""
+  grew = (generate._prefill._cache_size() - base[0], generate._decode._cache_size() - base[1])
+  assert grew[0] == grew[1], grew
+  return grew[0]
+
+
+def test_stream_yields_partial_rows_then_the_generate_result(sampler, prompts, greedy32):
+  params = SamplingParams(max_new_tokens=32)
+  chunks = list(sampler.stream(prompts, params, chunk=8))
+  assert chunks[-1] == greedy32
+  assert len(chunks) == 4  # 32 steps in chunks of 8; no row stops early without an EOS
+  for i, c in enumerate(chunks):
+    for row, full in zip(c, greedy32):
+      assert row == full[:len(row)]  # each yield is a prefix of the final row
+      assert len(row) == min(len(full), 8 * (i + 1))
+
+
+def test_stream_stops_each_row_at_any_of_several_stop_ids(model, prompts, greedy32):
+  # Two stop ids taken from the greedy output itself: each row ends at the first of either.
+  stops = [greedy32[0][5], greedy32[1][3]]
+  s = Sampler.from_module(model, eos_id=stops)
+  out = s.generate(prompts, SamplingParams(max_new_tokens=32))
+  for row, full in zip(out, greedy32):
+    cut = next((j + 1 for j, t in enumerate(full) if t in stops), len(full))
+    assert row == full[:cut]
+
+
+def test_next_token_logprobs_match_the_full_forward(model, prompts):
+  s = Sampler.from_module(model, eos_id=NO_EOS)
+  ids = [3, 17, 500]
+  got = s.next_token_logprobs(prompts, ids)
+  for row, p in zip(got, prompts):
+    logits, _ = model(jnp.asarray([p]))
+    ref = np.asarray(jax.nn.log_softmax(logits[0, -1]))[ids]
+    np.testing.assert_allclose(row, ref, atol=1e-5)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    s.next_token_logprobs(prompts, [10**6])
 
 
 def test_bad_input_is_rejected(sampler):

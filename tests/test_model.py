@@ -30,10 +30,31 @@ def _rmsnorm(x, scale, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def _rope(x, theta):
+def _frequencies(cfg, e):
+  """RoPE inverse frequencies, float64, with the scaling of transformers' rope_type."""
+  freqs = cfg.rope_theta ** (-np.arange(0, e // 2) * 2.0 / e)  # [E/2]
+  if cfg.rope_type == "linear":
+    return freqs / cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    out = []
+    for f in freqs:  # one frequency at a time, as the LLaMA-3.1 release describes it
+      wavelen = 2 * np.pi / f
+      if wavelen < cfg.rope_original_max_len / cfg.rope_high_freq_factor:
+        out.append(f)  # short wavelengths: unchanged
+      elif wavelen > cfg.rope_original_max_len / cfg.rope_low_freq_factor:
+        out.append(f / cfg.rope_factor)  # long wavelengths: scaled down fully
+      else:
+        smooth = ((cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        out.append((1 - smooth) * f / cfg.rope_factor + smooth * f)
+    return np.asarray(out)
+  return freqs
+
+
+def _rope(x, cfg):
   """x: [T, N, E] at positions 0..T-1; pairs dimension i with i + E/2 (rotate-half)."""
   t, _, e = x.shape
-  freqs = theta ** (-np.arange(0, e // 2) * 2.0 / e)  # [E/2]
+  freqs = _frequencies(cfg, e)
   ang = np.arange(t)[:, None] * freqs[None, :]  # [T, E/2]
   cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
   a, b = x[..., : e // 2], x[..., e // 2:]
@@ -52,11 +73,14 @@ def reference_logits(params: dict, cfg: ModelConfig, tokens) -> np.ndarray:
   t = x.shape[0]
   future = np.triu(np.ones((t, t), bool), k=1)
   for i in range(cfg.n_layers):
-    lp = params["layers"][i]
+    if cfg.scan_layers:  # stacked weights: layer i is index i of every leaf
+      lp = jax.tree.map(lambda w: w[i], params["layers"])
+    else:
+      lp = params["layers"][i]
     a = lp["attn"]
     hn = _rmsnorm(x, lp["attn_norm"]["scale"], cfg.norm_eps)
-    q = _rope(np.einsum("td,dhe->the", hn, a["wq"]), cfg.rope_theta)
-    k = _rope(np.einsum("td,dke->tke", hn, a["wk"]), cfg.rope_theta)
+    q = _rope(np.einsum("td,dhe->the", hn, a["wq"]), cfg)
+    k = _rope(np.einsum("td,dke->tke", hn, a["wk"]), cfg)
     v = np.einsum("td,dke->tke", hn, a["wv"])
     k = np.repeat(k, group, axis=1)  # [T, H, E]
     v = np.repeat(v, group, axis=1)
@@ -73,7 +97,7 @@ def reference_logits(params: dict, cfg: ModelConfig, tokens) -> np.ndarray:
     hn = _rmsnorm(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
     x = x + (_silu(hn @ m["w_gate"]) * (hn @ m["w_up"])) @ m["w_down"]
   x = _rmsnorm(x, params["final_norm"]["scale"], cfg.norm_eps)
-  return x @ params["lm_head"]
+  return x @ (params["embed"].T if cfg.tie_embeddings else params["lm_head"])
 
 
 # ---------------------------------------------------------------- fixtures
@@ -156,6 +180,82 @@ def test_rope_theta_is_live(model, cfg):
   np.testing.assert_allclose(changed, ref, atol=1e-4, rtol=0)
 
 
+# ---------------------------------------------------------------- today's LLaMA variants
+
+VARIANTS = {
+    "tied": dict(tie_embeddings=True),
+    "head_dim": dict(head_dim=32),  # 4 heads x 32 != dim 64, as LLaMA-3.2-3B / Mistral-Nemo
+    "llama3_rope": dict(rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                        rope_high_freq_factor=4.0, rope_original_max_len=32,
+                        rope_theta=500000.0),
+    "linear_rope": dict(rope_type="linear", rope_factor=4.0),
+    "unrolled": dict(scan_layers=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_matches_numpy_reference(name):
+  cfg = preset("tiny", dtype="float32", **VARIANTS[name])
+  model = Llama(cfg, rngs=nnx.Rngs(1))
+  # 96 positions: past the llama3 variant's original context of 32, where scaling matters.
+  tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 96))
+  logits = _forward(model, tokens)[0]
+  ref = reference_logits(_np_params(model), cfg, tokens[0])
+  scale = np.abs(ref).max()
+  np.testing.assert_allclose(logits, ref, atol=1e-5 * max(scale, 1.0), rtol=0)
+  if cfg.tie_embeddings:
+    assert "lm_head" not in nnx.to_pure_dict(nnx.state(model))
+
+
+def test_rope_scaling_changes_only_long_wavelengths():
+  base = preset("tiny", dtype="float32")
+  scaled = dataclasses.replace(base, **VARIANTS["llama3_rope"])
+  model = Llama(scaled, rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(7).integers(0, base.vocab_size, (1, 96))
+  plain = _with_cfg(model, rope_type="default")
+  a, b = _forward(model, tokens)[0], _forward(plain, tokens)[0]
+  assert np.abs(a - b).max() > 1e-2  # the scaling is live
+  np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # position 0 is never rotated
+
+
+def test_scanned_and_unrolled_layers_hold_the_same_weights_and_logits(model, cfg):
+  assert cfg.scan_layers  # the default layout
+  unrolled = Llama(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))
+  stacked, per_layer = _np_params(model)["layers"], _np_params(unrolled)["layers"]
+  for i in range(cfg.n_layers):
+    jax.tree.map(lambda s, u: np.testing.assert_array_equal(s[i], u),
+                 stacked, per_layer[i])
+  tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 24))
+  np.testing.assert_allclose(_forward(model, tokens), _forward(unrolled, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cache_prefill_then_decode_equals_the_full_forward(cfg, scan):
+  from stable_alignment_jax.model import llama
+  c = dataclasses.replace(cfg, scan_layers=scan)
+  model = Llama(c, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(9).integers(0, c.vocab_size, (2, 12)))
+  full = _forward(model, tokens)
+  cache = llama.init_cache(c, 2, 16)
+  key_mask = jnp.zeros((2, 16), bool).at[:, :8].set(True)
+  logits, cache = model(tokens[:, :8], key_mask=key_mask, cache=cache, cache_index=0)
+  outs = [logits]
+  for i in range(8, 12):
+    key_mask = key_mask.at[:, i].set(True)
+    step, cache = model(tokens[:, i:i + 1], positions=jnp.full((2, 1), i), key_mask=key_mask,
+                        cache=cache, cache_index=jnp.int32(i))
+    outs.append(step)
+  np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_hidden_then_logits_is_the_forward(model, cfg):
+  tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 10)))
+  h, _ = model.hidden(tokens)
+  assert h.shape == (2, 10, cfg.dim)
+  np.testing.assert_allclose(np.asarray(model.logits(h[:, 3])), _forward(model, tokens)[:, 3],
+                             atol=1e-5)
+
+
 # ---------------------------------------------------------------- remat and dtype
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -183,7 +283,7 @@ def test_remat_gives_same_loss_and_grads(model, cfg, remat, no_remat_grads):
                               jnp.asarray(REMAT_TOKENS))
   np.testing.assert_allclose(loss1, loss0, atol=1e-5, rtol=0)
   leaves0, leaves1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
-  assert len(leaves0) == len(leaves1) == 3 + 9 * cfg.n_layers
+  assert len(leaves0) == len(leaves1) == 3 + 9 * (1 if cfg.scan_layers else cfg.n_layers)
   for a, b in zip(leaves0, leaves1):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
   assert max(float(jnp.abs(a).max()) for a in leaves0) > 1e-3  # gradients are not all zero
@@ -210,6 +310,11 @@ def test_config_validation_errors():
   base = dict(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128)
   with pytest.raises(ValueError, match=r"dim=66 is not divisible by n_heads=4"):
     ModelConfig(**{**base, "dim": 66})
+  assert ModelConfig(**{**base, "dim": 66, "head_dim": 16}).head_dim == 16
+  with pytest.raises(ValueError, match=r"rope_type='yarn'"):
+    ModelConfig(**{**base, "rope_type": "yarn"})
+  with pytest.raises(ValueError, match=r"needs rope_original_max_len"):
+    ModelConfig(**{**base, "rope_type": "llama3", "rope_factor": 8.0})
   with pytest.raises(ValueError, match=r"n_kv_heads=3 must divide n_heads=4"):
     ModelConfig(**{**base, "n_kv_heads": 3})
   with pytest.raises(ValueError, match=r"n_kv_heads=8 must divide n_heads=4"):
@@ -227,8 +332,10 @@ def test_config_validation_errors():
 # ---------------------------------------------------------------- presets
 
 # Published parameter counts (HF config.json + safetensors index of meta-llama/Llama-2-7b-hf,
-# Llama-2-13b-hf, Meta-Llama-3-8B).
-PUBLISHED = {"llama2_7b": 6.74e9, "llama2_13b": 13.0e9, "llama3_8b": 8.03e9}
+# Llama-2-13b-hf, Meta-Llama-3-8B, Llama-3.1-8B, Llama-3.2-1B, -3B; HuggingFaceTB/SmolLM2-*).
+PUBLISHED = {"llama2_7b": 6.74e9, "llama2_13b": 13.0e9, "llama3_8b": 8.03e9,
+             "llama3_1_8b": 8.03e9, "llama3_2_1b": 1.24e9, "llama3_2_3b": 3.21e9,
+             "smollm2_135m": 135e6, "smollm2_360m": 362e6, "smollm2_1_7b": 1.71e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

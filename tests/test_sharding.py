@@ -79,7 +79,7 @@ def test_every_param_has_named_axes_with_rules(cfg):
   rules = dict(sharding.RULES)
   state = nnx.state(nnx.eval_shape(_make_tiny(cfg)))
   flat = nnx.to_flat_state(state)
-  assert len(flat) == 3 + 9 * cfg.n_layers
+  assert len(flat) == 3 + 9 * (1 if cfg.scan_layers else cfg.n_layers)
   for path, var in flat:
     names = var.get_metadata().get("out_sharding")
     assert names is not None, f"{path} has no logical axis names"
@@ -112,7 +112,7 @@ def test_golden_is_what_the_rules_say():
   """Cross-check the golden file against the issue's policy, independently of the generator."""
   golden = json.loads((GOLDEN_DIR / "tiny_sharding.json").read_text())
   policy = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-            "vocab": "tensor", "vocab_in": None, "head_dim": None, "norm": None}
+            "vocab": "tensor", "vocab_in": None, "head_dim": None, "norm": None, "layers": None}
   for key, entry in golden["params"].items():
     assert entry["spec"] == [policy[n] for n in entry["names"]], key
   assert golden["activations"]["act_batch"] == ["data", "fsdp"]
@@ -136,9 +136,14 @@ def test_logical_to_spec_errors(mesh222):
 def test_build_sharded_names_the_parameter_that_does_not_divide(cfg, mesh222):
   bad = preset("tiny", dtype="float32", ffn_dim=175)
   # The first MLP weight met names itself (path, dim, shape, rule), whichever it is.
+  with pytest.raises(ValueError, match=r"layers.*mlp.*w_(down|gate|up).*: dim [12] of shape "
+                     r"\(2, (175, 64|64, 175)\) \(mlp -> tensor\) is not divisible by 2 "
+                     r"devices"):
+    sharding.build_sharded(_make_tiny(bad), mesh222)  # scanned: [L, ...] weights
+  unrolled = preset("tiny", dtype="float32", ffn_dim=175, scan_layers=False)
   with pytest.raises(ValueError, match=r"layers.*0.*mlp.*w_(down|gate|up).*: dim [01] of shape "
                      r"\((175, 64|64, 175)\) \(mlp -> tensor\) is not divisible by 2 devices"):
-    sharding.build_sharded(_make_tiny(bad), mesh222)
+    sharding.build_sharded(_make_tiny(unrolled), mesh222)
 
 
 def test_constrain_under_mesh_and_without(mesh222):
@@ -166,9 +171,10 @@ def test_fsdp8_shards_every_matrix_and_divides_the_bytes(cfg, one_device_state):
   replicated_bytes = 0
   for path, leaf in jax.tree.leaves_with_path(state):
     assert len(leaf.sharding.device_set) == 8, path
-    if leaf.ndim >= 2:
+    if "norm" not in str(path):  # every matrix (stacked or not) is split
       assert not leaf.sharding.is_fully_replicated, f"{path} is left replicated"
     else:
+      assert leaf.sharding.is_fully_replicated, path
       replicated_bytes += leaf.nbytes  # the RMSNorm scales: 5 x 64 floats
   assert replicated_bytes == (2 * cfg.n_layers + 1) * cfg.dim * 4
   total = sharding.total_bytes(state)
@@ -225,7 +231,7 @@ def test_loss_and_grads_match_on_1_and_8_devices(cfg, one_device_state, mesh222)
   np.testing.assert_allclose(float(loss8), float(loss1), atol=1e-5, rtol=0)
   flat1 = jax.tree.leaves_with_path(grads1)
   flat8 = jax.tree.leaves(grads8)
-  assert len(flat1) == len(flat8) == 3 + 9 * cfg.n_layers
+  assert len(flat1) == len(flat8) == 3 + 9 * (1 if cfg.scan_layers else cfg.n_layers)
   for (path, g1), g8 in zip(flat1, flat8):
     np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), atol=1e-5, rtol=0,
                                err_msg=jax.tree_util.keystr(path))

@@ -18,6 +18,7 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 NORM = "norm"
+LAYERS = "layers"  # the leading axis of scanned (stacked) layer weights
 
 # Activations (and the KV cache, which is an activation kept across steps).
 BATCH = "act_batch"
@@ -28,7 +29,7 @@ ACT_KV_HEADS = "act_kv_heads"
 ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
-PARAM_NAMES = (VOCAB, VOCAB_IN, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM)
+PARAM_NAMES = (VOCAB, VOCAB_IN, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAYERS)
 ACTIVATION_NAMES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
 
 

@@ -4,22 +4,35 @@ RMSNorm -> rotary embeddings -> grouped-query attention (with an optional KV cac
 -> decoder layer -> model. Weights are stored as einsum-shaped tensors with logical axis names
 attached at creation (`_param`); activations are pinned by logical names at block edges
 (`axes.constrain`). The rotary convention is Hugging Face's rotate-half form, so HF checkpoints
-load without permuting q/k (see `convert.py`).
+load without permuting q/k (see `convert.py`). The decoder layers are either a Python list or, with
+`cfg.scan_layers`, ONE layer module whose weights carry a leading [L] axis, run under `lax.scan`:
+compile time then does not grow with depth. The model owns its KV cache (`init_cache`), stored
+heads-first ([B,K,S,E] per layer) so a decode step's two attention dots read it in place.
+
+Everything that runs the model calls it: training (`__call__` / `hidden`), the sampler (prefill and
+decode through `__call__` with a cache) and the MC scorer (`hidden`, then `logits` at the few
+positions it scores).
 
 Shapes use the letters B batch, T query length, S key length (cache slots), D model dim,
 H query heads, K kv heads, E head dim, F ffn dim, V vocab.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stable_alignment_jax.model import axes
 from stable_alignment_jax.model.presets import ModelConfig
 
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S, K, E]
+class KVCache(NamedTuple):
+  """Keys and values per layer, heads-first [B, K, S, E]: stacked [L, B, K, S, E] arrays when the
+  layers are scanned, tuples of L arrays otherwise. Made by `init_cache`; callers treat it as
+  opaque."""
+  k: Any
+  v: Any
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -47,17 +60,41 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [E/2] (f32, computed as transformers does), with the config's scaling.
+
+  linear: every frequency divided by the factor (positions stretched). llama3 (LLaMA-3.1): long
+  wavelengths (beyond original_len / low_freq_factor) divided by the factor, short ones (below
+  original_len / high_freq_factor) kept, and a smooth interpolation between the two.
+  """
+  e = cfg.head_dim
+  inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, e, 2).astype(np.float32) /
+                                                np.float32(e)))).astype(np.float32)
+  if cfg.rope_type == "linear":
+    return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+  if cfg.rope_type == "llama3":
+    f, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    orig = cfg.rope_original_max_len
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > orig / lo, inv / f, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)
+    return np.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled).astype(np.float32)
+  return inv
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
   """Rotary embedding, rotate-half form. x: [B, T, N, E]; positions: [B, T] int."""
-  e = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))  # [E/2]
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, E/2]
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, E/2]
   cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+_CACHE_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # one layer's [B,K,S,E]
 
 
 class Attention(nnx.Module):
@@ -73,25 +110,47 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x, positions, mask, cache_kv, cache_index):
-    """x: [B,T,D]; mask: [B,1,T,S] bool; cache_kv: (k, v) [B,S,K,E] or None."""
-    dt = self.cfg.dtype
+    """x: [B,T,D]; mask: [B,1,T,S] bool; cache_kv: this layer's (k, v) [B,K,S,E] or None.
+
+    Without a cache (training, scoring) attention runs in the library kernel (cuDNN flash
+    attention on GPU, XLA elsewhere) over the chunk itself. With one, the chunk's keys/values are
+    written at slot `cache_index`; a prefill (static cache_index 0) still attends within the chunk,
+    a decode step attends over the heads-first cache with two einsums that read it in place.
+    """
+    cfg, dt = self.cfg, self.cfg.dtype
+    inv_freq = rope_frequencies(cfg)
     q = jnp.einsum("btd,dhe->bthe", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dke->btke", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dke->btke", x, self.wv[...].astype(dt))
-    q = rope(q, positions, self.cfg.rope_theta)
-    k = rope(k, positions, self.cfg.rope_theta)
+    q = rope(q, positions, inv_freq)
+    k = rope(k, positions, inv_freq)
     q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
-      # Write this chunk's keys/values at cache_index, then attend over the whole cache.
       ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-      cache_kv = (k, v)
-    k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
-    v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
-    # Softmax in f32 inside the library kernel (cuDNN flash attention on GPU, XLA elsewhere);
-    # it takes GQA directly (H a multiple of K), so K/V are never repeated in memory.
-    out = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask)
+      at = (0, 0, cache_index, 0)
+      ck = axes.constrain(jax.lax.dynamic_update_slice(
+          ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), at), _CACHE_NAMES)
+      cv = axes.constrain(jax.lax.dynamic_update_slice(
+          cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), at), _CACHE_NAMES)
+      cache_kv = (ck, cv)
+    if cache_kv is None or prefill:
+      t = x.shape[1]
+      k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+      v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+      # Softmax in f32 inside the kernel; it takes GQA directly (H a multiple of K), so K/V are
+      # never repeated in memory.
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[..., :t])
+    else:
+      b, t, h, e = q.shape
+      kh = cfg.n_kv_heads
+      # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
+      qg = q.reshape(b, t, kh, h // kh, e)
+      scores = jnp.einsum("btkge,bkse->bkgts", qg, ck.astype(dt),
+                          preferred_element_type=jnp.float32) * e**-0.5
+      scores = jnp.where(mask[:, :, None], scores, -1e30)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bkse->btkge", probs, cv.astype(dt)).reshape(b, t, h, e)
     out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
     return out, cache_kv
 
@@ -130,14 +189,26 @@ class DecoderLayer(nnx.Module):
     return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), cache_kv
 
 
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """One DecoderLayer whose every weight has a leading [L] axis (logical name `layers`).
+
+  The L layers are initialised one by one (same draws as the unscanned model) and stacked, so a
+  scanned and an unscanned model from the same seed hold the same weights.
+  """
+  layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+  graphdef, state = nnx.split(layers[0])
+  states = [nnx.split(layer)[1] for layer in layers]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  for _, var in nnx.to_flat_state(stacked):
+    var.set_metadata(out_sharding=(axes.LAYERS,) + tuple(var.get_metadata()["out_sharding"]))
+  del state
+  return nnx.merge(graphdef, stacked)
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside the layer: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _layer_forward(layer, x, positions, mask, cache_kv, cache_index):
-  return layer(x, positions, mask, cache_kv, cache_index)
 
 
 class Llama(nnx.Module):
@@ -147,53 +218,98 @@ class Llama(nnx.Module):
     pd = cfg.param_dtype
     self.embed = _param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.dim),
                         (axes.VOCAB_IN, axes.EMBED), pd)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_layers(cfg, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.dtype, pd, rngs=rngs)
-    self.lm_head = _param(rngs, _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
-                          (axes.EMBED, axes.VOCAB), pd)  # untied, as in LLaMA
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, _dense_init(cfg.dim), (cfg.dim, cfg.vocab_size),
+                            (axes.EMBED, axes.VOCAB), pd)
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               key_mask: jax.Array | None = None, cache: KVCache | None = None,
-               cache_index: Any = 0) -> tuple[jax.Array, KVCache | None]:
-    """Returns (logits f32 [B,T,V], updated cache or None).
+  def __call__(self, tokens: jax.Array, **kw) -> tuple[jax.Array, KVCache | None]:
+    """Returns (logits f32 [B,T,V], updated cache or None); arguments as `hidden`."""
+    h, cache = self.hidden(tokens, **kw)
+    return self.logits(h), cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """The LM head on final hidden states [..., D] -> f32 [..., V] (the embedding when tied)."""
+    dt = self.cfg.dtype
+    if self.cfg.tie_embeddings:
+      out = jnp.einsum("...d,vd->...v", h, self.embed[...].astype(dt))
+    else:
+      out = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(dt))
+    out = out.astype(jnp.float32)
+    if out.ndim == 3:
+      out = axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return out
+
+  def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+             key_mask: jax.Array | None = None, cache: KVCache | None = None,
+             cache_index: Any = 0) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B,T,D] (compute dtype), and the updated cache or None.
 
     tokens: [B,T] int. positions: [B,T] rotary positions (default 0..T-1).
     key_mask: [B,S] bool, True where a key slot holds a real token (S = T without a cache, the
       cache length with one); default all True. Attention is causal in slot order: the query in
       slot cache_index+i sees key slots <= cache_index+i that the key_mask allows.
-    cache: per-layer (k, v) [B,S,K,E] from `init_cache`; the T new keys go to slots
-      [cache_index, cache_index+T).
+    cache: from `init_cache`; the T new keys go to slots [cache_index, cache_index+T). A static
+      cache_index of 0 is a prefill: the chunk attends within itself.
     """
+    cfg = self.cfg
     b, t = tokens.shape
-    s = t if cache is None else cache[0][0].shape[1]
+    s = t if cache is None else _cache_len(cache)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     q_slot = cache_index + jnp.arange(t)
-    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-    mask = causal[None, None]
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None, None]  # [1,1,T,S]
     if key_mask is not None:
       mask = mask & key_mask[:, None, None, :].astype(bool)
 
-    dt = self.cfg.dtype
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
     x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
-    forward = _layer_forward
-    if self.cfg.remat != "none":
-      forward = nnx.remat(_layer_forward, policy=_REMAT_POLICIES[self.cfg.remat])
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, kv = forward(layer, x, positions, mask, None if cache is None else cache[i], cache_index)
-      new_cache.append(kv)
-    x = self.final_norm(x)
-    logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt))
-    logits = axes.constrain(logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
-    return logits, (None if cache is None else tuple(new_cache))
+
+    def forward(layer, x, kv):
+      return layer(x, positions, mask, kv, cache_index)
+
+    if cfg.remat != "none":
+      forward = nnx.remat(forward, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+
+      def body(x, xs):
+        layer_state, kv = xs
+        x, kv = forward(nnx.merge(graphdef, layer_state), x, kv)
+        return x, kv
+
+      kv_in = None if cache is None else (cache.k, cache.v)
+      x, kv_out = jax.lax.scan(body, x, (stacked, kv_in))
+      new_cache = None if cache is None else KVCache(*kv_out)
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        x, kv = forward(layer, x, None if cache is None else (cache.k[i], cache.v[i]))
+        if kv is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
+      new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
+    return self.final_norm(x), new_cache
+
+
+def _cache_len(cache: KVCache) -> int:
+  k = cache.k[0] if isinstance(cache.k, (tuple, list)) else cache.k
+  return k.shape[-2]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-  """Zeroed per-layer KV cache [B, S, K, E], in the compute dtype unless told otherwise."""
-  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  """A zeroed KV cache of `length` slots, in the compute dtype unless told otherwise."""
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   dt = dtype or cfg.dtype
-  names = (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None)
-  return tuple((axes.constrain(jnp.zeros(shape, dt), names),
-                axes.constrain(jnp.zeros(shape, dt), names)) for _ in range(cfg.n_layers))
+  if cfg.scan_layers:
+    names = (None,) + _CACHE_NAMES
+    full = (cfg.n_layers,) + shape
+    return KVCache(axes.constrain(jnp.zeros(full, dt), names),
+                   axes.constrain(jnp.zeros(full, dt), names))
+  zeros = lambda: tuple(axes.constrain(jnp.zeros(shape, dt), _CACHE_NAMES)
+                        for _ in range(cfg.n_layers))
+  return KVCache(zeros(), zeros())
