@@ -1,23 +1,25 @@
 """OpenAI-compatible HTTP server over our model (FastAPI + uvicorn).
 
   python -m stable_alignment_jax.serve --checkpoint=runs/stage3 [--tokenizer=PATH]
-      [--host=127.0.0.1] [--port=8000] [--chat_template=alpaca|alpaca_bare|plain|FILE.json]
+      [--host=127.0.0.1] [--port=8000] [--chat_template=auto|model|alpaca|FILE.json]
       [--api_key_env=NAME] [--max_batch=32] [--batch_wait_ms=10]
 
 Then any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`.
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. Chat messages go through the chat template (Alpaca by default, see
-serving/templates.py); the template's turn marker is added to the request's stop strings.
+POST /v1/chat/completions. Chat messages go through the chat template: by default the
+checkpoint's own (its jinja template, rendered by transformers; generation stops at its
+end-of-turn token), else Alpaca (serving/templates.py, whose turn marker is added to the
+request's stop strings). /v1/completions sends the prompt as raw text.
 
-Batching: concurrent requests are gathered (a short wait window, a row cap) into one
-`Sampler.generate` call; see serving/batcher.py. `/health` reports `generate_calls`.
+Batching: concurrent requests are gathered (a short wait window, a row cap) into one sampler
+call; see serving/batcher.py. `/health` reports `generate_calls`.
 
 Streaming (`stream: true`) sends server-sent events in OpenAI's chunk format ending with
-`data: [DONE]`. The sampler decodes a whole batch inside one compiled loop, so a completion is
-generated in full first and then sent as one chunk per token that adds text; clients see the
-protocol, not lower latency to the first token. A side benefit: errors are known before the stream
-starts, so they arrive with a proper 4xx/5xx status instead of inside a 200 stream.
+`data: [DONE]`, as the batch decodes: the sampler hands back every row's tokens every
+`--stream_chunk` decode steps and the new text leaves at once (streamed and non-streamed requests
+share batches). Requests are checked before the stream starts, so bad ones get a 4xx status; a
+failure while decoding arrives as an `error` event.
 
 Security: binds 127.0.0.1 unless --host says otherwise. With --api_key_env=NAME the key is read
 from that environment variable and every request must send `Authorization: Bearer <key>`;
@@ -25,6 +27,7 @@ the key is never logged.
 """
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import json
@@ -32,14 +35,16 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Iterator, Sequence
+import sys
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stable_alignment_jax.serving.engine import ContextError, Engine, Output, stream_pieces
+from stable_alignment_jax.serving.engine import ContextError, Engine, Output
 from stable_alignment_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, parse
+from stable_alignment_jax.text_sampler import Delta
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -114,21 +119,33 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
     return out
 
-  async def run(req, prompts: list[list[int]], max_tokens: list[int], stop: list[str]):
+  def rows(req, prompts: list[list[int]], max_tokens: list[int], stop: list[str]):
+    return engine.rows(prompts, max_tokens=max_tokens, n=req.n, temperature=req.temperature,
+                       top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=stop)
+
+  def generation_error(e: Exception) -> APIError:
+    if isinstance(e, ValueError):  # the sampler refused the shapes: the request's fault
+      return APIError(400, str(e))
+    logging.error("generation failed", exc_info=e)
+    return APIError(500, f"generation failed: {type(e).__name__}", type="server_error")
+
+  async def run(req, prompts, max_tokens, stop) -> list[Output]:
     try:
-      return await engine.complete(prompts, max_tokens=max_tokens, n=req.n,
-                                   temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                   seed=req.seed, stop=stop)
-    except ValueError as e:  # the sampler refused the shapes: the request's fault
-      raise APIError(400, str(e)) from None
+      return await asyncio.wrap_future(engine.batcher.submit(rows(req, prompts, max_tokens, stop)))
     except Exception as e:  # noqa: BLE001
-      logging.exception("generation failed")
-      raise APIError(500, f"generation failed: {type(e).__name__}", type="server_error") from None
+      raise generation_error(e) from None
+
+  async def events(req, prompts, max_tokens, stop) -> AsyncIterator[tuple[int, Delta]]:
+    try:
+      async for item in engine.stream(rows(req, prompts, max_tokens, stop)):
+        yield item
+    except Exception as e:  # noqa: BLE001 - the 200 header is gone: an error event instead
+      yield -1, generation_error(e)
 
   @app.get("/health")
   async def health():
     return {"status": "ok", "model": engine.model_name,
-            "generate_calls": engine.sampler.calls, "rows": engine.batcher.rows}
+            "generate_calls": engine.sampler.sampler.calls, "rows": engine.batcher.rows}
 
   def model_card():
     return {"id": engine.model_name, "object": "model", "created": created,
@@ -158,13 +175,15 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         prompts.append(p)
       else:
         prompts.append(engine.encode(p))
-    outs = await run(req, prompts, max_tokens_for(prompts, req.max_tokens, "prompt"), req.stops())
-    flat = [o for per_prompt in outs for o in per_prompt]
-    usage = _usage(sum(len(p) for p in prompts), flat)
+    max_tokens = max_tokens_for(prompts, req.max_tokens, "prompt")
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": engine.model_name}
+    prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
-      return _stream(_completion_chunks(head, flat, usage, req))
+      return _stream(_completion_chunks(head, events(req, prompts, max_tokens, req.stops()),
+                                        prompt_tokens, req))
+    flat = await run(req, prompts, max_tokens, req.stops())
+    usage = _usage(prompt_tokens, flat)
     choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
                for i, o in enumerate(flat)]
     return {**head, "choices": choices, "usage": usage}
@@ -180,13 +199,14 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
       raise APIError(400, str(e), param="messages") from None
     prompt = engine.encode(text)
     stop = req.stops() + [s for s in engine.template.stop if s not in req.stops()]
-    outs = (await run(req, [prompt], max_tokens_for([prompt], req.requested_max_tokens(),
-                                                  "messages"), stop))[0]
-    usage = _usage(len(prompt), outs)
+    max_tokens = max_tokens_for([prompt], req.requested_max_tokens(), "messages")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": engine.model_name}
     if req.stream:
-      return _stream(_chat_chunks(head, outs, usage, req))
+      return _stream(_chat_chunks(head, events(req, [prompt], max_tokens, stop),
+                                  len(prompt), req))
+    outs = await run(req, [prompt], max_tokens, stop)
+    usage = _usage(len(prompt), outs)
     choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
                 "logprobs": None, "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
     return {**head, "choices": choices, "usage": usage}
@@ -194,19 +214,25 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
   def _include_usage(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
-  def _completion_chunks(head, outs, usage, req) -> Iterator[str]:
+  async def _completion_chunks(head, deltas, prompt_tokens, req) -> AsyncIterator[str]:
     extra = {"usage": None} if _include_usage(req) else {}
-    for i, o in enumerate(outs):
-      for piece in stream_pieces(engine.tokenizer, o.token_ids, o.text):
+    done = []
+    async for i, d in deltas:
+      if i < 0:
+        yield _sse(d.body())
+        break
+      if d.text:
         yield _sse({**head, **extra, "choices": [
-            {"index": i, "text": piece, "logprobs": None, "finish_reason": None}]})
-      yield _sse({**head, **extra, "choices": [
-          {"index": i, "text": "", "logprobs": None, "finish_reason": o.finish_reason}]})
+            {"index": i, "text": d.text, "logprobs": None, "finish_reason": None}]})
+      if d.done is not None:
+        done.append(d.done)
+        yield _sse({**head, **extra, "choices": [
+            {"index": i, "text": "", "logprobs": None, "finish_reason": d.done.finish_reason}]})
     if extra:
-      yield _sse({**head, "choices": [], "usage": usage})
+      yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, done)})
     yield "data: [DONE]\n\n"
 
-  def _chat_chunks(head, outs, usage, req) -> Iterator[str]:
+  async def _chat_chunks(head, deltas, prompt_tokens, req) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if _include_usage(req) else {}
 
@@ -214,19 +240,26 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
       return _sse({**head, **extra, "choices": [
           {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
-    for i, o in enumerate(outs):
+    for i in range(req.n):
       yield chunk(i, {"role": "assistant", "content": ""})
-      for piece in stream_pieces(engine.tokenizer, o.token_ids, o.text):
-        yield chunk(i, {"content": piece})
-      yield chunk(i, {}, o.finish_reason)
+    done = []
+    async for i, d in deltas:
+      if i < 0:
+        yield _sse(d.body())
+        break
+      if d.text:
+        yield chunk(i, {"content": d.text})
+      if d.done is not None:
+        done.append(d.done)
+        yield chunk(i, {}, d.done.finish_reason)
     if extra:
-      yield _sse({**head, "choices": [], "usage": usage})
+      yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, done)})
     yield "data: [DONE]\n\n"
 
   return app
 
 
-def _stream(chunks: Iterator[str]) -> StreamingResponse:
+def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
   return StreamingResponse(chunks, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache"})
 
@@ -248,10 +281,13 @@ def _parser() -> argparse.ArgumentParser:
        "directory name)")
   flag("host", default="127.0.0.1", help="address to bind (default: loopback only)")
   flag("port", type=int, default=8000)
-  flag("chat_template", default="alpaca", help="alpaca | alpaca_bare | plain | FILE.json")
+  flag("chat_template", default="auto", help="auto (the checkpoint's own, else alpaca) | model | "
+       "alpaca | alpaca_bare | plain | FILE.json")
   flag("max_batch", type=int, default=32, help="most rows in one generate call")
   flag("batch_wait_ms", type=float, default=10.0,
        help="how long the first request of a batch waits for company")
+  flag("stream_chunk", type=int, default=8,
+       help="decode steps between streamed chunks (fewer: earlier text, more host round trips)")
   flag("default_max_tokens", type=int, default=256,
        help="chat max_tokens when the request gives none (capped by the context)")
   flag("api_key_env", default=None,
@@ -270,12 +306,15 @@ def main(argv: Sequence[str] | None = None):
       raise SystemExit(f"--api_key_env={args.api_key_env}: that environment variable is unset "
                        "or empty")
   from stable_alignment_jax.serving.engine import load_engine
-  from stable_alignment_jax.serving.templates import load_template
   kw = {"model_name": args.model_name} if args.model_name else {}
-  engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
-                       template=load_template(args.chat_template), max_batch=args.max_batch,
-                       wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens,
-                       **kw)
+  try:
+    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
+                         chat_template=args.chat_template, max_batch=args.max_batch,
+                         wait_ms=args.batch_wait_ms, default_max_tokens=args.default_max_tokens,
+                         chunk=args.stream_chunk, **kw)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"error: cannot load --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   import uvicorn
   logging.info("serving %r on http://%s:%d/v1 (API key %s)", engine.model_name, args.host,
                args.port, "required" if api_key else "not required")

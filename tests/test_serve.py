@@ -26,6 +26,7 @@ from stable_alignment_jax.model.llama import Llama
 from stable_alignment_jax.model.presets import preset
 from stable_alignment_jax.serve import create_app
 from stable_alignment_jax.serving.engine import Engine
+from stable_alignment_jax.text_sampler import TextSampler
 from stable_alignment_jax.tokenizer import load_tokenizer
 
 KEY = "test-key-not-a-secret"
@@ -39,8 +40,8 @@ def srv():
   graphdef, state = nnx.split(model)
   # Every call padded to 32 rows: batches of any size share one compiled shape (compiles, not
   # decoding, dominate this test's time on CPU).
-  sampler = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=tok.pad_id, min_batch=32)
-  engine = Engine(sampler, tok, model_name=MODEL, max_batch=32, wait_ms=20)
+  engine = Engine(TextSampler(graphdef, state, tok, min_batch=32), model_name=MODEL, max_batch=32,
+                  wait_ms=20)
   sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
@@ -170,9 +171,9 @@ def test_100_concurrent_requests_are_batched(srv):
           client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
           for p in prompts]), timeout=180)
 
-  calls_before = srv.engine.sampler.calls
+  calls_before = srv.engine.sampler.sampler.calls
   results = asyncio.run(fire())
-  calls = srv.engine.sampler.calls - calls_before
+  calls = srv.engine.sampler.sampler.calls - calls_before
   for p, res in zip(prompts, results):
     assert res.choices[0].text == direct(srv, srv.tok.encode(p, bos=True), max_new_tokens=8)[1], p
   assert calls < len(prompts), f"{calls} generate calls for {len(prompts)} requests: no batching"

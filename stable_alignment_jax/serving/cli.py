@@ -13,7 +13,8 @@ Modes:
   batched sampler calls and printed in input order, one completion per prompt. Completions may
   contain newlines, so `--jsonl` prints one JSON object per line instead
   (`{"prompt", "text", "finish_reason"}`) for scripts.
-- `--chat`: the prompt(s) are user turns rendered through the chat template (Alpaca by default).
+- `--chat`: the prompt(s) are user turns rendered through the chat template (by default the
+  checkpoint's own, stopping at its end-of-turn token; Alpaca for a model without one).
   Without `--prompt`, stdin lines are the turns of one conversation: each reply is printed and
   kept, so the next turn sees the whole history (oldest turns are dropped when the context is
   full). `/reset` starts over, `/exit` (or EOF) ends.
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
   flag("stop", action="append", default=[], help="stop string (repeatable)")
   flag("chat", action="store_true", help="render prompts through the chat template; "
        "interactive conversation when no --prompt is given")
-  flag("chat_template", default="alpaca", help="alpaca | alpaca_bare | plain | FILE.json")
+  flag("chat_template", default="auto", help="auto (the checkpoint's own, else alpaca) | model | "
+       "alpaca | alpaca_bare | plain | FILE.json")
   flag("system", default=None, help="system message for --chat (default: the template's)")
   flag("jsonl", action="store_true", help="batch mode: one JSON object per completion")
   flag("max_batch", type=int, default=32, help="most prompts in one sampler call")
@@ -153,11 +155,9 @@ def _main(argv: Sequence[str] | None):
   if args.max_tokens < 0:
     raise SystemExit(f"error: --max_tokens must be >= 0, got {args.max_tokens}")
   from stable_alignment_jax.serving.engine import ContextError, load_engine
-  from stable_alignment_jax.serving.templates import load_template
   try:
-    template = load_template(args.chat_template)
     engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
-                         template=template, max_batch=args.max_batch, wait_ms=0.0)
+                         chat_template=args.chat_template, max_batch=args.max_batch, wait_ms=0.0)
   except (OSError, ValueError, KeyError) as e:
     print(f"error: cannot load --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
     raise SystemExit(2) from None
@@ -175,7 +175,7 @@ def _main(argv: Sequence[str] | None):
     if args.chat:
       head = [{"role": "system", "content": args.system}] if args.system is not None else []
       prompts = [engine.chat_prompt(head + [{"role": "user", "content": t}]) for t in texts]
-      stop = list(args.stop) + [s for s in template.stop if s not in args.stop]
+      stop = list(args.stop) + [s for s in engine.template.stop if s not in args.stop]
     else:
       prompts, stop = texts, list(args.stop)
     try:
