@@ -154,8 +154,12 @@ def check_config(c: ml_collections.ConfigDict, n_batch_devices: int) -> None:
     raise NotImplementedError("ppo.run samples from process-local prompts: one process only")
 
 
-def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Trains a policy with PPO as configured; returns a summary and the per-iteration history."""
+def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
+  """Trains a policy with PPO as configured; returns a summary and the per-iteration history.
+
+  `stop_after` > 0 ends the run after that many iterations as a kill would: the schedule is
+  still the one of train.steps, and nothing is saved beyond the regular checkpoints.
+  """
   mesh = sharding.make_mesh(dict(c.mesh))
   check_config(c, math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
   p = c.ppo
@@ -245,6 +249,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
               top_k=p.top_k)]
   with sharding.activate(mesh):
     for step in range(start, c.train.steps):
+      if stop_after and step >= stop_after:
+        break
       prompts = prompts_of(next(it))
       key, k_sample, k_update = jax.random.split(key, 3)
       seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))

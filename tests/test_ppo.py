@@ -1,0 +1,214 @@
+"""PPO: GAE, the clipped losses and the KL penalty against numpy; learning and kill-resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ppo as ppo_config
+from stable_alignment_jax import losses, ppo
+from stable_alignment_jax import ppo_losses as pl
+from stable_alignment_jax.model import llama
+from stable_alignment_jax.model.presets import preset
+
+
+# --- numpy references -------------------------------------------------------------------------
+
+def _np_gae_episode(r, v, gamma, lam):
+  """Textbook GAE over one episode that ends after its last step (terminal value 0)."""
+  n = len(r)
+  adv = np.zeros(n)
+  for t in range(n):
+    total, w = 0.0, 1.0
+    for k in range(t, n):
+      v_next = v[k + 1] if k + 1 < n else 0.0
+      total += w * (r[k] + gamma * v_next - v[k])
+      w *= gamma * lam
+    adv[t] = total
+  return adv, adv + v
+
+
+def _np_gae(rewards, values, mask, gamma, lam):
+  """Splits each row into its episodes (maximal runs of mask == 1) and solves them one by one."""
+  adv, ret = np.zeros_like(rewards), np.zeros_like(rewards)
+  for i in range(rewards.shape[0]):
+    t = 0
+    while t < rewards.shape[1]:
+      if not mask[i, t]:
+        t += 1
+        continue
+      end = t
+      while end < rewards.shape[1] and mask[i, end]:
+        end += 1
+      a, r = _np_gae_episode(rewards[i, t:end], values[i, t:end], gamma, lam)
+      adv[i, t:end], ret[i, t:end] = a, r
+      t = end
+  return adv, ret
+
+
+def _hand_rollout():
+  rng = np.random.default_rng(0)
+  mask = np.array([
+      [0, 0, 1, 1, 1, 1, 0, 0],  # prompt, a 4-token response, right padding
+      [1, 1, 0, 1, 1, 1, 1, 0],  # two episodes in one row: a done after step 1
+      [0, 1, 0, 0, 0, 0, 0, 0],  # a one-token episode
+      [1, 1, 1, 1, 1, 1, 1, 1],  # runs to the end of the row
+  ], np.float32)
+  rewards = rng.normal(size=mask.shape).astype(np.float32)
+  values = rng.normal(size=mask.shape).astype(np.float32)
+  return rewards, values, mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0)])
+def test_gae_matches_numpy_with_dones_and_padding(gamma, lam):
+  rewards, values, mask = _hand_rollout()
+  adv, ret = pl.gae(rewards=jnp.asarray(rewards), values=jnp.asarray(values),
+                    mask=jnp.asarray(mask), gamma=gamma, lam=lam)
+  want_adv, want_ret = _np_gae(rewards, values, mask, gamma, lam)
+  np.testing.assert_allclose(np.asarray(adv), want_adv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ret), want_ret, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(adv)[mask == 0] == 0)
+
+
+def test_gae_hand_worked():
+  # One 2-step episode, gamma = lam = 1: A_1 = r_1 - V_1, A_0 = r_0 + r_1 - V_0.
+  adv, ret = pl.gae(rewards=jnp.array([[0.0, 1.0, 5.0]]), values=jnp.array([[0.5, 0.25, 9.0]]),
+                    mask=jnp.array([[1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
+  np.testing.assert_allclose(np.asarray(adv), [[0.5, 0.75, 0.0]])
+  np.testing.assert_allclose(np.asarray(ret), [[1.0, 1.0, 0.0]])
+
+
+def test_clipped_losses_match_numpy():
+  rng = np.random.default_rng(1)
+  _, _, mask = _hand_rollout()
+  shape = mask.shape
+  old_logp = rng.normal(-2, 0.5, shape).astype(np.float32)
+  logp = (old_logp + rng.normal(0, 0.4, shape)).astype(np.float32)  # ratios well beyond 1 +- 0.2
+  adv = rng.normal(size=shape).astype(np.float32)
+  values, old_values = rng.normal(size=(2,) + shape).astype(np.float32)
+  returns = rng.normal(size=shape).astype(np.float32)
+  eps, eps_v = 0.2, 0.3
+
+  loss, m = pl.policy_loss(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, cliprange=eps)
+  ratio = np.exp(logp - old_logp)
+  per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - eps, 1 + eps))
+  sel = mask > 0
+  np.testing.assert_allclose(float(loss), per[sel].mean(), rtol=1e-5)
+  clipped = (-adv * np.clip(ratio, 1 - eps, 1 + eps)) > (-adv * ratio)
+  np.testing.assert_allclose(float(m["pg_clipfrac"]), clipped[sel].mean(), rtol=1e-6)
+  assert 0.1 < float(m["pg_clipfrac"]) < 0.9  # both branches are exercised
+
+  vloss, vm = pl.value_loss(values=values, old_values=old_values, returns=returns, mask=mask,
+                            cliprange_value=eps_v)
+  v_clip = np.clip(values, old_values - eps_v, old_values + eps_v)
+  vper = 0.5 * np.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
+  np.testing.assert_allclose(float(vloss), vper[sel].mean(), rtol=1e-5)
+  assert 0.0 < float(vm["vf_clipfrac"]) < 1.0
+
+
+def test_whiten_and_last_index():
+  x = np.array([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 0.0]], np.float32)
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+  w = np.asarray(pl.whiten(jnp.asarray(x), jnp.asarray(mask)))
+  vals = x[mask > 0]
+  np.testing.assert_allclose(w[mask > 0], (vals - vals.mean()) / vals.std(), rtol=1e-4)
+  assert np.all(w[mask == 0] == 0)
+  np.testing.assert_array_equal(np.asarray(pl.last_index(jnp.asarray(mask))), [2, 1])
+
+
+def test_adaptive_kl_coefficient_hand_worked():
+  # KL 3x the target: error clipped to +0.2, so coef *= 1 + 0.2 * 100 / 1000.
+  assert pl.adaptive_kl_coef(0.1, 18.0, target=6.0, horizon=1000, n_steps=100) == \
+      pytest.approx(0.1 * 1.02)
+  # KL at 5.4 of 6: error -0.1.
+  assert pl.adaptive_kl_coef(0.1, 5.4, target=6.0, horizon=1000, n_steps=100) == \
+      pytest.approx(0.1 * 0.99)
+  assert pl.adaptive_kl_coef(0.1, 50.0, target=0.0, horizon=1000, n_steps=100) == 0.1
+
+
+def test_kl_penalty_is_the_log_prob_difference_of_two_models():
+  """Per-token penalties summed over a response = -coef * (log pi(y) - log pi_ref(y)), with the
+  sequence log-probs computed by the trainer's own `losses.sequence_logprobs`."""
+  cfg = preset("tiny", vocab_size=64, dtype="float32")
+  pol = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  ref = llama.Llama(cfg, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 64, n).tolist() for n in (3, 5, 2)]
+  responses = [rng.integers(3, 64, n).tolist() for n in (4, 1, 6)]
+  tokens, mask = ppo.layout(prompts, responses, 12, pad_id=0)
+  for i, (p, r) in enumerate(zip(prompts, responses)):  # the mask marks exactly the response
+    assert tokens[i, 1:][mask[i] > 0].tolist() == r
+  coef = 0.3
+  logp = pl.token_logprobs(pol(tokens)[0][:, :-1], tokens[:, 1:])
+  ref_logp = pl.token_logprobs(ref(tokens)[0][:, :-1], tokens[:, 1:])
+  pen = np.asarray(pl.kl_penalty(logp=logp, ref_logp=ref_logp, mask=mask, coef=coef)).sum(-1)
+  loss_mask = np.concatenate([np.zeros((3, 1), np.float32), mask], axis=1)
+  seq_pol, _ = losses.sequence_logprobs(pol(tokens)[0], tokens, loss_mask)
+  seq_ref, _ = losses.sequence_logprobs(ref(tokens)[0], tokens, loss_mask)
+  np.testing.assert_allclose(pen, -coef * (np.asarray(seq_pol) - np.asarray(seq_ref)), rtol=1e-4,
+                             atol=1e-5)
+  # The KL estimate: sum of r - 1 - log r, r = pi_ref / pi; zero against itself.
+  kl = np.asarray(pl.kl_estimate(logp=logp, ref_logp=ref_logp, mask=mask))
+  lr = (np.asarray(ref_logp) - np.asarray(logp)) * mask
+  np.testing.assert_allclose(kl, ((np.exp(lr) - 1 - lr) * mask).sum(-1), rtol=1e-5)
+  assert np.all(kl > 0)
+  np.testing.assert_allclose(np.asarray(pl.kl_estimate(logp=logp, ref_logp=logp, mask=mask)), 0)
+
+
+def test_token_count_reward():
+  got = ppo.token_count_reward([[1], [1]], [[5, 6, 5, 2], []], tokens=(5,), length_cost=0.25)
+  np.testing.assert_allclose(got, [2 - 1.0, 0.0])
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+def _tiny(tmp_path, name, **overrides):
+  c = ppo_config.get_config("tiny")
+  c.checkpoint.dir = str(tmp_path / name)
+  c.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """ppo.py:tiny uninterrupted: 12 iterations, checkpoints every 4."""
+  c = _tiny(tmp_path_factory.mktemp("ppo"), "full")
+  return c, ppo.run(c)
+
+
+def test_ppo_raises_the_reward_within_a_kl_bound(full_run):
+  c, out = full_run
+  h = out["history"]
+  assert len(h) == c.train.steps == 12
+  assert h[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as pi_ref
+  first = np.mean([m["score"] for m in h[:3]])
+  last = np.mean([m["score"] for m in h[-3:]])
+  # 16 new tokens from 384 ids: a random policy scores about 16 * (26/384 - 0.1) = -0.5.
+  assert first < 0.3, first
+  assert last > first + 1.0, (first, last)
+  kls = [m["kl"] for m in h]
+  assert max(kls) < 16.0, kls  # nats per 16-token response
+  assert all(np.isfinite(m["loss"]) for m in h)
+
+
+def test_kill_resume_gives_the_same_rollouts_and_losses(full_run, tmp_path):
+  c_full, out = full_run
+  c = _tiny(tmp_path, "killed")
+  stopped = ppo.run(c, stop_after=6)  # checkpoint at 4; iterations 5-6 are lost with the kill
+  assert len(stopped["history"]) == 6
+  resumed = ppo.run(c, stop_after=8)
+  assert resumed["start"] == 4
+  full = {m["iteration"]: m for m in out["history"]}
+  for m in stopped["history"] + resumed["history"]:
+    want = full[m["iteration"]]
+    assert m["rollout_crc"] == want["rollout_crc"], m["iteration"]
+    for k in ("loss", "pg_loss", "vf_loss", "score", "kl", "kl_coef"):
+      assert m[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (m["iteration"], k)
+  assert [m["iteration"] for m in resumed["history"]] == [5, 6, 7, 8]
