@@ -137,8 +137,7 @@ class TextSampler:
     self.template = resolve_template(chat_template, tok)
     self.stop_ids = list(tok.stop_ids)
     self.max_prompt_tokens, self.name = max_prompt_tokens, name
-    eos = self.stop_ids if len(self.stop_ids) > 1 else self.stop_ids[0]
-    self.sampler = Sampler(graphdef, state, eos_id=eos, pad_id=tok.pad_id, mesh=mesh,
+    self.sampler = Sampler(graphdef, state, eos_id=self.stop_ids, pad_id=tok.pad_id, mesh=mesh,
                            min_batch=min_batch)
     self.context = self.sampler.cfg.max_seq_len
     if tok.vocab_size > self.sampler.cfg.vocab_size:
@@ -281,8 +280,8 @@ class TextSampler:
     """Per `chunk` decode steps, one Delta per row (see `stream`)."""
     progress = [_Progress(self, r) for r in rows]
     for group in self._groups(rows):
-      for cumulative in _sampler_stream(self.sampler, [rows[i].ids for i in group],
-                                        [rows[i].params for i in group], chunk):
+      for cumulative in self.sampler.stream([rows[i].ids for i in group],
+                                            [rows[i].params for i in group], chunk=chunk):
         deltas = [Delta("")] * len(rows)
         for i, ids in zip(group, cumulative):
           deltas[i] = progress[i].update(ids)
@@ -332,7 +331,7 @@ class TextSampler:
     for i, t in enumerate(token_ids):
       by_ids.setdefault(t, []).append(i)
     for t, idx in by_ids.items():
-      out[idx] = _next_token_logprobs(self.sampler, [rows[i] for i in idx], list(t))
+      out[idx] = self.sampler.next_token_logprobs([rows[i] for i in idx], list(t))
     return out
 
 
@@ -367,26 +366,3 @@ def _safe_prefix(text: str, stop: Sequence[str]) -> str:
   text = text.rstrip("\ufffd")
   hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
   return text[:len(text) - hold]
-
-
-def _sampler_stream(sampler, prompts, params, chunk):
-  if hasattr(sampler, "stream"):
-    return sampler.stream(prompts, params, chunk=chunk)
-  return iter([sampler.generate(prompts, params)])  # a Sampler without stream: all at once
-
-
-def _next_token_logprobs(sampler, prompts, token_ids) -> np.ndarray:
-  if hasattr(sampler, "next_token_logprobs"):
-    return sampler.next_token_logprobs(prompts, token_ids)
-  # A Sampler without next_token_logprobs: one forward pass over the left-padded batch.
-  import jax
-  from flax import nnx
-  p = _bucket(max(len(x) for x in prompts), sampler.min_prompt)
-  tokens = np.full((len(prompts), p), sampler.pad_id, np.int32)
-  mask = np.zeros((len(prompts), p), bool)
-  for i, x in enumerate(prompts):
-    tokens[i, p - len(x):], mask[i, p - len(x):] = x, True
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-  model = nnx.merge(sampler.graphdef, sampler.state)
-  logits, _ = model(tokens, positions=positions, key_mask=mask)
-  return np.asarray(jax.nn.log_softmax(logits[:, -1], axis=-1))[:, token_ids]
