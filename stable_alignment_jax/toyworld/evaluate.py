@@ -31,22 +31,20 @@ def evaluate(spec: str, tokenizer_path: str, items: list[dict], *, max_new_token
              batch: int = 48) -> dict:
   from eval.items import MCItem
   from eval.mc_scoring import LogLikelihoodScorer
-  from stable_alignment_jax import checkpoints, sharding
-  from stable_alignment_jax.generate import Sampler, SamplingParams
-  from stable_alignment_jax.tokenizer import load_tokenizer
-  tok = load_tokenizer(tokenizer_path)
+  from stable_alignment_jax import sharding
+  from stable_alignment_jax.generate import SamplingParams
+  from stable_alignment_jax.text_sampler import TextSampler
   mesh = sharding.make_mesh({"fsdp": -1})
-  graphdef, state = checkpoints.load_model(spec, dtype="float32", mesh=mesh)
-  sampler = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=max(tok.pad_id, 0),
-                    min_batch=batch)
+  ts = TextSampler.load(spec, tokenizer=tokenizer_path, dtype="float32", mesh=mesh,
+                        chat_template="alpaca", min_batch=batch)
+  graphdef, state, tok = ts.sampler.graphdef, ts.sampler.state, ts.tokenizer
   out = {"samples": {}}
   for name, key in (("gen", "prompt"), ("gen_adv", "adv_prompt")):
     texts = []
     for s in range(0, len(items), batch):
-      chunk = items[s:s + batch]
-      new = sampler.generate([tok.encode(it[key], bos=True) for it in chunk],
-                             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-      texts += [tok.decode([i for i in ids if i != tok.eos_id]).strip() for ids in new]
+      done = ts.complete([it[key] for it in items[s:s + batch]],
+                         SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+      texts += [c.text.strip() for c in done]
     out[name] = summarize_generations(texts)
     out["samples"][name] = texts[:6]
   scorer = LogLikelihoodScorer(graphdef, state, tok, batch_size=32, progress=False)
