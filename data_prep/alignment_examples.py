@@ -9,7 +9,9 @@
   revision's moral score. Kept only when the revision scored strictly higher than the draft AND
   strictly above 4 (a revision scored exactly 4 is not kept).
 
-Prompts use the Alpaca layout. Examples with the same prompt are grouped into one example with K
+Prompts use the Alpaca layout (`prompt`); the same prompt is also kept as a chat user turn
+(`turns`: the instruction, a blank line, the input), so training can render it with a chat
+model's own template instead (`data.prompt_format`). Examples with the same prompt are grouped into one example with K
 rated responses; a response text seen twice under one prompt is kept once with its mean rating
 (otherwise the contrastive loss would compare a text with itself). A score that is null is never
 guessed: the answer, peer or record that needs it is left out and counted under a named reason.
@@ -44,12 +46,21 @@ def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
   return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
 
 
+def user_turn(instruction: str, input_text: str | None = None) -> str:
+  """The words of an Alpaca prompt without its preamble and headers: a chat user message."""
+  return instruction if input_text is None else f"{instruction}\n\n{input_text}"
+
+
+def _judged(question: str, draft: str) -> str:
+  return f"Question: {question}\nAnswer: {draft}"
+
+
 def critique_prompt(question: str, draft: str) -> str:
-  return alpaca_prompt(CRITIQUE_INSTRUCTION, f"Question: {question}\nAnswer: {draft}")
+  return alpaca_prompt(CRITIQUE_INSTRUCTION, _judged(question, draft))
 
 
 def revise_prompt(question: str, draft: str) -> str:
-  return alpaca_prompt(REVISE_INSTRUCTION, f"Question: {question}\nAnswer: {draft}")
+  return alpaca_prompt(REVISE_INSTRUCTION, _judged(question, draft))
 
 
 def realignment_response(reasons: list[str], revision: str) -> str:
@@ -69,8 +80,10 @@ class _Groups:
     self.groups: dict[str, dict] = {}
     self.merged = 0
 
-  def add(self, prompt: str, question: str, response: str, rating: float, source: str):
-    g = self.groups.setdefault(prompt, {"question": question, "responses": {}, "sources": {}})
+  def add(self, prompt: str, turn: str, question: str, response: str, rating: float,
+          source: str):
+    g = self.groups.setdefault(prompt, {"question": question, "turns": [turn],
+                                        "responses": {}, "sources": {}})
     g["sources"][source] = None
     if response in g["responses"]:
       self.merged += 1
@@ -82,7 +95,7 @@ class _Groups:
       out.append({"prompt": prompt, "responses": list(g["responses"]),
                   "ratings": [sum(r) / len(r) for r in g["responses"].values()],
                   "stage": self.kind, "source": ",".join(g["sources"]),
-                  "question": g["question"]})
+                  "turns": g["turns"], "question": g["question"]})
     return out
 
 
@@ -94,8 +107,8 @@ def imitation_examples(records: Iterable[dict], drops: collections.Counter) -> l
       if ans["moral"] is None:
         drops[f"imitation: {which} moral score is null"] += 1
         continue
-      groups.add(alpaca_prompt(rec["question"]), rec["question"], ans["text"], ans["moral"],
-                 record_source(rec))
+      groups.add(alpaca_prompt(rec["question"]), user_turn(rec["question"]), rec["question"],
+                 ans["text"], ans["moral"], record_source(rec))
   drops["imitation: repeated answer merged"] += groups.merged
   return groups.examples()
 
@@ -105,12 +118,15 @@ def self_critic_examples(records: Iterable[dict], drops: collections.Counter) ->
   for rec in records:
     rated = [fb for fb in rec["feedback"] if fb["rating"] is not None]
     drops["self_critic: peer rating is null"] += len(rec["feedback"]) - len(rated)
-    if not rated:
+    written = [fb for fb in rated if fb["reason"].strip()]
+    drops["self_critic: peer reason is empty"] += len(rated) - len(written)
+    if not written:
       drops["self_critic: record without a rated peer reason"] += 1
       continue
     prompt = critique_prompt(rec["question"], rec["draft"]["text"])
-    for fb in rated:
-      groups.add(prompt, rec["question"], fb["reason"], fb["rating"], record_source(rec))
+    turn = user_turn(CRITIQUE_INSTRUCTION, _judged(rec["question"], rec["draft"]["text"]))
+    for fb in written:
+      groups.add(prompt, turn, rec["question"], fb["reason"], fb["rating"], record_source(rec))
   drops["self_critic: repeated reason merged"] += groups.merged
   return groups.examples()
 
@@ -131,10 +147,14 @@ def realignment_examples(records: Iterable[dict], drops: collections.Counter) ->
     if not rec["feedback"]:
       drops["realignment: no feedback to restate"] += 1
       continue
-    response = realignment_response([fb["reason"] for fb in rec["feedback"]],
-                                    rec["revised"]["text"])
-    groups.add(revise_prompt(rec["question"], rec["draft"]["text"]), rec["question"], response,
-               after, record_source(rec))
+    reasons = [fb["reason"] for fb in rec["feedback"] if fb["reason"].strip()]
+    if not reasons:
+      drops["realignment: no feedback to restate"] += 1
+      continue
+    response = realignment_response(reasons, rec["revised"]["text"])
+    groups.add(revise_prompt(rec["question"], rec["draft"]["text"]),
+               user_turn(REVISE_INSTRUCTION, _judged(rec["question"], rec["draft"]["text"])),
+               rec["question"], response, after, record_source(rec))
   drops["realignment: repeated revision merged"] += groups.merged
   return groups.examples()
 

@@ -3,9 +3,9 @@
   python -m data_prep.build --export=runs/a.jsonl,runs/b.jsonl --out=data/alignment \
       [--ratio=5:1:1] [--seed=0] [--validation_percent=5]
 
-Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.0.0/` (train and validation
+Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.1.0/` (train and validation
 splits, split by a hash of the question) and the dataset card `OUT/sandbox_alignment/
-card-1.0.0.json`, which is also printed. Read back without TensorFlow:
+card-1.1.0.json`, which is also printed. Read back without TensorFlow:
 `stable_alignment_jax.data.open_tfds("sandbox_alignment/imitation", data_dir=OUT, split="train")`.
 
 Bad lines are rejected with file:line and reason and the rest is built; the card lists them.
@@ -89,6 +89,7 @@ def build(exports: Sequence[str], out_dir: str, *, ratio=None, seed: int = 0,
   card = {
       "builder": "sandbox_alignment", "version": str(sa.SandboxAlignment.VERSION),
       "inputs": lines, "records": len(records), "rejected": card_lib.rejections_card(rejections),
+      "scores_by_source": card_lib.sources_card(records),
       "dropped": dict(sorted(collections.Counter(drops).items())),
       "ratio": None if weights is None else ":".join(f"{weights[k]:g}" for k in ax.KINDS),
       "seed": seed, "validation_percent": validation_percent, "datasets": datasets,

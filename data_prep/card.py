@@ -22,6 +22,24 @@ def split_card(examples: list[dict]) -> dict:
   }
 
 
+def sources_card(records: list[dict]) -> dict:
+  """How the export's numbers were read: {rating, moral, engagement} -> counts of text, choice
+  and null (a record without a source field was read as text: exports before choice mode)."""
+  out = {k: {"text": 0, "choice": 0, "null": 0} for k in ("rating", "moral", "engagement")}
+
+  def count(obj: dict, score: str):
+    key = "null" if obj[score] is None else obj.get(f"{score}_source", "text")
+    out[score][key] += 1
+
+  for rec in records:
+    for fb in rec["feedback"]:
+      count(fb, "rating")
+    for part in ("draft", "revised"):
+      for score in ("moral", "engagement"):
+        count(rec[part], score)
+  return out
+
+
 def rejections_card(rejections, *, keep: int = 20) -> dict:
   by_reason = collections.Counter(r.category for r in rejections)
   return {"count": len(rejections), "by_reason": dict(by_reason.most_common()),

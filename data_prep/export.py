@@ -3,6 +3,10 @@
 Every line is checked against the contract; a bad line is rejected with its file, line number and
 reason, and the rest of the file is still read. Scores may be `null` (the model's output could not
 be parsed): such records are kept here, and each kind of example decides what it can use.
+A score may carry how it was read (`<score>_source` "text" | "choice", and for a choice
+`<score>_probs`, `<score>_expected`); they are checked and kept when present, and records
+without them (older exports) read as before. A peer's reason may be empty (a model that chose
+its rating and then wrote nothing): the self-critic builder leaves it out and counts it.
 """
 
 import dataclasses
@@ -83,13 +87,43 @@ def _score(obj: dict, key: str, where: str, *, integer: bool) -> float | None:
   return float(value)
 
 
+SOURCES = ("text", "choice")
+
+
+def _details(obj: dict, score: str, where: str) -> dict:
+  """The optional fields beside a score: its source and, for a choice, distribution and mean."""
+  out = {}
+  name = f"{score}_source"
+  if name in obj:
+    if obj[name] not in SOURCES:
+      raise BadRecord("wrong type", f"field {where}{name}: {obj[name]!r} is not one of {SOURCES}")
+    out[name] = obj[name]
+  name = f"{score}_probs"
+  if name in obj:
+    probs = obj[name]
+    if (not isinstance(probs, list) or len(probs) != SCORE_RANGE[1] - SCORE_RANGE[0] + 1
+        or not all(_is_number(p) and 0 <= p <= 1 for p in probs)
+        or abs(sum(probs) - 1) > 1e-4):
+      raise BadRecord("wrong type", f"field {where}{name}: expected 7 probabilities summing to 1")
+    out[name] = [float(p) for p in probs]
+  name = f"{score}_expected"
+  if name in obj:
+    value = obj[name]
+    if not _is_number(value) or not SCORE_RANGE[0] <= value <= SCORE_RANGE[1]:
+      raise BadRecord("out of range", f"field {where}{name}: {value!r} is not a number in 1..7")
+    out[name] = float(value)
+  return out
+
+
 def _answer(obj: dict, key: str) -> dict:
   ans = _require(obj, key, "")
   if not isinstance(ans, dict):
     raise BadRecord("wrong type", f"field {key}: expected an object, got {type(ans).__name__}")
-  return {"text": _text(ans, "text", f"{key}."),
-          "moral": _score(ans, "moral", f"{key}.", integer=False),
-          "engagement": _score(ans, "engagement", f"{key}.", integer=False)}
+  out = {"text": _text(ans, "text", f"{key}.")}
+  for score in ("moral", "engagement"):
+    out[score] = _score(ans, score, f"{key}.", integer=False)
+    out.update(_details(ans, score, f"{key}."))
+  return out
 
 
 def _feedback(obj: dict) -> list[dict]:
@@ -102,9 +136,13 @@ def _feedback(obj: dict) -> list[dict]:
     if not isinstance(fb, dict):
       raise BadRecord("wrong type",
                       f"field feedback[{i}]: expected an object, got {type(fb).__name__}")
+    reason = _require(fb, "reason", where)
+    if not isinstance(reason, str):
+      raise BadRecord("wrong type",
+                      f"field {where}reason: expected a string, got {type(reason).__name__}")
     peers.append({"peer": _int(fb, "peer", where),
                   "rating": _score(fb, "rating", where, integer=True),
-                  "reason": _text(fb, "reason", where)})
+                  **_details(fb, "rating", where), "reason": reason})
   return peers
 
 

@@ -9,7 +9,9 @@ and the flat `<subset>_<split>.jsonl.gz` of ../shared/data/hh_rlhf.
 
 One line -> one example: prompt = the dialogue up to and including the last "Assistant:"
 (leading blank lines removed), responses = [chosen reply, rejected reply] (stripped), ratings =
-[CHOSEN_RATING, REJECTED_RATING]. Pairs are not grouped by prompt: their ratings only order the
+[CHOSEN_RATING, REJECTED_RATING], turns = the prompt's Human/Assistant turns as chat turns
+(user first, alternating, ending with the user's; empty when the dialogue does not alternate,
+so training renders that example only in the stored layout). Pairs are not grouped by prompt: their ratings only order the
 two replies of one comparison. Splits keep the file's own name (`train`, `test`), so train with
 `data.dataset="hh_rlhf/all"`, `data.eval_split="test"`.
 
@@ -43,8 +45,9 @@ _FILE = re.compile(r"(?:^|/)(?P<subset>[a-z-]+)[/_](?P<split>train|test)\.jsonl(
 class HhRlhf(tfds.core.GeneratorBasedBuilder):
   """Anthropic HH-RLHF chosen/rejected pairs as prompt + 2 rated responses."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Prompt up to the last Assistant turn; chosen 1.0, rejected 0.0."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Prompt up to the last Assistant turn; chosen 1.0, rejected 0.0.",
+                   "1.1.0": "`turns`: the dialogue as chat turns, for chat templates."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="all", description="every subset found")] + [
       tfds.core.BuilderConfig(name=s, description=f"the {s} subset") for s in SUBSETS]
 
@@ -82,6 +85,24 @@ class _Skip(Exception):
     self.category = category or reason  # what the card counts rejections by
 
 
+_SPEAKER = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def dialogue_turns(prompt: str) -> list[str]:
+  """"Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> ["a", "b", "c"]; [] when the
+  speakers do not alternate from Human to a final Human turn."""
+  parts = _SPEAKER.split("\n\n" + prompt)
+  if parts[0].strip():
+    return []
+  speakers, texts = parts[1::2], [t.strip() for t in parts[2::2]]
+  if speakers[-1:] == ["Assistant"] and not texts[-1]:
+    speakers, texts = speakers[:-1], texts[:-1]  # the open reply the responses fill
+  want = ["Human" if i % 2 == 0 else "Assistant" for i in range(len(speakers))]
+  if not speakers or speakers != want or speakers[-1] != "Human":
+    return []
+  return texts
+
+
 def pair_example(obj, source: str) -> dict:
   """A decoded line -> an example dict; `_Skip` naming the field and problem otherwise."""
   if not isinstance(obj, dict):
@@ -104,8 +125,10 @@ def pair_example(obj, source: str) -> dict:
     raise _Skip("dropped", "empty " + ("chosen" if not chosen else "rejected") + " reply")
   if chosen == rejected:
     raise _Skip("dropped", "chosen and rejected replies are identical")
-  return {"prompt": prompt.lstrip(), "responses": [chosen, rejected],
-          "ratings": [CHOSEN_RATING, REJECTED_RATING], "stage": "hh_rlhf", "source": source}
+  prompt = prompt.lstrip()
+  return {"prompt": prompt, "responses": [chosen, rejected],
+          "ratings": [CHOSEN_RATING, REJECTED_RATING], "stage": "hh_rlhf", "source": source,
+          "turns": dialogue_turns(prompt)}
 
 
 def read_file(path: str, source: str):

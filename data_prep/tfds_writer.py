@@ -20,17 +20,20 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
-FEATURE_NAMES = ("prompt", "responses", "ratings", "stage", "source")
+FEATURE_NAMES = ("prompt", "responses", "ratings", "stage", "source", "turns")
 
 
 def features() -> tfds.features.FeaturesDict:
-  """The alignment dataset contract of DESIGN.md."""
+  """The alignment dataset contract of DESIGN.md, plus `turns`: the prompt as chat turns (user,
+  assistant, ..., user: the turn the responses answer), so training can render it with a
+  checkpoint's chat template; `prompt` is the same prompt in the layout the paper trains on."""
   return tfds.features.FeaturesDict({
       "prompt": tfds.features.Text(),
       "responses": tfds.features.Sequence(tfds.features.Text()),
       "ratings": tfds.features.Sequence(np.float32),
       "stage": tfds.features.Text(),
       "source": tfds.features.Text(),
+      "turns": tfds.features.Sequence(tfds.features.Text()),
   })
 
 
@@ -48,6 +51,7 @@ def encode_record(ex: dict) -> bytes:
   for name in ("prompt", "stage", "source"):
     feat[name].bytes_list.value.append(_b(ex[name]))
   feat["responses"].bytes_list.value.extend(_b(r) for r in ex["responses"])
+  feat["turns"].bytes_list.value.extend(_b(t) for t in ex["turns"])
   feat["ratings"].float_list.value.extend(float(r) for r in ex["ratings"])
   return proto.SerializeToString()
 

@@ -4,9 +4,17 @@ An example is `{"prompt", "responses", "ratings", ...}` (DESIGN.md "Alignment da
 is `tokens int32[b,K,T]`, `loss_mask float32[b,K,T]`, `ratings float32[b,K]`,
 `response_mask float32[b,K]` with b = global batch / process count.
 
-Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`.
+Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`
+(`prompt_format="alpaca"`: the stored prompt, the paper's Alpaca layout). With
+`prompt_format="chat_template"` the prompt is the example's `turns` (user, assistant, ..., user)
+rendered by the tokenizer's chat template with its generation prompt (BOS as the tokenizer's
+policy says), and the response ends with the template's end-of-turn token instead of EOS, so a
+chat model learns to stop where it is served; "auto" (default) takes the chat template when
+the tokenizer has one and the examples carry `turns`, else Alpaca. Datasets built before
+`turns` existed read in Alpaca only; an example whose `turns` are empty (an HH dialogue that
+does not alternate) is dropped under chat_template and counted.
 `tokens[t]` is predicted from position t-1, so `loss_mask[t] = 1` exactly on response tokens and
-the closing EOS, never on BOS or prompt. The prompt is kept whole and the response truncated (a
+the closing EOS (end of turn), never on BOS or prompt. The prompt is kept whole and the response truncated (a
 cut response loses its EOS: the model must not learn to stop there). An example whose prompt
 leaves no room for one response token is dropped; so is one with no responses. Both are counted.
 
@@ -41,6 +49,8 @@ from stable_alignment_jax import jsonl
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
 DROP_NO_RESPONSES = "no_responses"
+DROP_NO_CHAT_TURNS = "no_chat_turns"
+PROMPT_FORMATS = ("auto", "alpaca", "chat_template")
 
 
 def _text(x) -> str:
@@ -51,16 +61,89 @@ def _text(x) -> str:
   return str(x)
 
 
-def _prompt_ids(ex: dict, tokenizer) -> list[int]:
-  return [tokenizer.bos_id] + tokenizer.encode(_text(ex["prompt"]))
+class PromptFormat:
+  """How an example becomes prompt and response ids under one tokenizer: "alpaca" (the stored
+  prompt) or "chat_template" (the `turns` through the tokenizer's template). Picklable."""
+
+  def __init__(self, tokenizer, name: str = "alpaca"):
+    if name not in ("alpaca", "chat_template"):
+      raise ValueError(f"prompt format {name!r}: expected alpaca or chat_template (resolve "
+                       "auto with `resolve_prompt_format`)")
+    if name == "chat_template" and getattr(tokenizer, "chat_template", None) is None:
+      raise ValueError(f"data.prompt_format=chat_template: tokenizer "
+                       f"{getattr(tokenizer, 'path', tokenizer)!r} has no chat template")
+    self.tokenizer, self.name = tokenizer, name
+    self.end = [tokenizer.eos_id] if name == "alpaca" else self._end_of_turn()
+
+  def _render(self, turns, **kw) -> str:
+    from stable_alignment_jax.tokenizer import render_chat
+    roles = ("user", "assistant")
+    return render_chat(self.tokenizer, [{"role": roles[i % 2], "content": _text(t)}
+                                        for i, t in enumerate(turns)], **kw)
+
+  def _end_of_turn(self) -> list[int]:
+    """The template's text after an assistant message, through its first stop token (e.g.
+    `<|im_end|>`); EOS when that text holds none."""
+    marker = "\x1fEND-OF-TURN-PROBE\x1f"
+    text = self._render(["hi", marker], add_generation_prompt=False)
+    ids = self.tokenizer.encode(text[text.index(marker) + len(marker):])
+    stops = set(getattr(self.tokenizer, "stop_ids", [])) | {self.tokenizer.eos_id}
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids[:cut + 1] if cut is not None else [self.tokenizer.eos_id]
+
+  def prompt_ids(self, ex: dict) -> list[int] | None:
+    """None: the example has no chat form (empty `turns`)."""
+    tok = self.tokenizer
+    if self.name == "alpaca":
+      return [tok.bos_id] + tok.encode(_text(ex["prompt"]))
+    turns = ex.get("turns")
+    if turns is None:
+      raise ValueError(f"example with prompt {_text(ex['prompt'])[:60]!r} has no `turns` (a "
+                       "dataset built before data_prep wrote them?): rebuild it, or set "
+                       "data.prompt_format=alpaca")
+    if len(turns) == 0:
+      return None
+    text = self._render(turns, add_generation_prompt=True)
+    bos_text = getattr(tok, "bos_text", None)
+    if bos_text and text.startswith(bos_text):  # the template writes BOS: one BOS id
+      return [tok.bos_id] + tok.encode(text[len(bos_text):])
+    return [tok.bos_id] * bool(getattr(tok, "add_bos", True)) + tok.encode(text)
+
+  def response_ids(self, response) -> list[int]:
+    return self.tokenizer.encode(_text(response)) + self.end
 
 
-def drop_reason(ex: dict, tokenizer, *, max_len: int) -> str | None:
+def resolve_prompt_format(name: str, tokenizer, first_example: dict | None) -> str:
+  """auto -> chat_template when the tokenizer has a template and the examples carry `turns`
+  (judged by the first: a dataset is built by one data_prep version), else alpaca."""
+  if name not in PROMPT_FORMATS:
+    raise ValueError(f"data.prompt_format={name!r}: expected one of {PROMPT_FORMATS}")
+  if name != "auto":
+    return name
+  if getattr(tokenizer, "chat_template", None) is None:
+    return "alpaca"
+  if first_example is None or "turns" not in first_example:
+    logging.warning("data: the tokenizer has a chat template but the examples have no `turns` "
+                    "(built before data_prep wrote them); training prompts use the Alpaca layout")
+    return "alpaca"
+  return "chat_template"
+
+
+def _format(tokenizer, prompt_format) -> PromptFormat:
+  return prompt_format if isinstance(prompt_format, PromptFormat) else PromptFormat(
+      tokenizer, prompt_format)
+
+
+def drop_reason(ex: dict, tokenizer, *, max_len: int,
+                prompt_format: "str | PromptFormat" = "alpaca") -> str | None:
   """Why `encode_example` would drop `ex` (one of the DROP_* names), or None if it keeps it."""
   if len(ex["responses"]) == 0:
     return DROP_NO_RESPONSES
+  prompt = _format(tokenizer, prompt_format).prompt_ids(ex)
+  if prompt is None:
+    return DROP_NO_CHAT_TURNS
   # BOS + prompt must leave at least one position for a response token.
-  if len(_prompt_ids(ex, tokenizer)) + 1 > max_len:
+  if len(prompt) + 1 > max_len:
     return DROP_PROMPT_TOO_LONG
   return None
 
@@ -79,15 +162,19 @@ def select_responses(ratings: Sequence[float], k: int) -> list[int]:
   return sorted(picks)
 
 
-def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int) -> dict | None:
+def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int,
+                   prompt_format: "str | PromptFormat" = "alpaca") -> dict | None:
   """One example -> K token rows and masks; None when it must be dropped (see `drop_reason`)."""
+  fmt = _format(tokenizer, prompt_format)
   responses, ratings = ex["responses"], ex["ratings"]
   if len(responses) != len(ratings):
     raise ValueError(f"example with prompt {_text(ex['prompt'])[:60]!r}: {len(responses)} "
                      f"responses but {len(ratings)} ratings")
   if len(responses) == 0:
     return None
-  prompt = _prompt_ids(ex, tokenizer)
+  prompt = fmt.prompt_ids(ex)
+  if prompt is None:
+    return None
   room = max_len - len(prompt)
   if room < 1:
     return None
@@ -98,7 +185,7 @@ def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int) -> 
   response_mask = np.zeros((k,), np.float32)
   tokens[:, :len(prompt)] = prompt
   for slot, i in enumerate(select_responses(ratings, k)):
-    resp = (tokenizer.encode(_text(responses[i])) + [tokenizer.eos_id])[:room]
+    resp = fmt.response_ids(responses[i])[:room]
     end = len(prompt) + len(resp)
     tokens[slot, len(prompt):end] = resp
     loss_mask[slot, len(prompt):end] = 1.0
@@ -143,11 +230,12 @@ class _Encode(grain.transforms.Map):
   tokenizer: Any
   max_len: int
   num_responses: int
+  prompt_format: Any = "alpaca"
 
   def map(self, i: int) -> dict:
     ex = self.source[int(self.kept[i])]
     out = encode_example(ex, self.tokenizer, max_len=self.max_len,
-                         num_responses=self.num_responses)
+                         num_responses=self.num_responses, prompt_format=self.prompt_format)
     if out is None:  # the pre-pass kept it, so the source or tokenizer changed under us
       raise RuntimeError(f"example {int(self.kept[i])} passed the length pre-pass but not encoding")
     return out
@@ -183,7 +271,8 @@ def _iter_source(source, chunk: int = 1024):
 
 def read_jsonl(path: str) -> list[dict]:
   """Examples of the alignment contract, one JSON object a line ({prompt, responses, ratings}
-  required); a bad line is an error naming the file, line and field."""
+  required; `turns`, the prompt as chat turns, optional); a bad line is an error naming the
+  file, line and field."""
   out = []
   for n, ex in jsonl.records(path):
     if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str):
@@ -195,6 +284,11 @@ def read_jsonl(path: str) -> list[dict]:
         or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rat)):
       raise ValueError(f"{path}:{n}: field 'ratings' must be {len(resp)} numbers, one per "
                        "response")
+    turns = ex.get("turns", [])
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns) or (
+        turns and len(turns) % 2 == 0):
+      raise ValueError(f"{path}:{n}: field 'turns' must be a list of strings: user, assistant, "
+                       "..., user (an odd number)")
     out.append(ex)
   if not out:
     raise ValueError(f"{path}: no examples")
@@ -204,11 +298,13 @@ def read_jsonl(path: str) -> list[dict]:
 def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_responses: int,
                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int | None = None, shard_count: int | None = None,
-                worker_count: int = 0, drop_remainder: bool = True) -> AlignmentLoader:
+                worker_count: int = 0, drop_remainder: bool = True,
+                prompt_format: str = "auto") -> AlignmentLoader:
   """A grain pipeline over any random-access `source` of example dicts (list, tfds.data_source).
 
   A pre-pass tokenises every prompt once to find the examples to drop, so the drop counts are
   exact and known before training, and every process sees the same epoch length.
+  `prompt_format`: auto | alpaca | chat_template (`config.data.prompt_format`; module doc).
   """
   if shard_index is None or shard_count is None:
     shard_index, shard_count = _process_index_count()
@@ -218,10 +314,12 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
                      f"{shard_count} processes")
   batch = global_batch_size // shard_count
+  fmt = PromptFormat(tokenizer, resolve_prompt_format(
+      prompt_format, tokenizer, source[0] if len(source) else None))
   dropped: dict[str, int] = {}
   kept = []
   for i, ex in enumerate(_iter_source(source)):
-    reason = drop_reason(ex, tokenizer, max_len=max_len)
+    reason = drop_reason(ex, tokenizer, max_len=max_len, prompt_format=fmt)
     if reason is None:
       kept.append(i)
     else:
@@ -239,11 +337,12 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
     raise ValueError(f"{len(positions)} examples per process in {num_epochs} epoch(s) make no "
                      f"full batch of {batch}")
   ds = grain.MapDataset.source(positions).map(
-      _Encode(source, kept, tokenizer, max_len, num_responses))
+      _Encode(source, kept, tokenizer, max_len, num_responses, fmt))
   ds = ds.to_iter_dataset().batch(batch, drop_remainder=drop_remainder)
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   stats = {"examples": len(source), "kept": int(len(kept)), "dropped": dropped,
+           "prompt_format": fmt.name,
            "examples_per_epoch": positions.per_epoch, "batch_size": batch,
            "batches_per_epoch": positions.per_epoch / batch}
   return AlignmentLoader(ds, stats)

@@ -328,7 +328,8 @@ def test_records_match_tfds_own_encoder(built):
   feats = tfds_writer.features()
   ser = example_serializer.ExampleSerializer(feats.get_serialized_info())
   exs = _read(built["dir"], "imitation", "train") + [
-      {"prompt": "é 你好\n", "responses": [], "ratings": [], "stage": "s", "source": ""}]
+      {"prompt": "é 你好\n", "responses": [], "ratings": [], "stage": "s", "source": "",
+       "turns": ["é 你好"]}]
   for ex in exs:
     ours = tfds_writer.encode_record(ex)
     theirs = ser.serialize_example(feats.encode_example(ex))
@@ -336,9 +337,10 @@ def test_records_match_tfds_own_encoder(built):
     back = feats.deserialize_example_np(ours)
     assert back["prompt"].decode() == ex["prompt"]
     assert [r.decode() for r in back["responses"]] == list(ex["responses"])
+    assert [t.decode() for t in back["turns"]] == list(ex["turns"])
   with pytest.raises(ValueError, match="2 responses, 1 ratings"):
     tfds_writer.encode_record({"prompt": "p", "responses": ["a", "b"], "ratings": [1.0],
-                               "stage": "s", "source": "x"})
+                               "stage": "s", "source": "x", "turns": ["p"]})
 
 
 def test_rebuild_is_safe_and_failures_lose_nothing(tmp_path, monkeypatch):
