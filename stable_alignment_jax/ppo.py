@@ -18,7 +18,6 @@ run resumes with the same rollouts and losses. Its `params["policy"]` is a plain
 
 import functools
 import json
-import logging
 import math
 import os
 import zlib
@@ -139,6 +138,10 @@ def layout(prompts, responses, length: int, pad_id: int):
   return tokens, mask
 
 
+def _pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
 def check_config(c: ml_collections.ConfigDict, n_batch_devices: int) -> None:
   p = c.ppo
   if p.rollout_batch % p.minibatch:
@@ -180,6 +183,11 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   else:  # the run's own record of its model (a checkpoint's architecture, not config.model)
     cfg = ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
   graphdef, abstract_policy = reward.abstract_trunk(cfg)
+  room = _pow2(max(p.max_prompt_len, 16)) + _pow2(p.max_new_tokens)  # the Sampler's buckets
+  if room > cfg.max_seq_len:
+    raise ValueError(f"ppo.max_prompt_len={p.max_prompt_len} + ppo.max_new_tokens="
+                     f"{p.max_new_tokens} take {room} positions in the sampler (powers of two), "
+                     f"more than the model's max_seq_len={cfg.max_seq_len}")
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {c.data.tokenizer} has {tok.vocab_size} ids but the policy's "
                      f"vocab_size is {cfg.vocab_size}")
@@ -243,7 +251,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
                                "key": np.asarray(jax.random.key_data(key)).tolist()}),
         config=ocp.args.JsonSave(json.loads(run_c.to_json_best_effort()))), force=True)
 
-  history = []
+  history, last = [], {}
   log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
   gen = [dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
               top_k=p.top_k)]
@@ -271,6 +279,8 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       kl_coef = pl.adaptive_kl_coef(kl_coef, m["kl"], target=p.kl_target, horizon=p.kl_horizon,
                                     n_steps=len(prompts))
       history.append(m)
+      last = {"prompts": prompts, "responses": responses, "tokens": tokens, "mask": mask,
+              "scores": scores}
       if log:
         log.write(json.dumps(m) + "\n")
         log.flush()
@@ -284,7 +294,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   if log:
     log.close()
   return {"dir": ckpt_dir, "start": start, "origin": origin, "history": history, "state": state,
-          "graphdef": graphdef, "kl_coef": kl_coef}
+          "graphdef": graphdef, "kl_coef": kl_coef, "last_rollout": last}
 
 
 def _scorer(c, mesh, tok, policy_cfg):
@@ -308,15 +318,19 @@ def _scorer(c, mesh, tok, policy_cfg):
 
 
 def main(argv):
-  del argv
-  from absl import flags
-  summary = run(flags.FLAGS.config)
-  print(json.dumps({"dir": summary["dir"], "last": summary["history"][-1:]}, indent=2))
+  from absl import app
+  from absl import logging as absl_logging
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+  summary = run(_CONFIG.value)
+  print(json.dumps({"dir": summary["dir"], "last": summary["history"][-1:]}, indent=2),
+        flush=True)
 
 
 if __name__ == "__main__":
   from absl import app
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "configs/ppo.py[:tiny]", lock_config=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/ppo.py", "Config file, e.g. configs/ppo.py:tiny", lock_config=True)
   app.run(main)

@@ -16,7 +16,6 @@ reads it back for PPO.
 
 import functools
 import json
-import logging
 import math
 import os
 import time
@@ -25,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -186,7 +184,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     params = jax.device_put({"trunk": trunk, "head": init_head(cfg.dim)}, param_sh)
     with sharding.activate(mesh):
       opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), replicated)}
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.device_put(jnp.int32(0), replicated)}
     start = 0
   else:
     target = {"params": abstract, "opt_state": opt_abstract}
@@ -269,15 +268,19 @@ def evaluate(c, params, eval_fn, load_data, mesh) -> dict[str, float]:
 
 
 def main(argv):
-  del argv
-  from absl import flags
-  summary = run(flags.FLAGS.config)
-  print(json.dumps({"dir": summary["dir"], "eval": summary["eval"]}, indent=2))
+  from absl import app
+  from absl import logging as absl_logging
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+  summary = run(_CONFIG.value)
+  print(json.dumps({"dir": summary["dir"], "final": summary["final"], "eval": summary["eval"]},
+                   indent=2), flush=True)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import app
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "configs/reward.py[:tiny]", lock_config=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/reward.py", "Config file, e.g. configs/reward.py:tiny", lock_config=True)
   app.run(main)

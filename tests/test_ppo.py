@@ -1,6 +1,7 @@
 """PPO: GAE, the clipped losses and the KL penalty against numpy; learning and kill-resume."""
 
-import jax
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -212,3 +213,41 @@ def test_kill_resume_gives_the_same_rollouts_and_losses(full_run, tmp_path):
     for k in ("loss", "pg_loss", "vf_loss", "score", "kl", "kl_coef"):
       assert m[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (m["iteration"], k)
   assert [m["iteration"] for m in resumed["history"]] == [5, 6, 7, 8]
+
+
+def test_a_reward_model_scores_ppo_rollouts_on_hh_rlhf(shared_data, tmp_path):
+  """HH-RLHF pairs (data_prep's reader) -> reward.py:tiny for a few steps -> ppo.py:tiny on the
+  HH prompts with that reward model: PPO's scores are the reward model's on the rollouts."""
+  from configs import reward as reward_config
+  from data_prep import hh_rlhf
+  from stable_alignment_jax import reward, sharding
+  from stable_alignment_jax.tokenizer import ByteTokenizer
+
+  examples, _, _, _ = hh_rlhf.read_file(str(shared_data / "hh_rlhf/harmless-base_test.jsonl.gz"),
+                                        "harmless_base")
+  data_dir = tmp_path / "hh"
+  data_dir.mkdir()
+  for split, part in (("train", examples[:400]), ("test", examples[400:600])):
+    with open(data_dir / f"{split}.jsonl", "w") as f:
+      for ex in part:
+        f.write(json.dumps({k: ex[k] for k in ("prompt", "responses", "ratings")}) + "\n")
+  rc = reward_config.get_config("tiny")
+  rc.data.source, rc.data.data_dir, rc.data.eval_split = "jsonl", str(data_dir), "test"
+  rc.data.num_responses, rc.data.max_len = 2, 256
+  rc.train.steps, rc.train.eval_every, rc.train.eval_batches = 4, 4, 1
+  rc.checkpoint.dir, rc.checkpoint.async_save = str(tmp_path / "rm"), False
+  rc.train.tensorboard = False
+  reward.run(rc)
+
+  c = _tiny(tmp_path, "ppo_hh", **{
+      "data.source": "jsonl", "data.data_dir": str(data_dir), "reward.model": rc.checkpoint.dir,
+      "ppo.max_prompt_len": 128, "ppo.rollout_batch": 16, "train.steps": 2})
+  out = ppo.run(c)
+  last = out["last_rollout"]
+  assert all(ByteTokenizer().decode(p).startswith("Human:") for p in last["prompts"])
+  graphdef, params = reward.load(rc.checkpoint.dir, mesh=sharding.make_mesh({"fsdp": -1}))
+  loss_mask = np.concatenate([np.zeros_like(last["mask"][:, :1]), last["mask"]], axis=1)
+  want = np.asarray(reward.sequence_scores(graphdef, params, last["tokens"], loss_mask))
+  np.testing.assert_allclose(last["scores"], want, rtol=1e-5, atol=1e-6)
+  assert np.std(want) > 0  # the reward model tells the rollouts apart
+  assert out["history"][-1]["score"] == pytest.approx(float(np.mean(want)), rel=1e-5)
