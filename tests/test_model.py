@@ -347,3 +347,16 @@ def test_preset_parameter_counts(name):
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
+
+
+def test_relayout_round_trips_the_weights(model, cfg):
+  from stable_alignment_jax.model import llama
+  graphdef, state = nnx.split(model)
+  g1, s1 = llama.relayout(graphdef, state, scan_layers=False)
+  assert not nnx.merge(g1, s1).cfg.scan_layers
+  unrolled = Llama(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(s1),
+               nnx.to_pure_dict(nnx.state(unrolled)))
+  g2, s2 = llama.relayout(g1, s1, scan_layers=True)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(s2), nnx.to_pure_dict(state))
+  assert llama.relayout(graphdef, state, scan_layers=True)[1] is state  # already that layout

@@ -17,6 +17,7 @@ Shapes use the letters B batch, T query length, S key length (cache slots), D mo
 H query heads, K kv heads, E head dim, F ffn dim, V vocab.
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -294,6 +295,29 @@ class Llama(nnx.Module):
           vs.append(kv[1])
       new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
     return self.final_norm(x), new_cache
+
+
+def relayout(graphdef, state, *, scan_layers: bool):
+  """The same weights in the other layer layout: stacked [L, ...] <-> one entry per layer.
+
+  Training wants the scan (compile time flat in depth); decoding wants the unrolled layers
+  (MaxText decodes unscanned too): under a scan every step would copy each layer's cache slice in
+  and out of the stacked cache, which costs more than the attention that reads it.
+  """
+  cfg = nnx.merge(graphdef, state).cfg
+  if cfg.scan_layers == scan_layers:
+    return graphdef, state
+  target = dataclasses.replace(cfg, scan_layers=scan_layers)
+  new_graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(target, rngs=nnx.Rngs(0))))
+  pure = nnx.to_pure_dict(state)
+  if scan_layers:
+    per_layer = [pure["layers"][i] for i in range(cfg.n_layers)]
+    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  else:
+    pure["layers"] = {i: jax.tree.map(lambda w, i=i: w[i], pure["layers"])
+                      for i in range(cfg.n_layers)}
+  nnx.replace_by_pure_dict(abstract, pure)
+  return new_graphdef, abstract
 
 
 def _cache_len(cache: KVCache) -> int:
