@@ -5,6 +5,7 @@ the seven digit ids. OpenAI-compatible backend: the server's logprobs (chat and 
 and strict text where the server returns none or refuses them. The export records the source of
 every number, old records (without sources) still read, and the data card counts by source."""
 
+import dataclasses
 import json
 import math
 import os
@@ -220,3 +221,37 @@ def test_old_store_and_old_records_still_read(tmp_path, pool):
                       "rating_probs": [0.5] * 7, "reason": "ok"}]
   with pytest.raises(ValueError, match=r"feedback\[0\].rating_probs: not 7 probabilities"):
     export.validate_record(bad)
+
+
+@pytest.mark.slow  # ~1 min on a shared CPU: a 135M model in JAX and in torch
+def test_smollm2_backend_uses_its_chat_template_and_scores_like_transformers(tmp_path, pool,
+                                                                             smollm2_dir):
+  """The real SmolLM2: prompts rendered as transformers renders its ChatML template (the cue as
+  the start of the assistant's reply), the digit scored where the tokenizer writes it (SmolLM2
+  splits digits off: "Rating: 5" is ..., ":", "Ġ", "5"; so "5" after "Rating: "), and the scores
+  equal torch's log-softmax of the same model's next-token logits."""
+  import torch
+  import transformers
+  cfg = _jax_config(str(tmp_path / "s.sqlite"), *pool)
+  cfg.backends.local.model, cfg.backends.local.max_prompt_tokens = str(smollm2_dir), 1024
+  backend = JaxBackend("local", cfg.backends.local, ["tiny-random"])
+  (m,) = backend.models.values()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+  r = Request("local", "tiny-random", prompts.Prompts().feedback("Is it ok to lie?", "Never."),
+              1, 0.0, 1.0, 0, prefix=prompts.RATING_CUE, choices=prompts.SCALE)
+  user = [{"role": "user", "content": r.prompt}]
+  assert m.chat and m.text(m.prompt(dataclasses.replace(r, prefix=""))) == \
+      hf_tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+  prompt, written = m.choice_prompt(r)
+  assert hf_tok.tokenize("Rating: 5")[-2:] == ["Ġ", "5"]
+  text = hf_tok.apply_chat_template(user + [{"role": "assistant", "content": "Rating: "}],
+                                    continue_final_message=True, tokenize=False)
+  assert m.text(prompt) == text and text.endswith("<|im_start|>assistant\nRating: ")
+  assert written == list(prompts.SCALE)
+  (got,) = backend.choose_sync([r])
+  model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+  ids = hf_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+  with torch.no_grad():
+    logits = model(ids).logits[0, -1]
+  want = torch.log_softmax(logits, -1)[hf_tok.convert_tokens_to_ids(list(prompts.SCALE))].numpy()
+  np.testing.assert_allclose(got, want, atol=2e-3)
