@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, driven by the official `openai` SDK over real HTTP on 127.0.0.1.
 
 Expected outputs come from `Sampler.generate` called directly (a separate Sampler over the same
-weights) and from hand-worked strings; nothing is compared with the server's own output alone.
+weights), from `TextSampler.complete` called directly (the real SmolLM2 with its own chat
+template) and from hand-worked strings; nothing is compared with the server's own output alone.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import uuid
 import httpx
 import openai
 import pytest
+import transformers
 import uvicorn
 from flax import nnx
 
@@ -33,6 +35,21 @@ KEY = "test-key-not-a-secret"
 MODEL = "tiny-test"
 
 
+def _serve(engine, api_key=None):
+  """uvicorn on a free loopback port in a thread: (server, thread, base URL)."""
+  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  sock.bind(("127.0.0.1", 0))
+  port = sock.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key), log_level="warning"))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    assert time.monotonic() < deadline, "server did not start"
+    time.sleep(0.05)
+  return server, thread, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="module")
 def srv():
   tok = load_tokenizer("byte")
@@ -42,19 +59,9 @@ def srv():
   # decoding, dominate this test's time on CPU).
   engine = Engine(TextSampler(graphdef, state, tok, min_batch=32), model_name=MODEL, max_batch=32,
                   wait_ms=20)
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=KEY), log_level="warning"))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started:
-    assert time.monotonic() < deadline, "server did not start"
-    time.sleep(0.05)
+  server, thread, base = _serve(engine, KEY)
   # Independent of the server; same shapes, so the compiled programs are shared.
   ref = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=tok.pad_id, min_batch=32)
-  base = f"http://127.0.0.1:{port}"
   yield types.SimpleNamespace(base=base, engine=engine, tok=tok, ref=ref,
                               client=openai.OpenAI(base_url=base + "/v1", api_key=KEY,
                                                    max_retries=0, timeout=120))
@@ -295,3 +302,95 @@ def test_serve_main_takes_api_key_from_env_and_binds_loopback(tmp_path_factory):
           p.kill()
           p.wait()
   assert key not in server.stderr.read().decode("utf-8", "replace")  # the key is never logged
+
+
+def test_stream_chunks_leave_while_the_batch_is_still_decoding(srv, monkeypatch):
+  """Counted in decode steps: the sampler's stream is held after its second chunk until the
+  client has two text chunks in hand, so they cannot have waited for the end of decoding."""
+  prompt, max_tokens, chunk = "Streaming, step by step", 64, srv.engine.batcher.chunk
+  ts = srv.engine.sampler
+  first = [d[0].text for d in ts.stream([prompt], SamplingParams(max_new_tokens=max_tokens),
+                                        chunk=chunk)]
+  assert first[0] and first[1] and len(first) > 3  # the setting makes text in early chunks
+  sampler, orig = ts.sampler, ts.sampler.stream
+  got_two, log = threading.Event(), {"steps": 0}
+
+  def held(prompts, params, chunk=8):
+    for k, out in enumerate(orig(prompts, params, chunk=chunk)):
+      log["steps"] = min((k + 1) * chunk, max_tokens)  # decode steps run so far
+      yield out
+      if k == 1:
+        log["released"] = got_two.wait(120)
+
+  monkeypatch.setattr(sampler, "stream", held)
+  texts, steps_at_two = [], None
+  with httpx.stream("POST", srv.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                          "temperature": 0, "stream": True}, timeout=180) as r:
+    for line in r.iter_lines():
+      if not line.startswith("data: {"):
+        continue
+      text = json.loads(line[len("data: "):])["choices"][0]["text"]
+      if text:
+        texts.append(text)
+      if len(texts) == 2 and steps_at_two is None:
+        steps_at_two = log["steps"]
+        got_two.set()
+  assert log["released"]  # the client had two chunks while decoding was held
+  # Two chunks in hand after 2 * chunk decode steps, and decoding went on after that.
+  assert steps_at_two == 2 * chunk and log["steps"] > steps_at_two
+  assert "".join(texts) == "".join(first)
+
+
+def test_streamed_and_plain_jobs_share_one_batch(srv):
+  from stable_alignment_jax.serving.batcher import Batcher
+  ts = srv.engine.sampler
+  rows = [ts.prepare(p, SamplingParams(max_new_tokens=16)) for p in ("first one", "second")]
+  batcher = Batcher(ts, wait_ms=2000, chunk=4).start()  # a long window: both land in it
+  try:
+    seen = []
+    streamed = batcher.submit(rows[:1], on_delta=lambda i, d: seen.append(d))
+    plain = batcher.submit(rows[1:])
+    a, b = streamed.result(120), plain.result(120)
+  finally:
+    batcher.stop()
+  assert batcher.batches == 1
+  want = ts.complete_rows(rows)
+  assert a + b == want
+  assert "".join(d.text for d in seen) == want[0].text and seen[-1].done == want[0]
+  assert sum(bool(d.text) for d in seen) > 1
+
+
+def test_serve_bad_checkpoint_is_one_line_and_nonzero_exit(tmp_path_factory):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jc"))
+  p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.serve",
+                      "--checkpoint=/no/such/run", "--log_level=warning"],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert p.returncode != 0 and p.stdout == ""
+  lines = [line for line in p.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "/no/such/run" in lines[0] and "not found" in lines[0], p.stderr
+
+
+def test_smollm2_chat_through_the_sdk_uses_its_template_and_stops_at_im_end(smollm2_dir):
+  ts = TextSampler.load(str(smollm2_dir), dtype="float32")
+  server, thread, base = _serve(Engine(ts, model_name="smollm2", wait_ms=5))
+  try:
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    res = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=32,
+                                         temperature=0)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=32,
+                                                 temperature=0, stream=True))
+  finally:
+    server.should_exit = True
+    thread.join(30)
+  want = ts.complete([msgs], SamplingParams(max_new_tokens=32))[0]  # directly, no HTTP
+  assert res.choices[0].message.content == want.text
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+  im_end = ts.tokenizer.tok.token_to_id("<|im_end|>")
+  assert want.token_ids[-1] == im_end and len(want.token_ids) < 32  # ended by its end of turn
+  assert res.choices[0].finish_reason == "stop" == chunks[-1].choices[0].finish_reason
+  assert "Paris" in want.text and "<|im" not in want.text
+  rendered = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir)).apply_chat_template(
+      msgs, tokenize=False, add_generation_prompt=True)
+  assert res.usage.prompt_tokens == len(ts.tokenizer.encode(rendered)) == want.prompt_tokens
