@@ -14,6 +14,7 @@ def test_byte_round_trip_and_specials():
   ids = tok.encode(text, bos=True, eos=True)
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) == len(text.encode()) + 2
   assert tok.decode(ids) == text
+  assert tok.add_bos and tok.stop_ids == [tok.eos_id] and tok.chat_template is None
 
 
 def test_sentencepiece_file_and_directory_match_the_library(shared_data, tmp_path):
@@ -25,6 +26,7 @@ def test_sentencepiece_file_and_directory_match_the_library(shared_data, tmp_pat
   for tok in (tok_lib.load_tokenizer(str(model)), tok_lib.load_tokenizer(str(tmp_path))):
     assert tok.encode(text) == ref.encode(text) and tok.vocab_size == 32000
     assert tok.decode(tok.encode(text, bos=True)) == text
+    assert tok.add_bos and tok.stop_ids == [2] and tok.chat_template is None  # LLaMA-2: <s>, </s>
 
 
 def _tokenizer_json_dir(path):
@@ -58,6 +60,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
   tok = tok_lib.load_tokenizer("some-org/some-model")
   assert asked == [("some-org/some-model", tuple(tok_lib._TOKENIZER_FILES))]  # no weights fetched
+  assert {"generation_config.json", "chat_template.jinja"} <= set(asked[0][1])  # stops, template
   assert tok.decode(tok.encode("be kind")).strip() == "be kind"
 
 
@@ -74,3 +77,17 @@ def test_missing_tokenizers_are_clear_errors(tmp_path, monkeypatch):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
     tok_lib.load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_bos_policy_of_a_tokenizer_json_follows_its_post_processor(tmp_path):
+  from tokenizers import processors
+  t = _tokenizer_json_dir(tmp_path / "plain")
+  assert not tok_lib.load_tokenizer(str(tmp_path / "plain")).add_bos  # adds nothing (SmolLM2)
+  bos = t.token_to_id("<s>")
+  t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+  (tmp_path / "bos").mkdir()
+  t.save(str(tmp_path / "bos" / "tokenizer.json"))  # adds BOS itself (LLaMA-3)
+  shutil.copy(tmp_path / "plain" / "tokenizer_config.json", tmp_path / "bos")
+  tok = tok_lib.load_tokenizer(str(tmp_path / "bos"))
+  assert tok.add_bos and tok.bos_text == "<s>"
+  assert tok.encode("be kind")[0] != bos  # encode itself adds BOS only when asked
