@@ -11,10 +11,11 @@
 
 Prompts use the Alpaca layout (`prompt`); the same prompt is also kept as a chat user turn
 (`turns`: the instruction, a blank line, the input), so training can render it with a chat
-model's own template instead (`data.prompt_format`). Examples with the same prompt are grouped into one example with K
-rated responses; a response text seen twice under one prompt is kept once with its mean rating
-(otherwise the contrastive loss would compare a text with itself). A score that is null is never
-guessed: the answer, peer or record that needs it is left out and counted under a named reason.
+model's own template instead (`data.prompt_format`). Examples with the same prompt are grouped
+into one example with K rated responses; a response text seen twice under one prompt is kept
+once with its mean rating (otherwise the contrastive loss would compare a text with itself). A
+score that is null is never guessed: the answer, peer or record that needs it is left out and
+counted under a named reason.
 """
 
 import collections

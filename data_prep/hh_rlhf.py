@@ -9,11 +9,11 @@ and the flat `<subset>_<split>.jsonl.gz` of ../shared/data/hh_rlhf.
 
 One line -> one example: prompt = the dialogue up to and including the last "Assistant:"
 (leading blank lines removed), responses = [chosen reply, rejected reply] (stripped), ratings =
-[CHOSEN_RATING, REJECTED_RATING], turns = the prompt's Human/Assistant turns as chat turns
-(user first, alternating, ending with the user's; empty when the dialogue does not alternate,
-so training renders that example only in the stored layout). Pairs are not grouped by prompt: their ratings only order the
-two replies of one comparison. Splits keep the file's own name (`train`, `test`), so train with
-`data.dataset="hh_rlhf/all"`, `data.eval_split="test"`.
+[CHOSEN_RATING, REJECTED_RATING], turns = the prompt's Human/Assistant turns as chat turns (user
+first, alternating, ending with the user's; empty when the dialogue does not alternate, so
+training renders that example only in the stored layout). Pairs are not grouped by prompt: their
+ratings only order the two replies of one comparison. Splits keep the file's own name (`train`,
+`test`), so train with `data.dataset="hh_rlhf/all"`, `data.eval_split="test"`.
 
 Configs: `all` (every subset found) and one per subset (`harmless_base`, `helpful_base`, ...).
 Lines that break the format are rejected (file:line: reason); well-formed pairs that cannot make

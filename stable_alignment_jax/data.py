@@ -4,19 +4,19 @@ An example is `{"prompt", "responses", "ratings", ...}` (DESIGN.md "Alignment da
 is `tokens int32[b,K,T]`, `loss_mask float32[b,K,T]`, `ratings float32[b,K]`,
 `response_mask float32[b,K]` with b = global batch / process count.
 
-Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`
-(`prompt_format="alpaca"`: the stored prompt, the paper's Alpaca layout). With
-`prompt_format="chat_template"` the prompt is the example's `turns` (user, assistant, ..., user)
-rendered by the tokenizer's chat template with its generation prompt (BOS as the tokenizer's
-policy says), and the response ends with the template's end-of-turn token instead of EOS, so a
-chat model learns to stop where it is served; "auto" (default) takes the chat template when
-the tokenizer has one and the examples carry `turns`, else Alpaca. Datasets built before
-`turns` existed read in Alpaca only; an example whose `turns` are empty (an HH dialogue that
-does not alternate) is dropped under chat_template and counted.
+Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`.
+`prompt_format` (config `data.prompt_format`): "alpaca" takes the stored prompt (the paper's
+layout); "chat_template" renders the example's `turns` (user, assistant, ..., user) with the
+tokenizer's chat template and generation prompt, and ends each response with the template's
+end-of-turn token instead of EOS, so a chat model learns to stop where it is served; "auto"
+(default) is chat_template when the tokenizer has one and the examples carry `turns`, else
+alpaca. Datasets built before `turns` existed read as alpaca only; empty `turns` (an HH
+dialogue that does not alternate) drop the example under chat_template, counted.
 `tokens[t]` is predicted from position t-1, so `loss_mask[t] = 1` exactly on response tokens and
-the closing EOS (end of turn), never on BOS or prompt. The prompt is kept whole and the response truncated (a
-cut response loses its EOS: the model must not learn to stop there). An example whose prompt
-leaves no room for one response token is dropped; so is one with no responses. Both are counted.
+the closing EOS / end of turn, never on BOS or prompt. The prompt is kept whole and the response
+truncated (a cut response loses its EOS: the model must not learn to stop there). An example
+whose prompt leaves no room for one response token is dropped; so is one with no responses.
+Both are counted.
 
 With more than K responses, K are kept so that the contrast survives: rank them by rating
 (stable, so among equal ratings the earlier one ranks first) and take K evenly spaced ranks from

@@ -398,6 +398,17 @@ def _dialogue(*turns):
   return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
 
 
+@pytest.mark.parametrize("prompt,turns", [
+    ("Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", ["a", "b", "c"]),
+    ("Human: one line\nand another\n\nAssistant:", ["one line\nand another"]),
+    ("Human: a\n\nHuman: b\n\nAssistant:", []),  # two Human turns in a row: no chat form
+    ("Human: a\n\nAssistant: b\n\nAssistant:", []),  # ends on the assistant
+    ("Assistant: hi\n\nHuman: a\n\nAssistant:", []),  # starts with the assistant
+])
+def test_hh_dialogue_turns(prompt, turns):
+  assert hh_rlhf.dialogue_turns(prompt) == turns
+
+
 def test_hh_rlhf_pairs_by_hand(tmp_path):
   d = tmp_path / "hh"
   (d / "helpful-base").mkdir(parents=True)
@@ -422,6 +433,7 @@ def test_hh_rlhf_pairs_by_hand(tmp_path):
   got = data.open_tfds("hh_rlhf/helpful_base", out, "train")
   assert simple(list(got)) == [want]
   assert got[0]["source"] == "hh-rlhf/helpful_base"
+  assert got[0]["turns"] == ["hi", "hello", "how to bake?"]  # the chat form of the prompt
   assert simple(list(data.open_tfds("hh_rlhf/all", out, "test"))) == [want]
   f = card["files"][str(d / "helpful-base" / "train.jsonl.gz")]
   assert f["lines"] == 7 and f["examples"] == 1 and f["rejected"] == 3

@@ -9,6 +9,10 @@ is one batch per backend (the JAX backend turns it into one generate):
 
   A  drafts                     C  revisions
   B  peer feedback + observe(draft)     D  observe(revision)
+
+How B and D read the numbers is `config.rating_mode` (judging.py): as text, or as choices over
+1..7; a choice phase is a scoring batch, then one batch of the texts still to write (the
+peers' reasons after their chosen ratings) and scores (engagement after the chosen moral).
 """
 
 import collections

@@ -59,6 +59,11 @@ class _Model:
     self.stop = tuple(self.ts.template.stop) if self.chat else ()
     self._choice_form: dict[str, tuple[str, str]] = {}
 
+  @property
+  def sampler(self):
+    """The underlying `generate.Sampler` (benchmarks re-issue its batches directly)."""
+    return self.ts.sampler
+
   def prompt(self, r, extra_prefix: str = ""):
     prefix = r.prefix + extra_prefix
     if not self.chat:
