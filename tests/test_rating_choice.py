@@ -255,3 +255,12 @@ def test_smollm2_backend_uses_its_chat_template_and_scores_like_transformers(tmp
     logits = model(ids).logits[0, -1]
   want = torch.log_softmax(logits, -1)[hf_tok.convert_tokens_to_ids(list(prompts.SCALE))].numpy()
   np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_server_tokens_match_choices_by_their_text():
+  from stable_alignment_jax.sandbox.backends.openai_backend import choice_logprobs
+  top = {" 5": math.log(0.5), "5": math.log(0.2), " 3": math.log(0.1), " I": math.log(0.15)}
+  got = choice_logprobs(top, prompts.SCALE)
+  assert got[4] == pytest.approx(math.log(0.7)) and got[2] == pytest.approx(math.log(0.1))
+  assert [i for i, x in enumerate(got) if x == -math.inf] == [0, 1, 3, 5, 6]
+  assert choice_logprobs({" I": -0.1, "\n": -3.0}, prompts.SCALE) is None
