@@ -169,7 +169,8 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   tok = load_tokenizer(c.data.tokenizer)
   loader = data.make_loader(train.open_source(c.data, c.data.train_split, c.seed), tok,
                             global_batch_size=p.rollout_batch, max_len=p.max_prompt_len + 1,
-                            num_responses=1, seed=c.seed, worker_count=c.data.worker_count)
+                            num_responses=1, seed=c.seed, worker_count=c.data.worker_count,
+                            prompt_format=c.data.prompt_format)
   it = iter(loader)
   updates_per_iter = p.epochs * (p.rollout_batch // p.minibatch)
   tx, _ = train.make_optimizer(c.optim, c.train.steps * updates_per_iter)
@@ -262,7 +263,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       prompts = prompts_of(next(it))
       key, k_sample, k_update = jax.random.split(key, 3)
       seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))
-      sampler = Sampler(graphdef, state["params"]["policy"], eos_id=tok.eos_id,
+      sampler = Sampler(graphdef, state["params"]["policy"], eos_id=tok.stop_ids,
                         pad_id=tok.pad_id, mesh=mesh, min_batch=len(prompts))
       responses = sampler.generate(prompts, [SamplingParams(**gen[0], seed=int(s)) for s in seeds])
       tokens, mask = layout(prompts, responses, length, tok.pad_id)
@@ -280,7 +281,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
                                     n_steps=len(prompts))
       history.append(m)
       last = {"prompts": prompts, "responses": responses, "tokens": tokens, "mask": mask,
-              "scores": scores}
+              "scores": scores, "old_logp": np.asarray(rollout["old_logp"])}
       if log:
         log.write(json.dumps(m) + "\n")
         log.flush()

@@ -155,7 +155,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   load_data = functools.partial(
       data.make_loader, tokenizer=tokenizer, global_batch_size=c.data.batch_size,
       max_len=c.data.max_len, num_responses=c.data.num_responses, seed=c.seed,
-      worker_count=c.data.worker_count)
+      worker_count=c.data.worker_count, prompt_format=c.data.prompt_format)
   loader = load_data(train.open_source(c.data, c.data.train_split, c.seed))
   total = (c.train.steps if c.train.steps > 0
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))

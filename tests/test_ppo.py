@@ -251,3 +251,40 @@ def test_a_reward_model_scores_ppo_rollouts_on_hh_rlhf(shared_data, tmp_path):
   np.testing.assert_allclose(last["scores"], want, rtol=1e-5, atol=1e-6)
   assert np.std(want) > 0  # the reward model tells the rollouts apart
   assert out["history"][-1]["score"] == pytest.approx(float(np.mean(want)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_iteration_on_smollm2_uses_the_real_models_log_probs(smollm2_dir, shared_data,
+                                                                 tmp_path):
+  """One PPO iteration from the real SmolLM2-135M-Instruct on HH prompts (its chat template):
+  the rollout's old log-probs, which every PPO ratio starts from, are transformers' own."""
+  import torch
+  import transformers
+  from data_prep import hh_rlhf
+
+  examples, _, _, _ = hh_rlhf.read_file(str(shared_data / "hh_rlhf/harmless-base_test.jsonl.gz"),
+                                        "harmless_base")
+  data_dir = tmp_path / "hh"
+  data_dir.mkdir()
+  with open(data_dir / "train.jsonl", "w") as f:
+    for ex in examples[:200]:
+      f.write(json.dumps(ex) + "\n")
+  c = _tiny(tmp_path, "smol", **{
+      "data.source": "jsonl", "data.data_dir": str(data_dir), "data.tokenizer": str(smollm2_dir),
+      "checkpoint.init_from": str(smollm2_dir), "ppo.rollout_batch": 8, "ppo.minibatch": 8,
+      "ppo.epochs": 1, "ppo.max_prompt_len": 120, "train.steps": 1, "optim.lr": 1e-5,
+      "reward.tokens": (30,)})
+  out = ppo.run(c)
+  (m,) = out["history"]
+  assert m["kl"] == pytest.approx(0.0, abs=1e-6) and np.isfinite(m["loss"])
+  last = out["last_rollout"]
+  tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+  assert all("<|im_start|>assistant" in tok.decode(p) for p in last["prompts"])
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+  with torch.no_grad():
+    logits = hf(torch.as_tensor(last["tokens"], dtype=torch.long)).logits
+  want = torch.log_softmax(logits[:, :-1], -1).gather(
+      -1, torch.as_tensor(last["tokens"][:, 1:, None], dtype=torch.long))[..., 0].numpy()
+  mask = last["mask"] > 0
+  assert mask.sum() > 8 * 4
+  np.testing.assert_allclose(last["old_logp"][mask], want[mask], atol=2e-3)
