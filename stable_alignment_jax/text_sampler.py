@@ -183,9 +183,10 @@ class TextSampler:
     raise ValueError("a prompt is a string, a list of messages (dicts) or a list of token ids; "
                      f"got {type(prompt).__name__} of {len(prompt)} items")
 
-  def prompt_budget(self, max_new_tokens: int) -> int:
-    """Longest prompt that fits the context beside `max_new_tokens` (0 = a next-token query)."""
-    new = _bucket(max_new_tokens, 1) if max_new_tokens > 0 else 0
+  def prompt_budget(self, max_new_tokens: int | None) -> int:
+    """Longest prompt that fits the context beside `max_new_tokens` (None: a next-token query,
+    no decoding; the sampler keeps room for at least one new token otherwise)."""
+    new = 0 if max_new_tokens is None else _bucket(max_new_tokens, 1)
     limit = _pow2_floor(self.context - new)
     if limit < self.sampler.min_prompt:
       raise ContextError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
@@ -319,7 +320,7 @@ class TextSampler:
   def choice_logprobs(self, prompts: Sequence[str | Sequence[dict]],
                       choices: Sequence[str]) -> np.ndarray:
     """[n, C] log-probability (over the whole vocabulary) of each choice as the next token."""
-    limit = self.prompt_budget(0)
+    limit = self.prompt_budget(None)
     rows, token_ids = [], []
     for p in prompts:
       text = p if isinstance(p, str) else self.render(p)

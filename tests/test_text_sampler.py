@@ -24,7 +24,8 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 @pytest.fixture(scope="module")
 def tiny():
   tok = load_tokenizer("byte")
-  model = Llama(preset("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+  # The byte tokenizer's vocabulary, so every sampled id is text (stop strings can be found).
+  model = Llama(preset("tiny", vocab_size=tok.vocab_size, dtype="float32"), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   ts = TextSampler(graphdef, state, tok)
   ref = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -60,7 +61,8 @@ def test_too_long_prompt_keeps_its_end_and_bos(tiny):
   assert c.truncated and c.prompt_tokens == 16
   assert c.token_ids == ref.generate([ids], SamplingParams(max_new_tokens=4))[0]
   # The context of 512: 100 new tokens pad to 128, leaving 384, of which a power of two: 256.
-  assert ts.context == 512 and ts.prompt_budget(100) == 256 and ts.prompt_budget(0) == 512
+  assert ts.context == 512 and ts.prompt_budget(100) == 256 and ts.prompt_budget(None) == 512
+  assert ts.prompt_budget(0) == 256  # the sampler keeps one new-token slot, padded to 1
   with pytest.raises(ValueError, match="leaves no room"):
     ts.prompt_budget(300)  # pads to 512: nothing left
 
@@ -74,6 +76,27 @@ def test_stop_strings_cut_the_text(tiny):
   assert c.text == full.text[:full.text.find(stop)] and c.finish_reason == "stop"
   assert c.token_ids == full.token_ids[:len(c.token_ids)]
   assert stop in ts.decode(c.token_ids) and stop not in ts.decode(c.token_ids[:-1])
+
+
+def test_stream_deltas_add_up_to_complete_and_hold_back_a_stop_string(tiny):
+  ts, _, _, _ = tiny
+  prompts, sp = ["Stream me", "And me too"], SamplingParams(max_new_tokens=32)
+  whole = ts.complete(prompts, sp)
+  text = whole[0].text  # a stop string from the middle of row 0's text ends that row there
+  stop = next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+              if "\ufffd" not in text[i:i + 2])
+  want = ts.complete(prompts, sp, stop=[[stop], []])
+  steps = list(ts.stream(prompts, sp, stop=[[stop], []], chunk=4))
+  assert len(steps) > 2
+  for i in range(2):
+    deltas = [step[i] for step in steps]
+    assert "".join(d.text for d in deltas) == want[i].text
+    assert [d.done for d in deltas if d.done] == [want[i]]
+  assert want[0].text == text[:text.find(stop)] and want[0].finish_reason == "stop"
+  sent = ""
+  for step in steps:  # row 0 never sent the stop string, not even in passing
+    sent += step[0].text
+    assert stop not in sent
 
 
 def test_choice_logprobs_equal_the_models_next_token_log_softmax(tiny):
