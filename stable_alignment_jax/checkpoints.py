@@ -14,6 +14,7 @@ Its compute dtype is `compute_dtype`'s choice, logged on stderr as one line per 
 """
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -171,3 +172,68 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
   graphdef, abstract = _abstract_model(cfg)
   params, _ = restore_params(path, abstract, sharding.state_shardings(abstract, mesh))
   return graphdef, params
+
+
+# --- config.model from an HF init_from ----------------------------------------------------------
+
+# The run's own choices; every other ModelConfig field describes the checkpoint's weights.
+RUN_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+# data.tokenizer values that only stand in for "the model's tokenizer": configs/base.py's default
+# and the byte tokenizer of the :tiny configs, neither of which fits an HF model's embedding.
+PLACEHOLDER_TOKENIZERS = ("meta-llama/Llama-2-7b-hf", "byte")
+_FILLED = "hf:"  # config.model.preset once filled from a checkpoint: "hf:<init_from>"
+
+
+def fill_model_from_hf(c, explicit=None) -> dict:
+  """With an HF `checkpoint.init_from`, config.model (in place) from its config.json, and
+  data.tokenizer from its tokenizer files when left at a placeholder; returns {field: (was, now)}.
+
+  explicit: the config keys the user set on the command line ("model.dim", "data.tokenizer";
+  main.py reads them from the config flag's overrides). A model field given there must agree
+  with the file (floats to a relative 1e-6; max_seq_len may be shorter), else a ValueError names
+  the field, both values and the file. None: nothing was set explicitly (programmatic callers).
+  The fields of RUN_MODEL_FIELDS stay the run's. Marks config.model.preset "hf:<init_from>", so
+  a second call (train.run after main.py) takes every field as the user's and only checks them.
+  """
+  init = c.checkpoint.init_from
+  path = resolve(init) if init else ""
+  if not init or not os.path.isdir(path) or not is_hf_dir(path):
+    return {}
+  from stable_alignment_jax.model import convert
+  hf = convert.read_hf_config(path)
+  file = os.path.join(path, "config.json")
+  explicit = set(explicit or ())
+  if c.model.get("preset") == _FILLED + init:
+    explicit |= {f"model.{k}" for k in c.model}
+  changed = {}
+  with c.unlocked():
+    for field in (f for f in ModelConfig.__dataclass_fields__ if f not in RUN_MODEL_FIELDS):
+      want, have = getattr(hf, field), c.model.get(field)
+      if f"model.{field}" in explicit:
+        if not _agrees(field, have, want):
+          raise ValueError(f"config.model.{field}={have!r} contradicts {file}, which says "
+                           f"{want!r}; drop --config.model.{field} (the checkpoint sets it)")
+        if field != "max_seq_len":
+          c.model[field] = want  # equal within tolerance: the file's exact value
+      elif have != want:
+        c.model[field] = want
+        changed[field] = (have, want)
+    c.model.preset = _FILLED + init
+    has_tokenizer = any(os.path.exists(os.path.join(path, f))
+                        for f in ("tokenizer.json", "tokenizer.model"))
+    if has_tokenizer and "data.tokenizer" not in explicit and \
+       c.data.tokenizer in PLACEHOLDER_TOKENIZERS:
+      changed["data.tokenizer"] = (c.data.tokenizer, path)
+      c.data.tokenizer = path
+  if changed:
+    print(f"config from {init}: " + ", ".join(f"{k}={v[1]!r}" for k, v in changed.items()),
+          file=sys.stderr, flush=True)
+  return changed
+
+
+def _agrees(field: str, have, want) -> bool:
+  if field == "max_seq_len":
+    return 0 < have <= want  # a shorter training context of the same model
+  if isinstance(want, float):
+    return isinstance(have, (int, float)) and math.isclose(have, want, rel_tol=1e-6)
+  return type(have) is type(want) and have == want

@@ -6,11 +6,16 @@
 On a multi-host TPU pod or GPU cluster run the same command on every host; JAX's distributed
 runtime is initialised from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID) before anything touches a device.
+
+Starting from a Hugging Face model (`--config.checkpoint.init_from=DIR_OR_HUB_ID`) takes
+config.model from its config.json and, unless given, its tokenizer: the `--config.model.X`
+flags typed on the command line are the only model fields that count as the user's, and each
+must agree with the file (see `checkpoints.fill_model_from_hf`).
 """
 
 import os
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
@@ -49,6 +54,9 @@ def main(argv):
   import jax
   from stable_alignment_jax import train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  # The keys typed as --config.a.b=... (not those the config file set): an HF init_from fills
+  # every other model field from its config.json.
+  train.check_config(config, explicit=config_flags.get_override_values(flags.FLAGS["config"]))
   if jax.process_index() == 0:
     print(config, flush=True)
   summary = train.run(config)

@@ -159,20 +159,24 @@ def _config_json(c) -> str:
   return c.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def check_config(c: ml_collections.ConfigDict) -> None:
-  """Fails before any compute on settings that cannot work."""
-  ModelConfig.from_dict(c.model)
-  loss_kwargs(c.loss)
-  if c.loss.name == "dpo" and not c.checkpoint.init_from:
-    logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
+def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
+  """Fails before any compute on settings that cannot work. With an HF checkpoint.init_from,
+  first fills config.model (and a placeholder data.tokenizer) from it, in place; `explicit`: the
+  keys the user set on the command line (see `checkpoints.fill_model_from_hf`)."""
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint.init_from={init!r}: no such directory (expected a "
                               "previous stage's run directory, an HF LLaMA directory or hub id)")
-    if not checkpoints.is_hf_dir(path):
+    if checkpoints.is_hf_dir(path):
+      checkpoints.fill_model_from_hf(c, explicit)
+    else:
       checkpoints.read_run_config(path)  # raises naming the directory when it is not a run
+  ModelConfig.from_dict(c.model)
+  loss_kwargs(c.loss)
+  if c.loss.name == "dpo" and not c.checkpoint.init_from:
+    logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
   if c.data.batch_size % max(c.optim.accum_steps, 1):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
                      f"optim.accum_steps={c.optim.accum_steps}")
@@ -184,18 +188,18 @@ def _init_params(c, cfg, graphdef, abstract, shardings, mesh):
     with sharding.activate(mesh):
       make = lambda: nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(c.seed)))[1]
       return jax.jit(make, out_shardings=shardings)(), "random init"
-  arch = lambda m: {k: v for k, v in vars(m).items()
-                    if k not in ("dtype", "remat", "max_seq_len", "param_dtype")}
+  ours = ("dtype", "param_dtype", "remat", "max_seq_len")  # a run's choices, not the weights'
+  arch = lambda m, skip=ours: {k: v for k, v in vars(m).items() if k not in skip}
   path = checkpoints.resolve(init)
   if checkpoints.is_hf_dir(path):
     from stable_alignment_jax.model import convert
-    with open(os.path.join(path, "config.json")) as f:
-      hf = convert.config_from_hf(json.load(f), os.path.join(path, "config.json"))
-    if arch(hf) != arch(cfg):
-      raise ValueError(f"checkpoint.init_from={init}: its config.json describes {arch(hf)}, "
-                       f"this config's model is {arch(cfg)}")
-    _, params = convert.load_hf(path, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh,
-                                remat=cfg.remat, max_seq_len=cfg.max_seq_len)
+    hf = convert.read_hf_config(path)  # config.model was filled from it by check_config
+    skip = ours + ("scan_layers",)  # either layout loads from HF
+    if arch(hf, skip) != arch(cfg, skip):
+      raise ValueError(f"checkpoint.init_from={init}: its config.json describes "
+                       f"{arch(hf, skip)}, this config's model is {arch(cfg, skip)}")
+    _, params = convert.load_hf(path, mesh=mesh, **{
+        k: getattr(cfg, k) for k in checkpoints.RUN_MODEL_FIELDS + ("max_seq_len",)})
     return params, f"HF checkpoint {init}"
   init = path
   prev = ModelConfig.from_dict(checkpoints.read_run_config(init)["model"])

@@ -270,3 +270,23 @@ def test_cli_imports_and_exports(hf, tmp_path):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   r = run("--to_hf=x")
   assert r.returncode != 0 and "--from_hf" in r.stderr
+
+
+def test_cli_bad_checkpoint_is_one_line_and_nonzero(hf, tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  bad_field = _copy(hf[1], tmp_path / "bad_field")
+  _edit_config(bad_field, hidden_act="gelu")
+  no_tensor = _copy(hf[1], tmp_path / "no_tensor")
+  tensors = load_file(no_tensor / convert.SINGLE_FILE)
+  del tensors["model.norm.weight"]
+  save_file(tensors, no_tensor / convert.SINGLE_FILE)
+  cases = [(tmp_path / "nowhere", "checkpoint directory not found"),
+           (bad_field, "field 'hidden_act' = 'gelu'"),
+           (no_tensor, "missing tensor 'model.norm.weight'")]
+  for src, words in cases:
+    r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert",
+                        f"--from_hf={src}", f"--to={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("convert: error: ") and words in lines[0] and str(src) in lines[0]

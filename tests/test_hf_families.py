@@ -190,3 +190,30 @@ def test_older_rope_scaling_spelling_reads_the_same(layout):
       {("type" if name == "linear_rope" else "rope_type") if k == "rope_type" else k: v
        for k, v in params.items()}
   assert convert.config_from_hf(c) == convert.read_hf_config(path)
+
+
+# ----------------------------------------------------------------------------- compute dtype
+
+
+@pytest.mark.parametrize("checkpoint, requested, platform, want", [
+    ("bfloat16", None, "cpu", "float32"), (None, None, "cpu", "float32"),
+    ("bfloat16", "bfloat16", "cpu", "bfloat16"), ("float16", None, "gpu", "float16"),
+    (None, None, "tpu", "bfloat16"), ("float32", None, "tpu", "float32"),
+    ("bfloat16", "float32", "gpu", "float32"),
+])
+def test_compute_dtype_follows_the_caller_then_platform_then_checkpoint(
+    checkpoint, requested, platform, want):
+  from stable_alignment_jax import checkpoints
+  assert checkpoints.compute_dtype(checkpoint, requested, platform) == want
+
+
+def test_load_model_says_which_dtype_it_used(tmp_path, capsys):
+  from stable_alignment_jax import checkpoints
+  model = hf_models.build("head_dim", tmp_path)
+  model.to(torch.bfloat16).save_pretrained(tmp_path)
+  graphdef, state = checkpoints.load_model(str(tmp_path))
+  assert nnx.merge(graphdef, state).cfg.dtype == "float32"
+  err = capsys.readouterr().err
+  assert f"model {tmp_path}: compute dtype float32 (cpu; checkpoint says bfloat16)" in err
+  checkpoints.load_model(str(tmp_path), dtype="bfloat16")
+  assert "compute dtype bfloat16 (requested; checkpoint says bfloat16)" in capsys.readouterr().err
