@@ -130,3 +130,21 @@ def test_interactive_chat_keeps_the_conversation(ref, runs):
   # "/reset" forgets the first exchange, so "Hi there" is answered the same way twice.
   assert out == f"{r1}\n{r1}\n{r2}\n"
   assert "> " not in err  # no input prompt when stdin is not a terminal
+
+
+@pytest.mark.slow
+def test_chat_on_smollm2_uses_its_template_and_stops_at_im_end(smollm2_dir, tmp_path_factory):
+  from stable_alignment_jax.text_sampler import TextSampler
+  question = "What is the capital of France?"
+  p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.generate",
+                      f"--checkpoint={smollm2_dir}", "--chat", f"--prompt={question}",
+                      "--max_tokens=32", "--jsonl"], capture_output=True, text=True, cwd=ROOT,
+                     env=subprocess_env(tmp_path_factory), timeout=600)
+  assert p.returncode == 0, p.stderr
+  row = json.loads(p.stdout)
+  mesh = sharding.make_mesh({"fsdp": -1}, devices=jax.devices()[:1])  # as the subprocess
+  ts = TextSampler.load(str(smollm2_dir), mesh=mesh)
+  want = ts.complete([[{"role": "user", "content": question}]],
+                     SamplingParams(max_new_tokens=32))[0]
+  assert row["text"] == want.text and row["finish_reason"] == "stop"
+  assert want.token_ids[-1] == ts.tokenizer.tok.token_to_id("<|im_end|>")
