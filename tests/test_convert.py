@@ -290,3 +290,30 @@ def test_cli_bad_checkpoint_is_one_line_and_nonzero(hf, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("convert: error: ") and words in lines[0] and str(src) in lines[0]
+
+
+def test_cli_round_trip_carries_tokenizer_chat_template_and_generation_config(
+    hf, tmp_path, smollm2_dir):
+  """HF -> ours -> HF through the CLI keeps what serving needs beside the weights (an eos list
+  in generation_config.json as LLaMA-3 ships it)."""
+  src = _copy(hf[1], tmp_path / "src")
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(smollm2_dir / name, src / name)
+  (src / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": False}))
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  for args in ([f"--from_hf={src}", f"--to={tmp_path / 'ours'}"],
+               [f"--from={tmp_path / 'ours'}", f"--to_hf={tmp_path / 'out'}"]):
+    r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+  out = tmp_path / "out"
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "generation_config.json"):
+    assert (out / name).read_bytes() == (src / name).read_bytes(), name
+  assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 7]
+  gen = transformers.GenerationConfig.from_pretrained(out)
+  assert gen.eos_token_id == [2, 7]
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                 add_generation_prompt=True).endswith("<|im_start|>assistant\n")
