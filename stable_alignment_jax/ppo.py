@@ -59,13 +59,26 @@ def policy_forward(graphdef, params, tokens):
   return logp, reward.apply_head(params["value_head"], h[:, :-1])
 
 
+def _in_chunks(fn, x, chunk: int):
+  """fn over rows of x [N, ...] `chunk` rows at a time (one model forward holds [chunk, T, V]
+  logits, not [N, T, V]). Chunk j takes rows j, j + N/chunk, ...: a batch-sharded x then
+  splits without moving rows between devices."""
+  n = x.shape[0]
+  strided = x.reshape(chunk, n // chunk, *x.shape[1:]).swapaxes(0, 1)
+  out = jax.lax.map(fn, strided)
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(n, *y.shape[2:]), out)
+
+
 def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, gamma, lam,
-               cliprange_reward):
+               cliprange_reward, chunk):
   """A sampled batch -> the rollout PPO trains on. tokens [N, T]; mask [N, T-1] on sampled
-  tokens (action frame); scores [N]."""
-  logp, values = policy_forward(graphdef, params, tokens)
-  ref_model = nnx.merge(graphdef, ref_policy)
-  ref_logp = pl.token_logprobs(ref_model(tokens)[0][:, :-1], tokens[:, 1:])
+  tokens (action frame); scores [N]. The forwards run `chunk` rows at a time."""
+  def forwards(tok):
+    logp, values = policy_forward(graphdef, params, tok)
+    ref_logits = nnx.merge(graphdef, ref_policy)(tok)[0]
+    return logp, values, pl.token_logprobs(ref_logits[:, :-1], tok[:, 1:])
+
+  logp, values, ref_logp = _in_chunks(forwards, tokens, chunk)
   scores = jnp.clip(scores, -cliprange_reward, cliprange_reward)
   last = pl.last_index(mask)
   rewards = pl.kl_penalty(logp=logp, ref_logp=ref_logp, mask=mask, coef=kl_coef)
@@ -234,7 +247,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   roll_sh = {"tokens": row(2), "mask": row(2), "old_logp": row(2), "old_values": row(2),
              "advantages": row(2), "returns": row(2)}
   exp_fn = jax.jit(functools.partial(experience, graphdef=graphdef, gamma=p.gamma, lam=p.lam,
-                                     cliprange_reward=p.cliprange_reward),
+                                     cliprange_reward=p.cliprange_reward, chunk=p.minibatch),
                    in_shardings=(param_sh, param_sh["policy"], row(2), row(2), row(1), rep),
                    out_shardings=(roll_sh, None))
   upd_fn = jax.jit(functools.partial(

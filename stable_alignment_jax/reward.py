@@ -123,7 +123,8 @@ def abstract_head(dim: int) -> dict:
   return jax.eval_shape(lambda: init_head(dim))
 
 
-def _abstract(cfg: ModelConfig):
+def abstract_params(cfg: ModelConfig):
+  """(graphdef, abstract {"trunk", "head"}) of a reward model of this config."""
   graphdef, trunk = abstract_trunk(cfg)
   return graphdef, {"trunk": trunk, "head": abstract_head(cfg.dim)}
 
@@ -137,7 +138,7 @@ def load(directory: str, *, mesh, dtype: str | None = None):
   fields = dict(run["model"])
   if dtype:
     fields["dtype"] = dtype
-  graphdef, abstract = _abstract(ModelConfig.from_dict(fields))
+  graphdef, abstract = abstract_params(ModelConfig.from_dict(fields))
   params, _ = checkpoints.restore_params(directory, abstract,
                                          sharding.state_shardings(abstract, mesh))
   return graphdef, params
@@ -171,7 +172,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   else:
     cfg = ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
     origin = f"resumed {ckpt_dir} at step {start}"
-  graphdef, abstract = _abstract(cfg)
+  graphdef, abstract = abstract_params(cfg)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {c.data.tokenizer} has {tokenizer.vocab_size} ids but the "
                      f"model's vocab_size is {cfg.vocab_size}")

@@ -157,6 +157,38 @@ def test_kl_penalty_is_the_log_prob_difference_of_two_models():
   np.testing.assert_allclose(np.asarray(pl.kl_estimate(logp=logp, ref_logp=logp, mask=mask)), 0)
 
 
+def test_experience_in_chunks_equals_one_forward():
+  """The rollout does not depend on how many rows a forward takes (rows keep their places)."""
+  import functools
+  import jax
+  from stable_alignment_jax import sharding
+  cfg = preset("tiny", vocab_size=64, dtype="float32")
+  mesh = sharding.make_mesh({"fsdp": -1})
+  graphdef, policy = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+  _, ref = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(1)), mesh)
+  head = {"w": jnp.linspace(-1.0, 1.0, cfg.dim), "b": jnp.zeros(())}
+  params = {"policy": policy, "value_head": head}
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(3, 64, int(rng.integers(1, 6))).tolist() for _ in range(16)]
+  responses = [rng.integers(3, 64, int(rng.integers(1, 8))).tolist() for _ in range(16)]
+  tokens, mask = ppo.layout(prompts, responses, 14, pad_id=0)
+  scores = rng.normal(size=16).astype(np.float32)
+  run = lambda chunk: jax.jit(functools.partial(
+      ppo.experience, graphdef=graphdef, gamma=1.0, lam=0.95, cliprange_reward=10.0,
+      chunk=chunk))(params, ref, tokens, mask, scores, jnp.float32(0.1))
+  with sharding.activate(mesh):
+    (one, m1), (chunked, m2) = run(16), run(8)
+  for k in one:
+    np.testing.assert_allclose(np.asarray(chunked[k]), np.asarray(one[k]), rtol=1e-5, atol=1e-6)
+  # and the log-probs are those of an unchunked, unsharded forward
+  logp, values = ppo.policy_forward(graphdef, params, tokens)
+  np.testing.assert_allclose(np.asarray(one["old_logp"]), np.asarray(logp) * mask, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(one["old_values"]), np.asarray(values) * mask,
+                             rtol=1e-5, atol=1e-6)
+  assert float(m1["kl"]) > 0 and abs(float(m1["kl"]) - float(m2["kl"])) < 1e-5
+
+
 def test_token_count_reward():
   got = ppo.token_count_reward([[1], [1]], [[5, 6, 5, 2], []], tokens=(5,), length_cost=0.25)
   np.testing.assert_allclose(got, [2 - 1.0, 0.0])

@@ -113,3 +113,25 @@ def test_load_refuses_a_run_that_is_not_a_reward_model(tmp_path):
   (tmp_path / "run_config.json").write_text(json.dumps({"loss": {"name": "sa_cpo"}, "model": {}}))
   with pytest.raises(ValueError, match="not a reward-model run"):
     reward.load(str(tmp_path), mesh=sharding.make_mesh({"fsdp": -1}))
+
+
+def test_reward_run_resumes_from_its_checkpoint(tmp_path):
+  c = reward_config.get_config("tiny")
+  c.checkpoint.dir, c.checkpoint.async_save, c.train.tensorboard = str(tmp_path / "rm"), False, False
+  c.train.steps, c.train.eval_every, c.checkpoint.save_every = 2, 0, 2
+  first = reward.run(c)
+  c.train.steps = 3
+  second = reward.run(c)
+  assert (first["start"], second["start"]) == (0, 2)
+  assert second["origin"].startswith("resumed")
+  assert int(second["state"]["step"]) == 3 and np.isfinite(second["final"]["loss"])
+  # step 2 as saved (what the second run resumed from) is the first run's final state
+  from stable_alignment_jax import checkpoints
+  graphdef, abstract = reward.abstract_params(reward.ModelConfig.from_dict(c.model))
+  mesh = sharding.make_mesh({"fsdp": -1})
+  saved, step = checkpoints.restore_params(c.checkpoint.dir, abstract,
+                                           sharding.state_shardings(abstract, mesh), step=2)
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(first["state"]["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(jnp.abs(saved["head"]["w"]).sum()) > 0  # a trained head, not the zero init
