@@ -14,6 +14,7 @@ config; run_config.json), with params = {"trunk": llama state, "head": {"w", "b"
 reads it back for PPO.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -57,7 +58,9 @@ def init_trunk(c: ml_collections.ConfigDict, mesh, spec: str | None = None):
     graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed)), mesh)
     return graphdef, params, "random init"
   graphdef, params = checkpoints.load_model(spec, dtype=c.model.dtype, mesh=mesh)
-  return graphdef, params, spec
+  # The checkpoint's architecture with this run's compute settings (remat for training).
+  cfg = dataclasses.replace(nnx.merge(graphdef, params).cfg, remat=c.model.remat)
+  return abstract_trunk(cfg)[0], params, spec
 
 
 def sequence_scores(graphdef, params, tokens, loss_mask):

@@ -135,3 +135,12 @@ def test_reward_run_resumes_from_its_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(first["state"]["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(jnp.abs(saved["head"]["w"]).sum()) > 0  # a trained head, not the zero init
+
+
+def test_init_trunk_keeps_the_checkpoints_architecture_with_this_runs_remat():
+  c = reward_config.get_config("tiny")
+  c.model.remat, c.checkpoint.init_from = "full", "random:tiny:3"
+  graphdef, params, origin = reward.init_trunk(c, sharding.make_mesh({"fsdp": -1}))
+  cfg = nnx.merge(graphdef, params).cfg
+  assert origin == "random:tiny:3" and cfg.remat == "full"
+  assert cfg.vocab_size == preset("tiny").vocab_size != c.model.vocab_size  # the checkpoint's
