@@ -320,3 +320,38 @@ def test_ppo_iteration_on_smollm2_uses_the_real_models_log_probs(smollm2_dir, sh
   mask = last["mask"] > 0
   assert mask.sum() > 8 * 4
   np.testing.assert_allclose(last["old_logp"][mask], want[mask], atol=2e-3)
+
+
+def test_configs_build_and_refuse_unknown_args():
+  from configs import reward as reward_config
+  c = ppo_config.get_config()
+  assert c.ppo.rollout_batch % c.ppo.minibatch == 0
+  # TRLX's 6000 optimizer steps at epochs * rollout_batch / minibatch updates per iteration
+  per_iteration = c.ppo.epochs * c.ppo.rollout_batch // c.ppo.minibatch
+  assert c.train.steps == round(6000 / per_iteration)
+  assert ppo_config.get_config("tiny").reward.model == ""
+  assert reward_config.get_config("sandbox").data.num_responses == 3
+  assert reward_config.get_config().loss.name == "bradley_terry"
+  with pytest.raises(KeyError, match="unknown config arg"):
+    ppo_config.get_config("tiny,big")
+
+
+@pytest.mark.slow
+def test_the_documented_commands_run(tmp_path):
+  """The tiny commands of configs/reward.py and configs/ppo.py, a few steps each, PPO scored
+  by the reward model the first one trained."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  rm = str(tmp_path / "rm")
+  for cmd in (["stable_alignment_jax.reward", "--config=configs/reward.py:tiny",
+               "--config.train.steps=4", "--config.train.eval_every=4",
+               f"--config.checkpoint.dir={rm}"],
+              ["stable_alignment_jax.ppo", "--config=configs/ppo.py:tiny", "--config.train.steps=2",
+               f"--config.reward.model={rm}", f"--config.checkpoint.dir={tmp_path / 'ppo'}"]):
+    out = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert '"iteration": 2' in out.stdout
