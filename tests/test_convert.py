@@ -168,8 +168,9 @@ def test_import_holds_about_one_tensor_on_the_host(tmp_path, scan_layers):
   finally:
     tracemalloc.stop()
   assert total > 3 * stack and loaded is not None
-  # the parameter being built, plus a tensor read and its transposed copy (and slack)
-  assert peak - current < stack + 3 * tensor, (peak, current, stack, tensor, total)
+  # The parameter being built, a tensor read, its transposed copy and a device copy, plus 2 MiB
+  # of Python objects (tracing the abstract model); the whole model would be 32 MB.
+  assert peak - current < stack + 3 * tensor + (2 << 20), (peak, current, stack, tensor, total)
 
 
 # ----------------------------------------------------------------------------- bad input
