@@ -59,12 +59,12 @@ def policy_forward(graphdef, params, tokens):
   return logp, reward.apply_head(params["value_head"], h[:, :-1])
 
 
-def _in_chunks(fn, x, chunk: int):
-  """fn over rows of x [N, ...] `chunk` rows at a time (one model forward holds [chunk, T, V]
-  logits, not [N, T, V]). Chunk j takes rows j, j + N/chunk, ...: a batch-sharded x then
-  splits without moving rows between devices."""
-  n = x.shape[0]
-  strided = x.reshape(chunk, n // chunk, *x.shape[1:]).swapaxes(0, 1)
+def in_chunks(fn, xs, chunk: int):
+  """fn over the rows of the arrays xs [N, ...] (a pytree), `chunk` rows at a time: one model
+  forward holds [chunk, T, V] logits, not [N, T, V]. Chunk j takes rows j, j + N/chunk, ...,
+  so a batch-sharded input splits without moving rows between devices."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  strided = jax.tree.map(lambda x: x.reshape(chunk, n // chunk, *x.shape[1:]).swapaxes(0, 1), xs)
   out = jax.lax.map(fn, strided)
   return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(n, *y.shape[2:]), out)
 
@@ -78,7 +78,7 @@ def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, g
     ref_logits = nnx.merge(graphdef, ref_policy)(tok)[0]
     return logp, values, pl.token_logprobs(ref_logits[:, :-1], tok[:, 1:])
 
-  logp, values, ref_logp = _in_chunks(forwards, tokens, chunk)
+  logp, values, ref_logp = in_chunks(forwards, tokens, chunk)
   scores = jnp.clip(scores, -cliprange_reward, cliprange_reward)
   last = pl.last_index(mask)
   rewards = pl.kl_penalty(logp=logp, ref_logp=ref_logp, mask=mask, coef=kl_coef)
@@ -267,8 +267,8 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
 
   history, last = [], {}
   log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
-  gen = [dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-              top_k=p.top_k)]
+  sampling = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+                  top_k=p.top_k)
   with sharding.activate(mesh):
     for step in range(start, c.train.steps):
       if stop_after and step >= stop_after:
@@ -278,7 +278,8 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))
       sampler = Sampler(graphdef, state["params"]["policy"], eos_id=tok.stop_ids,
                         pad_id=tok.pad_id, mesh=mesh, min_batch=len(prompts))
-      responses = sampler.generate(prompts, [SamplingParams(**gen[0], seed=int(s)) for s in seeds])
+      responses = sampler.generate(prompts, [SamplingParams(**sampling, seed=int(s))
+                                             for s in seeds])
       tokens, mask = layout(prompts, responses, length, tok.pad_id)
       scores = score_fn(prompts, responses, tokens, mask)
       rollout, em = exp_fn(state["params"], ref_policy, tokens, mask, scores,
@@ -322,11 +323,15 @@ def _scorer(c, mesh, tok, policy_cfg):
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
     raise ValueError(f"reward.model={c.reward.model}: vocab_size {rm_cfg.vocab_size} differs "
                      f"from the policy's {policy_cfg.vocab_size} (they must share a tokenizer)")
-  jitted = jax.jit(functools.partial(reward.sequence_scores, rm_graphdef))
+  @jax.jit
+  def scores(params, tokens, loss_mask):
+    return in_chunks(lambda x: reward.sequence_scores(rm_graphdef, params, *x),
+                     (tokens, loss_mask), c.ppo.minibatch)
 
   def score(prompts, responses, tokens, mask):
     loss_mask = np.concatenate([np.zeros_like(mask[:, :1]), mask], axis=1)
-    return np.asarray(jitted(rm_params, tokens, loss_mask), np.float32)
+    with sharding.activate(mesh):
+      return np.asarray(scores(rm_params, tokens, loss_mask), np.float32)
 
   return score
 
