@@ -11,14 +11,10 @@ import os
 from stable_alignment_jax.model.presets import ModelConfig
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-_MISSING = object()
 
 
 class CheckpointError(ValueError):
   """A Hugging Face checkpoint directory that cannot be read as our LLaMA."""
-
-
-# ----------------------------------------------------------------------------- config
 
 
 def config_from_hf(config_json: dict, path: str = "config.json", **overrides) -> ModelConfig:
@@ -28,9 +24,8 @@ def config_from_hf(config_json: dict, path: str = "config.json", **overrides) ->
   """
   c = config_json
 
-  def bad(field, why, value=_MISSING):
-    value = c.get(field) if value is _MISSING else value
-    return CheckpointError(f"{path}: field {field!r} = {value!r}: {why}")
+  def bad(field, why):
+    return CheckpointError(f"{path}: field {field!r} = {c.get(field)!r}: {why}")
 
   model_type = c.get("model_type")
   if model_type not in _ARCHITECTURES:
