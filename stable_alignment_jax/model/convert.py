@@ -423,7 +423,8 @@ def main(argv=None):
       cfg = nnx.merge(graphdef, state).cfg
       save_checkpoint(cfg, state, a.to)
       copied = copy_tokenizer_files(a.tokenizer or a.from_hf, a.to)
-      print(f"wrote {a.to}: {cfg.num_params():,} parameters; side files {copied}")
+      print(f"wrote {a.to}: {cfg.num_params():,} parameters, compute dtype {cfg.dtype} "
+            f"(checkpoints.compute_dtype); side files {copied}")
     else:
       graphdef, state = load_checkpoint(a.src)
       tok = a.tokenizer
