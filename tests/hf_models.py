@@ -92,23 +92,5 @@ def _mkdir(p: pathlib.Path) -> pathlib.Path:
 
 
 def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
-  """transformers' GGUF reader dequantizes into a plain LlamaForCausalLM built from the GGUF's
-  config (a model loaded with `gguf_file=` refuses save_pretrained, and needs accelerate)."""
-  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-  directory, name = str(gguf.parent), gguf.name
-  config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
-  for key in ("quantization_config", "_name_or_path"):
-    config.__dict__.pop(key, None)
-  config.architectures = ["LlamaForCausalLM"]
-  model = transformers.LlamaForCausalLM(config).eval()
-  tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-  missing, unexpected = model.load_state_dict(
-      {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}, strict=False)
-  if unexpected or set(missing) - {"lm_head.weight"}:
-    raise RuntimeError(f"{gguf}: GGUF tensors do not fit LlamaForCausalLM: missing {missing}, "
-                       f"unexpected {unexpected}")
-  model.tie_weights()
-  model.save_pretrained(out)
-  tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-  tok.save_pretrained(out)
-  model.generation_config.save_pretrained(out)
+  from stable_alignment_jax.model import gguf as gguf_lib
+  gguf_lib.to_hf(str(gguf), str(out))

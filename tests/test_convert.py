@@ -318,3 +318,11 @@ def test_cli_round_trip_carries_tokenizer_chat_template_and_generation_config(
   tok = transformers.AutoTokenizer.from_pretrained(out)
   assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                  add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+
+
+def test_gguf_cli_names_a_missing_file(tmp_path, capsys):
+  from stable_alignment_jax.model import gguf
+  missing = tmp_path / "none.gguf"
+  assert gguf.main([f"--gguf={missing}", f"--to_hf={tmp_path / 'out'}"]) == 1
+  assert f"gguf: error: {missing}: no such GGUF file" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
