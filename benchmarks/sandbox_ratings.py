@@ -74,12 +74,22 @@ def usable(recs: list[dict]) -> dict:
       out[key] = out.get(key, 0) + 1
     return out
 
+  def histogram(values):
+    out = {}
+    for v in values:
+      if v is not None:
+        out[int(v)] = out.get(int(v), 0) + 1
+    return dict(sorted(out.items()))
+
   return {"ratings": len(ratings),
           "ratings_usable": sum(f["rating"] is not None for f in ratings) / max(len(ratings), 1),
           "ratings_by_source": by_source((f, "rating") for f in ratings),
           "observer": len(scores),
           "observer_usable": sum(o[k] is not None for o, k in scores) / max(len(scores), 1),
-          "observer_by_source": by_source(scores)}
+          "observer_by_source": by_source(scores),
+          # Which values were given: a reader that always says the same number is no rater.
+          "rating_values": histogram(f["rating"] for f in ratings),
+          "moral_values": histogram(o[k] for o, k in scores if k == "moral")}
 
 
 def main():
@@ -123,7 +133,8 @@ def main():
       r = results[mode]
       print(f"{mode:>6}: peer ratings usable {r['ratings_usable']:.1%} of {r['ratings']} "
             f"{r['ratings_by_source']}; observer scores usable {r['observer_usable']:.1%} of "
-            f"{r['observer']} {r['observer_by_source']}; {wall:.0f}s", flush=True)
+            f"{r['observer']} {r['observer_by_source']}; {wall:.0f}s; ratings given "
+            f"{r['rating_values']}, moral scores {r['moral_values']}", flush=True)
       print(f"        uptime before: {before}\n        uptime after:  {r['uptime_after']}",
             flush=True)
   print(json.dumps(results, indent=2))
