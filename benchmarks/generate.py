@@ -149,14 +149,17 @@ def main():
   pos_batches = [int(x) for x in args.pos_batches.split(",")]
   per_tok, spread = {}, {}
   for pb in pos_batches:
-    caches = {L: decode_cache(cfg, pb, L + n) for L in (args.near, args.far)}
+    # The layout the sampler decodes with (unrolled layers; see llama.relayout).
+    dg, ds = sampler.graphdef, sampler.state
+    dcfg = sampler.cfg
+    caches = {L: decode_cache(dcfg, pb, L + n) for L in (args.near, args.far)}
     for L in caches:  # compile, untimed
-      jax.block_until_ready(decode_loop(state, caches[L], L, graphdef=graphdef, n=n))
+      jax.block_until_ready(decode_loop(ds, caches[L], L, graphdef=dg, n=n))
     times = {L: [] for L in caches}
     for _ in range(args.pos_runs):
       for L in caches:  # interleaved, so load drifts hit both positions
         times[L].append(timed(lambda: jax.block_until_ready(
-            decode_loop(state, caches[L], L, graphdef=graphdef, n=n)))[0] / n)
+            decode_loop(ds, caches[L], L, graphdef=dg, n=n)))[0] / n)
     for L in caches:
       per_tok[(pb, L)] = statistics.median(times[L])
       spread[(pb, L)] = (min(times[L]), max(times[L]))

@@ -12,6 +12,12 @@ server, LLaMA-7B stages from `base_model` (the HH-SFT starting point, an HF or o
 the SFT/DPO/RRHF/CoH baselines on the imitation data, and the six benchmarks with a judge.
 With `:tiny` a project-written world (`stable_alignment_jax/tiny_world.py`) first trains a
 small society LM, so the agents' ratings parse and carry signal, and everything runs offline.
+
+`:small=SPEC` runs the method at toy size on a real pretrained chat model (an HF directory or hub
+id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct): 9 agents of that model talk in-process for 2
+rounds over the HH-RLHF questions and priors (ratings read as choices over 1..7, prompts in the
+model's chat template), then a few steps of each stage and an SFT baseline start from it, with
+`config.model` and the tokenizer filled from the checkpoint, and two MC benchmarks score them.
 """
 
 import ml_collections
@@ -27,7 +33,9 @@ def _train_cfg(module, tiny: bool):
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, tiny=False)
+  a = common.parse_arg(arg, tiny=False, small="")
+  if a.small:
+    return _small(a.small)
   c = ml_collections.ConfigDict()
   c.out_dir = "runs/pipeline_tiny" if a.tiny else "runs/pipeline"
   c.seed = 0
@@ -85,4 +93,38 @@ def get_config(arg=None):
     ev.tasks = "tiny_world_mc,moral_stories,truthfulqa_mc1"
     ev.limit = 64
     ev.tokenizer = ""
+  return c
+
+
+def _small(spec: str) -> ml_collections.ConfigDict:
+  """The paper's pipeline shrunk to minutes on a CPU, on the pretrained model `spec`."""
+  c = get_config()
+  c.out_dir = "runs/pipeline_small"
+  c.base_model = spec
+  # 18 episodes may hold no revision that beats its draft: then Stage 3 is skipped, and says so.
+  c.skip_empty_stages = True
+  c.sandbox = sandbox.get_config("tiny")  # 9 agents on a 4x4 grid, 2 rounds, in-process model
+  sb = c.sandbox
+  sb.run_id = "sandbox_small"
+  sb.world.priors_per_agent = 4
+  sb.rating_mode = "auto"  # choice: the next-token scores of 1..7 (a small model rarely writes
+  local = sb.backends.local  # "Rating: N" exactly)
+  local.model, local.min_batch, local.max_prompt_tokens = spec, 1, 384
+  sb.agent_models.a.model = sb.observer.model = "base"
+  for role, n in (("draft", 48), ("feedback", 32), ("revise", 48), ("observe", 8)):
+    sb.sampling[role].max_tokens = n
+  for stage in list(c.stages.values()) + list(c.baselines.values()):
+    # model.* and data.tokenizer come from the checkpoint (init_from); the run's sizes are ours.
+    stage.model.dtype, stage.model.remat = "float32", "none"
+    stage.mesh.fsdp = -1
+    stage.data.batch_size, stage.data.max_len = 2, 256
+    stage.optim.lr, stage.optim.warmup_ratio = 1e-5, 0.0
+    stage.train.steps, stage.train.eval_every, stage.train.log_every = 4, 0, 1
+    stage.train.tensorboard = False
+    stage.checkpoint.save_every = 4
+  for name in ("dpo", "rrhf", "coh"):
+    del c.baselines[name]
+  c.eval.tasks = "moral_stories,truthfulqa_mc1"
+  c.eval.limit = 32
+  c.eval.mc.batch_size = 16
   return c

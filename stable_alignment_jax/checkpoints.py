@@ -174,7 +174,7 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
   return graphdef, params
 
 
-# --- config.model from an HF init_from ----------------------------------------------------------
+# --- config.model from the init_from checkpoint ----------------------------------------------------------
 
 # The run's own choices; every other ModelConfig field describes the checkpoint's weights.
 RUN_MODEL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
@@ -184,31 +184,44 @@ PLACEHOLDER_TOKENIZERS = ("meta-llama/Llama-2-7b-hf", "byte")
 _FILLED = "hf:"  # config.model.preset once filled from a checkpoint: "hf:<init_from>"
 
 
-def fill_model_from_hf(c, explicit=None) -> dict:
-  """With an HF `checkpoint.init_from`, config.model (in place) from its config.json, and
-  data.tokenizer from its tokenizer files when left at a placeholder; returns {field: (was, now)}.
+def fill_model_from_init(c, explicit=None) -> dict:
+  """With a `checkpoint.init_from`, config.model (in place) from the checkpoint it names (an HF
+  directory's config.json, or a previous run's run_config.json), and data.tokenizer from it when
+  left at a placeholder (the HF directory's own tokenizer files, or the run's tokenizer); returns
+  {field: (was, now)}. So a stage started from an HF model, and every stage after it, needs no
+  model field typed.
 
   explicit: the config keys the user set on the command line ("model.dim", "data.tokenizer";
   main.py reads them from the config flag's overrides). A model field given there must agree
-  with the file (floats to a relative 1e-6; max_seq_len may be shorter), else a ValueError names
-  the field, both values and the file. None: nothing was set explicitly (programmatic callers).
-  The fields of RUN_MODEL_FIELDS stay the run's. Marks config.model.preset "hf:<init_from>", so
-  a second call (train.run after main.py) takes every field as the user's and only checks them.
+  with the checkpoint (floats to a relative 1e-6; max_seq_len may be shorter), else a ValueError
+  names the field, both values and the file. None: nothing was set explicitly (programmatic
+  callers). The fields of RUN_MODEL_FIELDS stay the run's. Marks config.model.preset
+  "hf:<init_from>", so a second call (train.run after main.py) takes every field as the user's
+  and only checks them.
   """
   init = c.checkpoint.init_from
   path = resolve(init) if init else ""
-  if not init or not os.path.isdir(path) or not is_hf_dir(path):
+  if not init or not os.path.isdir(path):
     return {}
-  from stable_alignment_jax.model import convert
-  hf = convert.read_hf_config(path)
-  file = os.path.join(path, "config.json")
+  if is_hf_dir(path):
+    from stable_alignment_jax.model import convert
+    source, file = convert.read_hf_config(path), os.path.join(path, "config.json")
+    has_tokenizer = any(os.path.exists(os.path.join(path, f))
+                        for f in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = path if has_tokenizer else ""
+  elif os.path.exists(os.path.join(path, RUN_CONFIG)):
+    run = read_run_config(path)
+    source, file = ModelConfig.from_dict(run["model"]), os.path.join(path, RUN_CONFIG)
+    tokenizer = run.get("data", {}).get("tokenizer", "")
+  else:
+    return {}
   explicit = set(explicit or ())
   if c.model.get("preset") == _FILLED + init:
     explicit |= {f"model.{k}" for k in c.model}
   changed = {}
   with c.unlocked():
     for field in (f for f in ModelConfig.__dataclass_fields__ if f not in RUN_MODEL_FIELDS):
-      want, have = getattr(hf, field), c.model.get(field)
+      want, have = getattr(source, field), c.model.get(field)
       if f"model.{field}" in explicit:
         if not _agrees(field, have, want):
           raise ValueError(f"config.model.{field}={have!r} contradicts {file}, which says "
@@ -219,12 +232,10 @@ def fill_model_from_hf(c, explicit=None) -> dict:
         c.model[field] = want
         changed[field] = (have, want)
     c.model.preset = _FILLED + init
-    has_tokenizer = any(os.path.exists(os.path.join(path, f))
-                        for f in ("tokenizer.json", "tokenizer.model"))
-    if has_tokenizer and "data.tokenizer" not in explicit and \
-       c.data.tokenizer in PLACEHOLDER_TOKENIZERS:
-      changed["data.tokenizer"] = (c.data.tokenizer, path)
-      c.data.tokenizer = path
+    if tokenizer and "data.tokenizer" not in explicit and \
+       c.data.tokenizer in PLACEHOLDER_TOKENIZERS and c.data.tokenizer != tokenizer:
+      changed["data.tokenizer"] = (c.data.tokenizer, tokenizer)
+      c.data.tokenizer = tokenizer
   if changed:
     print(f"config from {init}: " + ", ".join(f"{k}={v[1]!r}" for k, v in changed.items()),
           file=sys.stderr, flush=True)

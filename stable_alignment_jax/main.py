@@ -10,7 +10,7 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID) before anything touches a device.
 Starting from a Hugging Face model (`--config.checkpoint.init_from=DIR_OR_HUB_ID`) takes
 config.model from its config.json and, unless given, its tokenizer: the `--config.model.X`
 flags typed on the command line are the only model fields that count as the user's, and each
-must agree with the file (see `checkpoints.fill_model_from_hf`).
+must agree with the file (see `checkpoints.fill_model_from_init`).
 """
 
 import os

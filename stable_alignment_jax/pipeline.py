@@ -183,6 +183,12 @@ class Pipeline:
     systems = {"start": start} if start else {}
     prev = start
     for name, kind in KINDS.items():  # each stage starts from the previous stage's params
+      if self.c.get("skip_empty_stages", False) and not _train_examples(card, kind):
+        # A small society can give no example of a kind (e.g. no revision scored above its
+        # draft): the stage is left out of the table, the next one starts from `prev`.
+        print(f"[pipeline] {name}: skipped, the SANDBOX export gave no {kind} training "
+              f"examples (data card: {self.path('data')})", flush=True)
+        continue
       cfg = self._stage_cfg(self.c.stages[name], kind, card, prev, name, tokenizer)
       result = self.steps.run(name, lambda cfg=cfg: _train(cfg))
       print(f"[pipeline] {name} params loaded from: {result['origin']}", flush=True)
@@ -196,6 +202,10 @@ class Pipeline:
     print(f"[pipeline] done in {time.time() - t0:.0f}s this run; step seconds {times}; "
           f"table {report['table']}", flush=True)
     return {"systems": systems, "report": report, "seconds": times}
+
+
+def _train_examples(card: dict, kind: str) -> int:
+  return card["datasets"][kind]["splits"].get("train", {}).get("examples", 0)
 
 
 def _plot_training(systems: dict[str, str], path: str) -> None:

@@ -160,19 +160,19 @@ def _config_json(c) -> str:
 
 
 def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
-  """Fails before any compute on settings that cannot work. With an HF checkpoint.init_from,
-  first fills config.model (and a placeholder data.tokenizer) from it, in place; `explicit`: the
-  keys the user set on the command line (see `checkpoints.fill_model_from_hf`)."""
+  """Fails before any compute on settings that cannot work. With a checkpoint.init_from (HF or a
+  previous run), first fills config.model (and a placeholder data.tokenizer) from it, in place;
+  `explicit`: the
+  keys the user set on the command line (see `checkpoints.fill_model_from_init`)."""
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint.init_from={init!r}: no such directory (expected a "
                               "previous stage's run directory, an HF LLaMA directory or hub id)")
-    if checkpoints.is_hf_dir(path):
-      checkpoints.fill_model_from_hf(c, explicit)
-    else:
+    if not checkpoints.is_hf_dir(path):
       checkpoints.read_run_config(path)  # raises naming the directory when it is not a run
+    checkpoints.fill_model_from_init(c, explicit)
   ModelConfig.from_dict(c.model)
   loss_kwargs(c.loss)
   if c.loss.name == "dpo" and not c.checkpoint.init_from:
@@ -224,7 +224,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   load = functools.partial(data.make_loader, tokenizer=tokenizer,
                            global_batch_size=c.data.batch_size, max_len=c.data.max_len,
                            num_responses=c.data.num_responses, seed=c.seed,
-                           worker_count=c.data.worker_count)
+                           worker_count=c.data.worker_count,
+                           prompt_format=c.data.get("prompt_format", "auto"))
   loader = load(open_source(c.data, c.data.train_split, c.seed))
   kept = loader.stats["kept"]
   total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)

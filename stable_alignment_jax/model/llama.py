@@ -144,14 +144,18 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask[..., :t])
     else:
       b, t, h, e = q.shape
-      kh = cfg.n_kv_heads
+      kh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
       # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
-      qg = q.reshape(b, t, kh, h // kh, e)
-      scores = jnp.einsum("btkge,bkse->bkgts", qg, ck.astype(dt),
+      # The T queries of a kv head share one [T*G, S] score matrix, so each dot is a plain
+      # batched matmul over the cache as it lies (no transpose of the cache).
+      qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
+      scores = jnp.einsum("bkqe,bkse->bkqs", qg, ck.astype(dt),
                           preferred_element_type=jnp.float32) * e**-0.5
-      scores = jnp.where(mask[:, :, None], scores, -1e30)
+      m = jnp.broadcast_to(mask[:, :, :, None], (mask.shape[0], 1, t, g, mask.shape[-1]))
+      scores = jnp.where(m.reshape(m.shape[0], 1, t * g, -1), scores, -1e30)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out = jnp.einsum("bkgts,bkse->btkge", probs, cv.astype(dt)).reshape(b, t, h, e)
+      out = jnp.einsum("bkqs,bkse->bkqe", probs, cv.astype(dt))
+      out = out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
     out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
     return out, cache_kv
 
