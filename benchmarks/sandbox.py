@@ -7,27 +7,30 @@
     bare batches are timed in alternation and the fastest of each is kept.
 (b) A 16-agent round against an OpenAI-compatible server (tests/sandbox_server.py, its own
     process) that sleeps 200 ms per call: wall time at concurrency 1 over concurrency 16
-    (target >= 12x).
+    (target >= 12x), the two alternated; the client's CPU per call beside it, and the OpenAI
+    backend's own CPU per call measured alone (no society around it, a server that answers at
+    once). The baseline (concurrency 1) is checked against its floor, calls x 200 ms.
+The load average is printed before, between and after (benchmarks/common.py).
 
-  python benchmarks/sandbox.py [--agents 64] [--reps 2] [--http_agents 16]
+  python benchmarks/sandbox.py [--agents 64] [--reps 2] [--http_agents 16] [--skip jax|http]
 """
 
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-# One CPU device: drop a forced device count (the tests set one) before jax is imported.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs/
+sys.path.insert(0, ROOT)  # configs/, benchmarks/
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # sandbox_server (the test server)
+
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()  # before jax is imported
 
 import ml_collections  # noqa: E402
 
@@ -110,49 +113,96 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def bench_http(n_agents: int, tmp: str) -> dict:
+def start_server(delay: float):
+  """tests/sandbox_server.py in its own process (so its CPU is not the client's); its URL."""
   import urllib.request
   port = _free_port()
   server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "sandbox_server.py"),
-                             f"--port={port}", "--delay=0.2"],
+                             f"--port={port}", f"--delay={delay}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=1)
+      return server, f"http://127.0.0.1:{port}/v1"
+    except OSError:
+      if time.time() > deadline or server.poll() is not None:
+        server.terminate()
+        raise RuntimeError("sandbox_server did not start")
+      time.sleep(0.1)
+
+
+def _backend_cfg(base_url: str, conc: int) -> dict:
+  os.environ.setdefault("SANDBOX_BENCH_KEY", "bench-key")
+  return dict(kind="openai", base_url=base_url, api="chat", api_key_env="SANDBOX_BENCH_KEY",
+              concurrency=conc, timeout_s=30.0, max_retries=2, backoff_s=0.1, backoff_max_s=1.0)
+
+
+def bench_backend_cpu(n_calls: int, reps: int) -> dict:
+  """The OpenAI backend alone (no society around it): client CPU ms per call of `complete`
+  and of `choose`, against a server that answers at once, 16 in flight, best of `reps`."""
+  import asyncio
+  from stable_alignment_jax.sandbox.backends import Request, make_backend
+  server, url = start_server(0.0)
   try:
-    deadline = time.time() + 30
-    while True:
-      try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=1)
-        break
-      except OSError:
-        if time.time() > deadline or server.poll() is not None:
-          raise RuntimeError("sandbox_server did not start")
-        time.sleep(0.1)
-    os.environ.setdefault("SANDBOX_BENCH_KEY", "bench-key")
-    out = {}
-    for conc in (16, 1):
-      c = _society(os.path.join(tmp, f"http{conc}.sqlite"), n_agents)
-      c.world.prior_file = ""  # no prior memories: `resume`'s setup stays out of the CPU figure
-      c.backends = ml_collections.ConfigDict({"srv": dict(
-          kind="openai", base_url=f"http://127.0.0.1:{port}/v1", api="chat",
-          api_key_env="SANDBOX_BENCH_KEY", concurrency=conc, timeout_s=30.0, max_retries=2,
-          backoff_s=0.1, backoff_max_s=1.0)})
-      c.agent_models = ml_collections.ConfigDict({
-          "a": dict(backend="srv", model="agent", count=-1)})
-      c.observer = ml_collections.ConfigDict(dict(backend="srv", model="observer"))
-      runner.start(c, progress=False, max_steps=0)
-      t0, cpu0, srv0 = time.perf_counter(), time.process_time(), _cpu(server.pid)
-      runner.resume(c.store, progress=False)
-      out[f"resume{conc}"] = time.perf_counter() - t0
-      # CPU seconds of this client and of the server: at 200 ms per call the client must stay
-      # under 200/16 = 12.5 ms of CPU per call (plus the server's) for 16x to be reachable.
-      out[f"cpu{conc}"] = (time.process_time() - cpu0, _cpu(server.pid) - srv0)
-      s = Store(c.store)
-      out[conc] = sum(w for _, _, w, _ in s.step_rows())
-      out["calls"] = s.count("calls")
-      s.close()
-    return {"agents": n_agents, "calls": out["calls"], "c1_s": out[1], "c16_s": out[16],
-            "speedup": out[1] / out[16], "ideal_c1_s": 0.2 * out["calls"],
-            "resume_c1_s": out["resume1"], "resume_c16_s": out["resume16"],
-            "cpu_ms_per_call": [1000 * x / out["calls"] for x in out["cpu16"]]}
+    backend = make_backend("srv", ml_collections.ConfigDict(_backend_cfg(url, 16)))
+    prompt = "Question: how do I stay safe online?" + " Please answer with care." * 20
+    gen = [Request("srv", "agent", f"{prompt} ({i})", 24, 0.7, 0.95, i, system="Be kind.")
+           for i in range(n_calls)]
+    cho = [Request("srv", "observer", f"{prompt} ({i})", 1, 0.0, 1.0, i, prefix="Rating:",
+                   choices=tuple("1234567")) for i in range(n_calls)]
+
+    async def go():
+      await backend.complete(gen[:16])  # pool and connections up
+      out = {"complete": [], "choose": []}
+      for _ in range(reps):
+        for name, method, reqs in (("complete", backend.complete, gen),
+                                   ("choose", backend.choose, cho)):
+          c0 = time.process_time()
+          await method(reqs)
+          out[name].append(1e3 * (time.process_time() - c0) / n_calls)
+      await backend.aclose()
+      return out
+
+    out = asyncio.run(go())
+    return {k: min(v) for k, v in out.items()} | {"all": out}
+  finally:
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def bench_http(n_agents: int, tmp: str, reps: int = 1) -> dict:
+  server, url = start_server(0.2)
+  try:
+    out = {1: [], 16: [], "cpu16": [], "resume1": [], "resume16": []}
+    for rep in range(reps):
+      for conc in ((16, 1) if rep % 2 == 0 else (1, 16)):  # alternated
+        c = _society(os.path.join(tmp, f"http{conc}_{rep}.sqlite"), n_agents)
+        c.world.prior_file = ""  # no prior memories: `resume`'s setup stays out of the CPU figure
+        c.backends = ml_collections.ConfigDict({"srv": _backend_cfg(url, conc)})
+        c.agent_models = ml_collections.ConfigDict({
+            "a": dict(backend="srv", model="agent", count=-1)})
+        c.observer = ml_collections.ConfigDict(dict(backend="srv", model="observer"))
+        runner.start(c, progress=False, max_steps=0)
+        t0, cpu0, srv0 = time.perf_counter(), time.process_time(), _cpu(server.pid)
+        runner.resume(c.store, progress=False)
+        out[f"resume{conc}"].append(time.perf_counter() - t0)
+        # CPU seconds of this client and of the server: at 200 ms per call the client must stay
+        # under 200/16 = 12.5 ms of CPU per call (plus the server's) for 16x to be reachable.
+        cpu = (time.process_time() - cpu0, _cpu(server.pid) - srv0)
+        s = Store(c.store)
+        out[conc].append(sum(w for _, _, w, _ in s.step_rows()))
+        calls = s.count("calls")
+        s.close()
+        if conc == 16:
+          out["cpu16"].append([1000 * x / calls for x in cpu])
+    c1, c16 = min(out[1]), min(out[16])
+    return {"agents": n_agents, "calls": calls, "c1_s": c1, "c16_s": c16, "all_c1_s": out[1],
+            "all_c16_s": out[16], "speedup": c1 / c16,
+            "median_speedup": statistics.median(out[1]) / statistics.median(out[16]),
+            "ideal_c1_s": 0.2 * calls, "resume_c1_s": min(out["resume1"]),
+            "resume_c16_s": min(out["resume16"]),
+            "cpu_ms_per_call": min(out["cpu16"], key=lambda x: x[0])}
   finally:
     server.terminate()
     server.wait(timeout=10)
@@ -163,35 +213,48 @@ def main():
   ap.add_argument("--agents", type=int, default=64)
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--http_agents", type=int, default=16)
+  ap.add_argument("--http_reps", type=int, default=2, help="alternated c16/c1 pairs")
+  ap.add_argument("--cpu_calls", type=int, default=176, help="calls per backend-alone CPU run")
   ap.add_argument("--skip", choices=("jax", "http"), default=None)
+  ap.add_argument("--json", default="", help="also write the figures here")
   a = ap.parse_args()
   if not (os.path.exists(QUESTIONS) and os.path.exists(PRIORS)):
     sys.exit(f"needs the question pool and HH-RLHF priors under {SHARED}")
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, common.Run("sandbox", a.json) as run:
     if a.skip != "jax":
       r = bench_jax(a.agents, a.reps, tmp)
+      run.mark("after (a)")
+      run.data["jax"] = r
       # Times are the round's step (Back-Scatter: prompts, calls, parsing, call log; the store
       # commit and `resume`'s setup excluded); the whole `resume` is printed beside it.
-      print(f"(a) JAX backend, {r['agents']} agents, one round: {r['calls']} calls in "
-            f"{r['generate_batches']} generate batches (rows {r['batch_rows']})")
-      print(f"    round {r['step_s']:.2f} s, bare batched generate {r['bare_generate_s']:.2f} s "
-            f"-> ratio {r['ratio']:.3f} (target <= 1.5); whole `resume` incl. setup "
-            f"{r['resume_s']:.2f} s (ratio {r['resume_s'] / r['bare_generate_s']:.3f}); "
-            f"rounds {[round(x, 2) for x in r['all_step_s']]}, "
-            f"bare {[round(x, 2) for x in r['all_bare_s']]}, pairwise ratios "
-            f"{[round(x, 3) for x in r['pairwise']]}")
-      print(f"    generate inside each round {[round(x, 2) for x in r['inside_s']]} s -> round / "
-            f"its own generate time {r['inside_ratio']:.3f}")
+      run.row("(a) JAX backend", f"{r['agents']} agents, one round: {r['calls']} calls in "
+              f"{r['generate_batches']} generate batches (rows {r['batch_rows']})")
+      run.row("(a) round step s", common.summary(r["all_step_s"]))
+      run.row("(a) bare batched generate s", common.summary(r["all_bare_s"]))
+      run.row("(a) round / bare generate", f"{r['ratio']:.3f} of minima (target <= 1.5); "
+              f"pairwise {[round(x, 3) for x in r['pairwise']]}; round / its own generate time "
+              f"{r['inside_ratio']:.3f}; whole `resume` incl. setup {r['resume_s']:.2f} s")
     if a.skip != "http":
-      h = bench_http(a.http_agents, tmp)
-      print(f"(b) HTTP, 200 ms per call, {h['agents']} agents, {h['calls']} calls: concurrency 1 "
-            f"{h['c1_s']:.2f} s (serial floor {h['ideal_c1_s']:.1f} s), concurrency 16 "
-            f"{h['c16_s']:.2f} s -> speed-up {h['speedup']:.1f}x (target >= 12x); whole `resume` "
-            f"incl. setup {h['resume_c1_s']:.2f} s / {h['resume_c16_s']:.2f} s = "
-            f"{h['resume_c1_s'] / h['resume_c16_s']:.1f}x")
-      print(f"    CPU per call at concurrency 16: client {h['cpu_ms_per_call'][0]:.1f} ms, server "
-            f"{h['cpu_ms_per_call'][1]:.1f} ms (16x needs their sum well under 12.5 ms on a free "
-            f"core); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+      cpu = bench_backend_cpu(a.cpu_calls, 3)
+      run.data["backend_cpu"] = cpu
+      run.row("(b) backend alone, client CPU", f"complete {cpu['complete']:.2f} ms/call, choose "
+              f"{cpu['choose']:.2f} ms/call (min of 3 runs of {a.cpu_calls} calls, 16 in "
+              "flight, server answering at once)")
+      h = bench_http(a.http_agents, tmp, a.http_reps)
+      run.data["http"] = h
+      run.row("(b) HTTP society", f"200 ms per call, {h['agents']} agents, {h['calls']} calls, "
+              "the OpenAI backend as configured by users (one client per backend)")
+      run.row("(b) concurrency 1 s", common.summary(h["all_c1_s"]) +
+              f"; serial floor {h['ideal_c1_s']:.1f} s")
+      run.row("(b) concurrency 16 s", common.summary(h["all_c16_s"]) +
+              f"; floor {h['ideal_c1_s'] / 16:.2f} s")
+      # The baseline (concurrency 1) checked against its own floor: calls x 200 ms.
+      run.check(*common.sanity("concurrency 1", h["c1_s"], h["ideal_c1_s"], tolerance=1.25))
+      run.row("(b) speed-up c1 / c16", f"{h['speedup']:.1f}x of minima, {h['median_speedup']:.1f}x "
+              f"of medians (target >= 12x)")
+      run.row("(b) CPU per call at c16", f"client {h['cpu_ms_per_call'][0]:.2f} ms (whole society:"
+              f" prompts, parsing, store), server {h['cpu_ms_per_call'][1]:.2f} ms (16x needs "
+              "their sum well under 12.5 ms on a free core)")
 
 
 if __name__ == "__main__":

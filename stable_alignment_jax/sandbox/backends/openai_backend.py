@@ -1,8 +1,10 @@
-"""OpenAI-compatible chat/completions through the official `openai` SDK.
+"""OpenAI-compatible chat/completions through the official `openai` SDK's client.
 
 Works against OpenAI, vLLM, Ollama or our own server via `base_url`. The API key is read from
-the env var named by `api_key_env` and kept only in the client. Concurrency is bounded by an
-asyncio semaphore; 429, 5xx, timeouts and dropped connections are retried with exponential
+the env var named by `api_key_env` and kept only in the client: one client (one connection
+pool) per backend for the whole run, the documented JSON bodies posted through it as they are
+(the SDK's typed `create` would re-validate each one). Calls in flight are bounded by one
+asyncio semaphore per backend; 429, 5xx, timeouts and dropped connections are retried with exponential
 backoff and full jitter (the SDK's own retries are off so every retry is counted here).
 
 A request's `system` is the chat's system message (chat API) or the text before the prompt
@@ -59,23 +61,25 @@ class OpenAIBackend:
     if self.concurrency < 1:
       raise ValueError(f"config.backends.{name}.concurrency must be >= 1")
     self.counters = collections.Counter()
-    self._client = None
+    self._client = self._sem = None
     self._jitter = random.Random()  # jitter only spaces retries; it never touches results
 
   def _get_client(self):
-    # Created inside the running loop: the async HTTP pool belongs to that loop.
+    # Created inside the running loop: the async HTTP pool (and the semaphore bounding this
+    # backend's calls in flight) belong to that loop. One client, one pool, for the whole run.
     if self._client is None:
       self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
                                         max_retries=0, timeout=self.timeout_s)
+      self._sem = asyncio.Semaphore(self.concurrency)
     return self._client
 
   async def complete(self, reqs) -> list[str]:
-    sem = asyncio.Semaphore(self.concurrency)
-    return list(await asyncio.gather(*(self._one(r, sem, self._call) for r in reqs)))
+    self._get_client()
+    return list(await asyncio.gather(*(self._one(r, self._call) for r in reqs)))
 
   async def choose(self, reqs) -> list[list[float] | None]:
-    sem = asyncio.Semaphore(self.concurrency)
-    return list(await asyncio.gather(*(self._one(r, sem, self._choice) for r in reqs)))
+    self._get_client()
+    return list(await asyncio.gather(*(self._one(r, self._choice) for r in reqs)))
 
   def _messages(self, r) -> list[dict]:
     msgs = [{"role": "system", "content": r.system}] if r.system else []
@@ -87,54 +91,63 @@ class OpenAIBackend:
   def _text_prompt(self, r) -> str:
     return (f"{r.system}\n\n" if r.system else "") + r.prompt + r.prefix
 
-  def _chat_extra(self, r) -> dict:
-    # vLLM's chat parameters for continuing the final (assistant) message instead of opening
-    # a new turn; only sent when there is a prefix to continue.
-    return ({"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
-            if r.prefix else {})
+  def _body(self, r, **fields) -> dict:
+    """The request body as the API documents it. Our requests are plain, already-checked
+    values, so they go out as JSON directly: the SDK's typed `create` re-transforms every
+    parameter and builds a pydantic model of every reply, most of the client's CPU per call."""
+    body = {"model": r.model, "seed": r.seed, **fields}
+    if self.api == "chat":
+      body["messages"] = self._messages(r)
+      if r.prefix:  # vLLM: continue the final (assistant) message instead of opening a turn
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    else:
+      body["prompt"] = self._text_prompt(r)
+    return body
+
+  async def _post(self, body: dict) -> dict:
+    # The SDK's own request path: auth, base URL, timeouts and its typed errors (which `_one`
+    # classifies) stay; the reply comes back as the JSON dict.
+    path = "/chat/completions" if self.api == "chat" else "/completions"
+    return await self._client.post(path, body=body, cast_to=object)
 
   async def _call(self, r) -> str:
-    client = self._get_client()
-    common = dict(model=r.model, max_tokens=r.max_tokens, temperature=r.temperature,
-                  top_p=r.top_p, seed=r.seed)
-    if self.api == "chat":
-      resp = await client.chat.completions.create(
-          messages=self._messages(r), **common, **self._chat_extra(r))
-      return resp.choices[0].message.content or ""
-    resp = await client.completions.create(prompt=self._text_prompt(r), **common)
-    return resp.choices[0].text or ""
+    resp = await self._post(self._body(r, max_tokens=r.max_tokens, temperature=r.temperature,
+                                       top_p=r.top_p))
+    choice = resp["choices"][0]
+    text = choice["message"].get("content") if self.api == "chat" else choice.get("text")
+    return text or ""
 
   async def _choice(self, r) -> list[float] | None:
-    client = self._get_client()
-    common = dict(model=r.model, max_tokens=1, temperature=0.0, seed=r.seed)
+    fields = dict(max_tokens=1, temperature=0.0)
+    if self.api == "chat":
+      fields.update(logprobs=True, top_logprobs=self.top_logprobs)
+    else:
+      fields.update(logprobs=self.top_logprobs)
     try:
-      if self.api == "chat":
-        resp = await client.chat.completions.create(
-            messages=self._messages(r), logprobs=True, top_logprobs=self.top_logprobs,
-            **common, **self._chat_extra(r))
-        lp = resp.choices[0].logprobs
-        top = ({t.token: t.logprob for t in lp.content[0].top_logprobs}
-               if lp is not None and lp.content else None)
-      else:
-        resp = await client.completions.create(prompt=self._text_prompt(r),
-                                               logprobs=self.top_logprobs, **common)
-        lp = resp.choices[0].logprobs
-        top = dict(lp.top_logprobs[0]) if lp is not None and lp.top_logprobs else None
+      resp = await self._post(self._body(r, **fields))
     except openai.APIStatusError as e:
       if e.status_code >= 500 or e.status_code == 429:
         raise
       # The server refuses logprobs (or this request): this judgement is read as text.
       self.counters["choice_refused"] += 1
       return None
+    lp = resp["choices"][0].get("logprobs")
+    if self.api == "chat":
+      content = (lp or {}).get("content")
+      top = ({t["token"]: t["logprob"] for t in content[0].get("top_logprobs") or ()}
+             if content else None)
+    else:
+      tops = (lp or {}).get("top_logprobs")
+      top = dict(tops[0] or {}) if tops else None
     if not top:
       self.counters["choice_no_logprobs"] += 1
       return None
     return choice_logprobs(top, r.choices)
 
-  async def _one(self, r, sem, call):
+  async def _one(self, r, call):
     for attempt in range(self.max_retries + 1):
       try:
-        async with sem:
+        async with self._sem:
           out = await call(r)
         self.counters["calls"] += 1
         return out
@@ -156,7 +169,7 @@ class OpenAIBackend:
   async def aclose(self):
     if self._client is not None:
       await self._client.close()
-      self._client = None
+      self._client = self._sem = None
 
 
 def choice_logprobs(top: dict[str, float], choices) -> list[float] | None:

@@ -1,0 +1,142 @@
+"""What every benchmark here shares: the machine's load around the run, sides timed in
+alternation, minimum and median of each, and a contamination flag.
+
+The machine is shared. Load only ever adds time, and torch's threads suffer from it far more
+than XLA's, so a ratio taken under load flatters whichever side degrades less. A run whose load
+average (1 minute) went above `CONTAMINATED` at its start or end still prints its headline, but
+flagged, and its figures are not to be quoted.
+
+  with Run("train_step") as run:        # prints the load before; after, and the flag, on exit
+    times = alternate({"jax": f, "torch": g}, reps=5)
+    run.row("jax step s", summary(times["jax"]))
+"""
+
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+CONTAMINATED = 1.0  # load average above which a run's figures are flagged
+QUIET = 0.5  # load average below which a figure may be quoted
+
+
+def load() -> float:
+  return os.getloadavg()[0]
+
+
+def load_text() -> str:
+  one, five, fifteen = os.getloadavg()
+  return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def timed(fn: Callable):
+  """(seconds, result) of one call."""
+  t0 = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t0, out
+
+
+def alternate(sides: dict[str, Callable], reps: int, *, flip: bool = True
+              ) -> dict[str, list[float]]:
+  """Seconds of `reps` calls of each side, the sides interleaved (a, b, b, a, a, b, ...: with
+  `flip` each round reverses the order, so neither side always runs right after the other), so
+  a change in load hits every side alike."""
+  names = list(sides)
+  out = {n: [] for n in names}
+  for r in range(reps):
+    for n in (names[::-1] if flip and r % 2 else names):
+      out[n].append(timed(sides[n])[0])
+  return out
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+  return {"min": min(xs), "median": statistics.median(xs), "n": len(xs)}
+
+
+def summary(xs: list[float], unit: str = "s", scale: float = 1.0) -> str:
+  s = stats(xs)
+  return (f"min {s['min'] * scale:.4g} {unit}  median {s['median'] * scale:.4g} {unit}  "
+          f"(n={s['n']}; all {', '.join(f'{x * scale:.3g}' for x in xs)})")
+
+
+def sanity(name: str, measured_s: float, independent_s: float, *, tolerance: float = 2.0
+           ) -> tuple[bool, str]:
+  """Is a baseline's measured time within `tolerance`x of an independent estimate made in the
+  same process (e.g. its per-token forward time x tokens)? A baseline far slower than its own
+  parts is sick (wrong threads, no cache, a slow path) and a win over it means nothing."""
+  ratio = measured_s / independent_s
+  ok = 1 / tolerance <= ratio <= tolerance
+  return ok, (f"{name}: measured {measured_s:.4g} s vs independent estimate {independent_s:.4g} s "
+              f"= {ratio:.2f}x ({'ok' if ok else 'SUSPECT baseline'}, tolerance {tolerance}x)")
+
+
+class Run:
+  """A benchmark run: load before and after, rows of figures, a flag when contaminated, and
+  optionally the rows as JSON."""
+
+  def __init__(self, name: str, json_path: str = ""):
+    self.name, self.json_path = name, json_path
+    self.rows: list[tuple[str, str]] = []
+    self.data: dict = {"benchmark": name}
+    self.loads: list[float] = []
+    self.checks: list[bool] = []
+
+  def __enter__(self):
+    self.loads.append(load())
+    self.data["load_before"] = os.getloadavg()
+    print(f"[{self.name}] before: {load_text()}", flush=True)
+    return self
+
+  def mark(self, what: str) -> float:
+    """Record the load at a point inside the run (counted for the flag)."""
+    x = load()
+    self.loads.append(x)
+    print(f"[{self.name}] {what}: {load_text()}", flush=True)
+    return x
+
+  def row(self, key: str, value: str) -> None:
+    self.rows.append((key, value))
+
+  def check(self, ok: bool, text: str) -> None:
+    self.checks.append(ok)
+    self.row("baseline check", text)
+
+  @property
+  def contaminated(self) -> bool:
+    return max(self.loads) > CONTAMINATED
+
+  def __exit__(self, *exc):
+    self.loads.append(load())
+    self.data["load_after"] = os.getloadavg()
+    width = max((len(k) for k, _ in self.rows), default=0)
+    for k, v in self.rows:
+      print(f"{k:<{width}}  {v}")
+    peak = max(self.loads)
+    verdict = (f"CONTAMINATED (load reached {peak:.2f} > {CONTAMINATED}): do not quote" if
+               self.contaminated else
+               f"quiet (peak load {peak:.2f})" if peak < QUIET else
+               f"usable, not quiet (peak load {peak:.2f}, quote only below {QUIET})")
+    if self.checks and not all(self.checks):
+      verdict += "; a baseline failed its check: its ratio is not a win"
+    print(f"[{self.name}] after: {load_text()} -> {verdict}", flush=True)
+    self.data.update(rows=dict(self.rows), contaminated=self.contaminated, peak_load=peak,
+                     baseline_ok=all(self.checks), verdict=verdict)
+    if self.json_path:
+      with open(self.json_path, "w") as f:
+        json.dump(self.data, f, indent=2, default=float)
+    return False
+
+
+def torch_threads(torch) -> int:
+  """torch's threads = the machine's cores, as its users run it."""
+  torch.set_num_threads(os.cpu_count() or 1)
+  return torch.get_num_threads()
+
+
+def one_cpu_device() -> None:
+  """One CPU device: drop a forced device count (the tests set one) before jax is imported."""
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count"))
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
