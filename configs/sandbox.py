@@ -37,6 +37,13 @@ def _sampling(max_tokens, temperature=0.7):
   return ml_collections.ConfigDict(dict(max_tokens=max_tokens, temperature=temperature, top_p=0.95))
 
 
+def phase_buckets(n_agents: int, k_peers: int) -> list[int]:
+  """Batch sizes of a step's phases, as powers of two (the sampler's): n drafts or revisions,
+  2n observer scores (moral and engagement), up to n * k peer ratings."""
+  pow2 = lambda n: 1 << max(0, n - 1).bit_length()
+  return sorted({pow2(n_agents), pow2(2 * n_agents), pow2(n_agents * k_peers)})
+
+
 def get_config(arg=None):
   a = _parse(arg)
   c = ml_collections.ConfigDict()
@@ -92,10 +99,12 @@ def get_config(arg=None):
     c.rounds = 2
     c.backends = ml_collections.ConfigDict({
         # `model`: any checkpoint spec (random:tiny[:seed], an HF LLaMA dir, a training run
-        # dir); one batch of 64 rows serves every phase of 9 agents with one compiled program.
+        # dir); batch_buckets (set below from the society's size): each phase pads to the
+        # smallest bucket that holds it (9 agents: 16, 32 or 64 rows), one compile per bucket.
         # chat_template: auto = the model's own template when its tokenizer has one, else raw.
         "local": dict(kind="jax", model="random:tiny:0", tokenizer="", dtype="float32",
-                      max_prompt_tokens=192, devices=1, min_batch=64, chat_template="auto"),
+                      max_prompt_tokens=192, devices=1, min_batch=1, batch_buckets=[],
+                      chat_template="auto"),
     })
     c.agent_models = ml_collections.ConfigDict({
         "a": dict(backend="local", model="tiny-random", count=-1)})
@@ -106,4 +115,7 @@ def get_config(arg=None):
     c.world.n_agents = a["agents"]
   if a["rounds"]:
     c.rounds = a["rounds"]
+  if a["tiny"]:  # after `agents=`: a command-line override of the size should reset it too
+    per_step = c.agents_per_step if c.agents_per_step > 0 else c.world.n_agents
+    c.backends.local.batch_buckets = phase_buckets(per_step, c.world.k_peers)
   return c

@@ -2,10 +2,12 @@
 one `Sampler.generate` per checkpoint per phase, outputs equal to a direct generate of the
 logged prompts, and an export that validates against DESIGN.md."""
 
+import dataclasses
 import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import sandbox as sandbox_config
@@ -125,3 +127,36 @@ def test_jax_backend_bad_input_fails_before_the_run(tmp_path, pool):
   with pytest.raises(FileNotFoundError, match="nope.model"):
     runner.start(cfg, progress=False)
   assert not os.path.exists(cfg.store)
+
+
+def test_batch_buckets_pad_each_call_to_its_phase_bucket():
+  """Calls pad to the smallest bucket that holds them (every batch the sampler forms of them
+  has that many rows), a call above every bucket to its power of two; a row's text does not
+  depend on the padding. configs/sandbox.py sizes the buckets from the phases."""
+  from stable_alignment_jax.sandbox.backends import Request, make_backend
+  assert sandbox_config.phase_buckets(9, 4) == [16, 32, 64]  # 9 drafts, 18 scores, 36 ratings
+  assert sandbox_config.phase_buckets(5, 3) == [8, 16]
+  assert sandbox_config.get_config("tiny,agents=5").backends.local.batch_buckets == [8, 16, 32]
+
+  def backend(buckets):
+    return make_backend("local", ml_collections.ConfigDict(dict(
+        kind="jax", model="random:tiny:0", dtype="float32", devices=1, min_batch=1,
+        max_prompt_tokens=64, batch_buckets=buckets)), ["m"])
+
+  with pytest.raises(ValueError, match=r"batch_buckets=\[4, 12\]: .* powers of two"):
+    backend([12, 4])
+  padded, plain = backend([4, 16]), backend([])
+  rows = []
+  sampler = padded.models["random:tiny:0"].sampler
+  left_pad = sampler._left_pad
+  sampler._left_pad = lambda prompts, *a, **k: rows.append(left_pad(prompts, *a, **k)[0].shape[0]
+                                                           ) or left_pad(prompts, *a, **k)
+  reqs = [Request("local", "m", f"question {i}?" * (1 + i % 3), 6, 0.7 * (i % 2), 0.9, i)
+          for i in range(5)]
+  assert padded.generate_sync(reqs[:3]) == plain.generate_sync(reqs[:3])
+  assert padded.generate_sync(reqs) == plain.generate_sync(reqs)
+  choice = [dataclasses.replace(r, prefix="Rating:", choices=tuple("1234567")) for r in reqs[:3]]
+  got, want = padded.choose_sync(choice), plain.choose_sync(choice)
+  assert np.allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert rows == [4, 16, 4], rows
+  assert padded.counters["batch_rows"] == 4 + 16 + 4

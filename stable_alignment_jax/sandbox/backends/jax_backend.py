@@ -23,17 +23,22 @@ Config (`config.backends.<name>`, kind="jax"):
   tokenizer          optional; default: the run's `data.tokenizer`, the HF directory itself, or
                      "byte" for a random model
   chat_template      auto (the model's own template when it has one, else raw text) | none (raw
-                     text) | model (its own, or an error) | a serving/templates.py name or .json
+                     text) | model (its own, or an error) | a chat_templates.py name or .json
   dtype              compute dtype override ("" = the checkpoint's)
   max_prompt_tokens  prompts longer than this keep their last tokens (BOS stays first)
   mesh               {data, fsdp, tensor} sizes (default fsdp over all devices)
   devices            0 = all devices, n = the first n (a tiny model gains nothing from 8)
-  min_batch          pad every batch to at least this many rows: one compiled program can
-                     then serve all phases of a small society
+  min_batch          pad every batch to at least this many rows
+  batch_buckets      optional powers of two: a call's rows are padded to the smallest bucket
+                     that holds them (each batch the sampler forms from the call, too), so the
+                     set of compiled batch shapes stays that small set; sized from the phases'
+                     real row counts (configs/sandbox.py:phase_buckets) they waste few rows.
+                     A call larger than every bucket falls back to `min_batch`'s power of two.
 """
 
 import asyncio
 import collections
+import threading
 
 import numpy as np
 
@@ -57,7 +62,15 @@ class _Model:
                           chat_template=chat_template if self.chat else "auto",
                           min_batch=min_batch, max_prompt_tokens=max_prompt_tokens, name=spec)
     self.stop = tuple(self.ts.template.stop) if self.chat else ()
-    self._choice_form: dict[str, tuple[str, str]] = {}
+    self.min_batch = min_batch
+    # The sampler's batch floor is set per call (`padded`): one call at a time per model.
+    self.lock = threading.Lock()
+
+  def padded(self, rows: int, buckets: tuple[int, ...]) -> int:
+    """Pad a call of `rows` rows to its bucket: every batch the sampler makes of it uses it."""
+    b = next((b for b in buckets if b >= rows), self.min_batch)
+    self.ts.sampler.min_batch = b
+    return max(b, 1 << max(0, rows - 1).bit_length())
 
   @property
   def sampler(self):
@@ -137,6 +150,11 @@ class JaxBackend:
     mesh_sizes = dict(cfg.get("mesh", None) or {"fsdp": -1})
     self.mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:devices] if devices > 0 else None)
     min_batch = int(cfg.get("min_batch", 1))
+    buckets = tuple(sorted(int(b) for b in (cfg.get("batch_buckets", None) or ())))
+    if any(b < 1 or b & (b - 1) for b in buckets):
+      raise ValueError(f"config.backends.{name}.batch_buckets={list(buckets)}: the sampler pads "
+                       "batches to powers of two; give powers of two")
+    self.batch_buckets = buckets
     # Resolve every tokenizer and template (which checks every checkpoint path) before loading
     # anything: a missing directory or a wrong tokenizer fails before the run.
     toks = {spec: load_tokenizer(tok or default_tokenizer(spec)) for spec, tok in sorted(wanted)}
@@ -171,7 +189,9 @@ class JaxBackend:
       params = [SamplingParams(max_new_tokens=reqs[i].max_tokens,
                                temperature=reqs[i].temperature, top_p=reqs[i].top_p,
                                seed=reqs[i].seed) for i in idx]
-      done = m.ts.complete([m.prompt(reqs[i]) for i in idx], params, stop=list(m.stop))
+      with m.lock:
+        self.counters["batch_rows"] += m.padded(len(idx), self.batch_buckets)
+        done = m.ts.complete([m.prompt(reqs[i]) for i in idx], params, stop=list(m.stop))
       self.counters["generate_calls"] += 1
       self.counters["generated_tokens"] += sum(c.completion_tokens for c in done)
       self.counters["prompts_truncated"] += sum(c.truncated for c in done)
@@ -194,7 +214,9 @@ class JaxBackend:
           continue
         forms.setdefault(tuple(got[1]), []).append((i, got[0]))
       for choices, rows in forms.items():
-        lp = m.ts.choice_logprobs([p for _, p in rows], list(choices))
+        with m.lock:
+          self.counters["batch_rows"] += m.padded(len(rows), self.batch_buckets)
+          lp = m.ts.choice_logprobs([p for _, p in rows], list(choices))
         self.counters["choice_calls"] += 1
         for (i, _), row in zip(rows, np.asarray(lp, np.float64)):
           out[i] = [float(x) for x in row]
