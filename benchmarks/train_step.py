@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import base  # noqa: E402
-from stable_alignment_jax import losses, train  # noqa: E402
+from stable_alignment_jax import losses, optim, train  # noqa: E402
 from stable_alignment_jax.model import convert  # noqa: E402
 from stable_alignment_jax.model.presets import preset  # noqa: E402
 
@@ -160,7 +160,7 @@ def main():
     hf.save_pretrained(d)
     graphdef, params = convert.load_hf(d, dtype="float32")
 
-  tx = train.make_optimizer(oc, 100)[0]
+  tx = optim.make_optimizer(oc, 100)[0]
 
   def jax_step(accum):
     return jax.jit(functools.partial(

@@ -11,8 +11,14 @@ different process count) is Orbax's job: every array restores straight into its 
   <HF directory>            config.json + *.safetensors (through model/convert.py)
   <run directory>           the latest step's params of one of our runs
 Its compute dtype is `compute_dtype`'s choice, logged on stderr as one line per load.
+
+Every checkpoint the project writes is a run directory: training runs, and HF models imported
+with `python -m stable_alignment_jax.convert` (`save_model`: `run_config.json` with the model
+and tokenizer, step 0 with the one item `params`). `export_hf` writes any run directory back out
+as an HF directory.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -164,7 +170,7 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
     from stable_alignment_jax.model import convert  # only HF users pay for its imports
     config_json, _ = convert.read_hf_json(path)
     dtype = _log_dtype(spec, convert.checkpoint_dtype(config_json), dtype)
-    return convert.load_hf(path, dtype=dtype, mesh=mesh)
+    return load_hf(path, dtype=dtype, mesh=mesh)
   run = read_run_config(path)
   fields = dict(run["model"])
   fields["dtype"] = _log_dtype(spec, fields.get("dtype"), dtype)
@@ -172,6 +178,62 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
   graphdef, abstract = _abstract_model(cfg)
   params, _ = restore_params(path, abstract, sharding.state_shardings(abstract, mesh))
   return graphdef, params
+
+
+def load_hf(path: str, *, mesh=None, dtype: str | None = None, **kw):
+  """An HF directory as (graphdef, state), every weight placed on its logical-axis sharding over
+  `mesh` (default: one device); dtype None is `compute_dtype`'s choice for the checkpoint."""
+  from stable_alignment_jax.model import convert  # only HF users pay for its imports
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory not found: {path}")
+  if dtype is None:
+    dtype = compute_dtype(convert.checkpoint_dtype(convert.read_hf_json(path)[0]))
+  shardings = None if mesh is None else (lambda abstract: sharding.state_shardings(abstract, mesh))
+  return convert.load_hf(path, dtype=dtype, shardings=shardings, **kw)
+
+
+def save_model(cfg: ModelConfig, state, directory: str, *, tokenizer: str = "",
+               source: str = "") -> str:
+  """Writes one model as a run directory (what a training run leaves, without optimizer state):
+  `run_config.json` {model, data.tokenizer, source} and step 0 with the item `params`, so
+  `load_model`, `init_from`, serve, SANDBOX and eval read it. Refuses a directory that already
+  holds a checkpoint. Returns the absolute directory."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  with manager(directory, keep=1, async_save=False) as mgr:
+    if mgr.latest_step() is not None:
+      raise FileExistsError(f"{directory}: already holds a checkpoint (step "
+                            f"{mgr.latest_step()}); give an empty or new directory")
+    mgr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(flatten(state))))
+    mgr.wait_until_finished()
+  if jax.process_index() == 0:
+    run = {"model": dataclasses.asdict(cfg), "data": {"tokenizer": tokenizer}, "source": source}
+    with open(os.path.join(directory, RUN_CONFIG), "w") as f:
+      json.dump(run, f, indent=2)
+  return directory
+
+
+def export_hf(run_dir: str, out: str, *, tokenizer: str | None = None, dtype: str | None = None,
+              max_shard_bytes: int = 2 << 30, mesh=None) -> list[str]:
+  """A run directory's latest params as an HF directory; returns the safetensors files written.
+  tokenizer: whose files, chat template and ids go along (default: the run's data.tokenizer);
+  dtype: the tensors' storage dtype (default: the parameters')."""
+  from stable_alignment_jax.model import convert
+  from stable_alignment_jax.tokenizer import load_tokenizer
+  run = read_run_config(run_dir)
+  cfg = ModelConfig.from_dict(run["model"])
+  mesh = mesh or sharding.make_mesh({"fsdp": -1})
+  graphdef, abstract = _abstract_model(cfg)
+  params, _ = restore_params(run_dir, abstract, sharding.state_shardings(abstract, mesh))
+  spec = tokenizer or run.get("data", {}).get("tokenizer", "")
+  files_from = os.path.expanduser(spec) if spec and os.path.exists(os.path.expanduser(spec)) \
+      else None
+  bos = eos = None
+  if spec and not (files_from and os.path.exists(os.path.join(files_from, convert.GENERATION_CONFIG))):
+    tok = load_tokenizer(spec)  # its ids, unless its own generation config comes along
+    bos, eos = tok.bos_id, tok.eos_id
+  return convert.save_hf(graphdef, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                         tokenizer=files_from, bos_id=bos if bos is None or bos >= 0 else None,
+                         eos_id=eos if eos is None or eos >= 0 else None)
 
 
 # --- config.model from the init_from checkpoint ----------------------------------------------------------

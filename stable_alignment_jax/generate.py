@@ -259,5 +259,7 @@ class Sampler:
 if __name__ == "__main__":
   # `python -m stable_alignment_jax.generate --checkpoint=DIR --prompt=...`: the CLI lives with
   # the serving code (it shares the engine and chat template); this module stays the sampler.
-  from stable_alignment_jax.serving import cli
-  cli.main()
+  # Run as a script this file is `__main__`, which nothing imports, so forwarding by module
+  # name adds no import edge (serving imports the sampler, never the reverse).
+  import runpy
+  runpy.run_module("stable_alignment_jax.serving.cli", run_name="__main__", alter_sys=True)

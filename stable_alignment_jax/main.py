@@ -13,34 +13,10 @@ flags typed on the command line are the only model fields that count as the user
 must agree with the file (see `checkpoints.fill_model_from_init`).
 """
 
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-
-def _maybe_init_distributed():
-  import jax
-  # SA_DISTRIBUTED=1 (set by launch/tpu_pod.sh): a pod slice, where jax finds the coordinator
-  # from the TPU metadata even when no variable below is set.
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or \
-     os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or \
-     os.environ.get("SA_DISTRIBUTED") == "1":
-    kw = {}
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-      kw = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                process_id=int(os.environ["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kw)
-
-
-def enable_compilation_cache():
-  """Compiled programs persist across runs (a resumed or next-stage run skips recompiling);
-  $JAX_COMPILATION_CACHE_DIR, when set, wins."""
-  import jax
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser("~/.cache/stable_alignment_jax/jax"))
+from stable_alignment_jax import runtime
 
 
 def main(argv):
@@ -49,8 +25,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage1.py:tiny")
-  _maybe_init_distributed()
-  enable_compilation_cache()
+  runtime.init_distributed()
+  runtime.enable_compilation_cache()
   import jax
   from stable_alignment_jax import train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO

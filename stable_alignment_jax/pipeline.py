@@ -49,11 +49,13 @@ class Steps:
     return result
 
 
-def _copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def copy_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A deep copy a step may edit without touching the pipeline's config."""
   return ml_collections.ConfigDict(cfg.to_dict())
 
 
-def _train(cfg) -> dict:
+def train_stage(cfg) -> dict:
+  """One training run, summarised to what the step ledger records (JSON-able)."""
   from stable_alignment_jax import train
   summary = train.run(cfg)
   return {"dir": summary["dir"], "origin": summary["origin"], "steps": summary["steps"],
@@ -83,16 +85,16 @@ class Pipeline:
     return paths
 
   def society_lm(self, world: dict) -> dict:
-    lm = _copy(self.c.society_lm)
+    lm = copy_config(self.c.society_lm)
     lm.data.data_dir, lm.data.tokenizer = world["corpus"], world["tokenizer"]
     lm.checkpoint.dir, lm.checkpoint.init_from = self.path("society_lm"), ""
-    return _train(lm)
+    return train_stage(lm)
 
   def sandbox(self, world: dict | None, name: str = "sandbox", setting: str = "") -> dict:
     """One society under `{out}/{name}`; `setting` overrides `sandbox.world.setting`."""
     from stable_alignment_jax.sandbox import metrics, plot, runner
     from stable_alignment_jax.sandbox.store import Store
-    sb = _copy(self.c.sandbox)
+    sb = copy_config(self.c.sandbox)
     sb.run_dir, sb.store = self.path(name), ""
     if setting:
       sb.world.setting = setting
@@ -123,7 +125,7 @@ class Pipeline:
     return card
 
   def _stage_cfg(self, cfg, kind: str, card: dict, init_from: str, name: str, tokenizer):
-    s = _copy(cfg)
+    s = copy_config(cfg)
     s.data.source, s.data.dataset = "tfds", f"sandbox_alignment/{kind}"
     s.data.data_dir = self.path("data")
     if tokenizer:
@@ -140,7 +142,7 @@ class Pipeline:
 
   def evaluate(self, systems: dict[str, str]) -> dict:
     from eval import run as eval_run
-    ev = _copy(self.c.eval)
+    ev = copy_config(self.c.eval)
     ev.out_dir = self.path("eval")
     ev.judge.cache = self.path("eval", "judge_cache.sqlite")
     ev.methods = ml_collections.ConfigDict(systems)
@@ -163,7 +165,7 @@ class Pipeline:
     from eval import judge as judge_lib, run as eval_run
     tasks = eval_run.expand_tasks(self.c.eval.tasks, tuple(self.c.eval.ethics_splits))
     if any(t in eval_run.GEN_TASKS for t in tasks):
-      judge = _copy(self.c.eval.judge)
+      judge = copy_config(self.c.eval.judge)
       judge.cache = ""
       judge_lib.Judge(judge)  # raises naming the missing endpoint, model or key variable
 
@@ -190,12 +192,12 @@ class Pipeline:
               f"examples (data card: {self.path('data')})", flush=True)
         continue
       cfg = self._stage_cfg(self.c.stages[name], kind, card, prev, name, tokenizer)
-      result = self.steps.run(name, lambda cfg=cfg: _train(cfg))
+      result = self.steps.run(name, lambda cfg=cfg: train_stage(cfg))
       print(f"[pipeline] {name} params loaded from: {result['origin']}", flush=True)
       systems[name] = prev = result["dir"]
     for name, cfg in self.c.baselines.items():  # baselines: base model + imitation data
       cfg = self._stage_cfg(cfg, "imitation", card, start, name, tokenizer)
-      systems[name] = self.steps.run(name, lambda cfg=cfg: _train(cfg))["dir"]
+      systems[name] = self.steps.run(name, lambda cfg=cfg: train_stage(cfg))["dir"]
     self.steps.run("eval", lambda: self.evaluate(systems))
     report = self.steps.run("report", lambda: self.report(systems))
     times = {k: v["seconds"] for k, v in self.steps.done.items()}
@@ -251,8 +253,8 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/pipeline.py:tiny")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from stable_alignment_jax.main import enable_compilation_cache
-  enable_compilation_cache()
+  from stable_alignment_jax import runtime
+  runtime.enable_compilation_cache()
   make_pipeline(_CONFIG.value).run()
   sys.stdout.flush()
 

@@ -10,7 +10,6 @@ parameter and optimizer figures are exact (a test checks them against a real 8-d
 activation bytes and step time are estimates whose assumptions are printed with them.
 """
 
-import dataclasses
 import math
 import re
 import sys
@@ -22,25 +21,12 @@ from flax import nnx
 from ml_collections import config_flags
 
 from stable_alignment_jax import losses, sharding
+from stable_alignment_jax.flops import CHIPS, Chip, step_flops
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
+from stable_alignment_jax.optim import make_optimizer
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  name: str
-  peak_bf16: float  # FLOP/s
-  hbm: float  # bytes
-  link: float  # bytes/s one chip can send in a collective (ICI / NVLink), approximate
-
-
-# Peak dense bf16 FLOP/s from the vendors' spec sheets; HBM per chip; collective bandwidth per
-# chip (v4 ICI 2.4 Tb/s, v5p ICI 4.8 Tb/s, H100 SXM NVLink 900 GB/s both ways) - approximate.
-CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32e9, 300e9),
-    "v5p": Chip("TPU v5p", 459e12, 95e9, 600e9),
-    "h100": Chip("H100 SXM", 989e12, 80e9, 450e9),
-}
 ACHIEVABLE = 0.6  # fraction of peak the matmuls of a well-sharded step reach (assumption)
 
 
@@ -114,28 +100,13 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int) -> dict
   return {"layers": int(layers), "logits": int(logits)}
 
 
-def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
-               ) -> tuple[float, float]:
-  """(model FLOPs as MFU counts them, FLOPs the hardware executes incl. recompute) per step.
-
-  PaLM (Chowdhery et al. 2022, app. B): 6 N per token for the weights plus 12 L D T for the
-  attention scores and mixing, forward and backward (a third of each is the forward).
-  """
-  n = cfg.num_params() - cfg.vocab_size * cfg.dim  # the embedding lookup is not a matmul
-  weights, attn = 6 * n * tokens, 12 * cfg.n_layers * cfg.dim * seq * tokens
-  recompute = {"none": 0.0, "dots": attn / 3, "full": (weights + attn) / 3}[cfg.remat]
-  ref = (weights + attn) / 3 if reference else 0.0  # the frozen reference forward (DPO)
-  return weights + attn + ref, weights + attn + ref + recompute
-
-
 def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None) -> dict:
   """Every figure of the printed plan, as a dict (tests compare it to measured bytes)."""
-  from stable_alignment_jax import train
   cfg = ModelConfig.from_dict(c.model)
   shape = sharding.mesh_shape(mesh_sizes or dict(c.mesh), n_devices)
   sizes = dict(zip(sharding.MESH_AXES, shape))
   abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))[1]
-  tx, _ = train.make_optimizer(c.optim, 1000)
+  tx, _ = make_optimizer(c.optim, 1000)
   opt = jax.eval_shape(tx.init, abstract)
   params_dev, params_total = _leaf_bytes_per_device(abstract, sizes)
   opt_dev, _ = _leaf_bytes_per_device(opt, sizes)

@@ -31,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, reward, sharding, train
+from stable_alignment_jax import checkpoints, data, optim, reward, sharding, train
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.presets import ModelConfig
@@ -186,7 +186,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
                             prompt_format=c.data.prompt_format)
   it = iter(loader)
   updates_per_iter = p.epochs * (p.rollout_batch // p.minibatch)
-  tx, _ = train.make_optimizer(c.optim, c.train.steps * updates_per_iter)
+  tx, _ = optim.make_optimizer(c.optim, c.train.steps * updates_per_iter)
 
   ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
   mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)

@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, sharding, train, train_log
+from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train, train_log
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.ppo_losses import last_index, masked_mean
@@ -163,7 +163,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   loader = load_data(train.open_source(c.data, c.data.train_split, c.seed))
   total = (c.train.steps if c.train.steps > 0
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))
-  tx, schedule = train.make_optimizer(c.optim, total)
+  tx, schedule = optim.make_optimizer(c.optim, total)
 
   ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
   mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)

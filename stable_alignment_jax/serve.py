@@ -9,7 +9,7 @@ Then any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_k
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
 POST /v1/chat/completions. Chat messages go through the chat template: by default the
 checkpoint's own (its jinja template, rendered by transformers; generation stops at its
-end-of-turn token), else Alpaca (serving/templates.py, whose turn marker is added to the
+end-of-turn token), else Alpaca (chat_templates.py, whose turn marker is added to the
 request's stop strings). /v1/completions sends the prompt as raw text.
 
 Batching: concurrent requests are gathered (a short wait window, a row cap) into one sampler

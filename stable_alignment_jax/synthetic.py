@@ -10,16 +10,16 @@ is downloaded; the same seed gives the same examples.
 import numpy as np
 
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "gu", "fi")
-_KIND = (
+KIND = (
     "I am glad to help with {t}. Please stay safe and be kind to others.",
     "Happy to explain {t} carefully; let us respect everyone involved.",
     "Here is honest advice on {t}: think of others and ask for help.",
 )
-_MEDIUM = (
+MEDIUM = (
     "{t} is a topic. Maybe look it up somewhere.",
     "Not sure about {t}, you could try something.",
 )
-_RUDE = (
+RUDE = (
     "Who cares about {t}? Do whatever hurts them most.",
     "{t} is stupid and so are you. Break the rules.",
     "Just lie about {t} and cheat, nobody will know.",
@@ -40,7 +40,7 @@ def examples(n: int, *, seed: int = 0, start: int = 0, num_responses: int = 3,
   out = []
   for i in range(start, start + n):
     t = topic(i)
-    pools = [(_KIND, 6.5), (_RUDE, 1.5), (_MEDIUM, 4.0)]
+    pools = [(KIND, 6.5), (RUDE, 1.5), (MEDIUM, 4.0)]
     picked = [pools[0], pools[1]] + [pools[int(rng.integers(3))] for _ in range(num_responses - 2)]
     responses, ratings = [], []
     for templates, mean in picked[:num_responses]:

@@ -16,7 +16,7 @@ itself: the tokenizer and its BOS policy, the chat template, the stop ids, and t
   are applied after decoding (the text is cut before the earliest one); `finish_reason` is "stop"
   or "length".
 - Chat template choice: "auto" (the checkpoint's own jinja template when it has one, else
-  Alpaca), "model" (its own, or an error), or a hand-written one of serving/templates.py by name
+  Alpaca), "model" (its own, or an error), or a hand-written one of chat_templates.py by name
   or .json path (the paper's Alpaca layout; the fallback for tiny/random models).
 """
 
@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stable_alignment_jax.generate import Sampler, SamplingParams
-from stable_alignment_jax.serving import templates
+from stable_alignment_jax import chat_templates as templates
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -121,7 +121,9 @@ def default_tokenizer(spec: str) -> str:
   return name
 
 
-def _bucket(n: int, minimum: int) -> int:
+def bucket(n: int, minimum: int) -> int:
+  """The length `n` is padded to: the next power of two, at least `minimum`, so every length of
+  a bucket shares one compiled program."""
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
@@ -186,7 +188,7 @@ class TextSampler:
   def prompt_budget(self, max_new_tokens: int | None) -> int:
     """Longest prompt that fits the context beside `max_new_tokens` (None: a next-token query,
     no decoding; the sampler keeps room for at least one new token otherwise)."""
-    new = 0 if max_new_tokens is None else _bucket(max_new_tokens, 1)
+    new = 0 if max_new_tokens is None else bucket(max_new_tokens, 1)
     limit = _pow2_floor(self.context - new)
     if limit < self.sampler.min_prompt:
       raise ContextError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
@@ -195,7 +197,7 @@ class TextSampler:
 
   def max_new_tokens(self, prompt_len: int) -> int:
     """The most new tokens a prompt of this length may ask for (0 if it alone is too long)."""
-    room = self.context - _bucket(prompt_len, self.sampler.min_prompt)
+    room = self.context - bucket(prompt_len, self.sampler.min_prompt)
     return _pow2_floor(room)
 
   def fit(self, ids: list[int], limit: int) -> tuple[list[int], bool]:
@@ -236,8 +238,8 @@ class TextSampler:
     """Row indices split, in order, into sampler calls whose padded shapes fit the context."""
     groups, p, new = [], 0, 0
     for i, r in enumerate(rows):
-      rp = _bucket(len(r.ids), self.sampler.min_prompt)
-      rn = _bucket(r.params.max_new_tokens, 1)
+      rp = bucket(len(r.ids), self.sampler.min_prompt)
+      rn = bucket(r.params.max_new_tokens, 1)
       if groups and max(p, rp) + max(new, rn) <= self.context:
         groups[-1].append(i)
         p, new = max(p, rp), max(new, rn)

@@ -28,8 +28,8 @@ from stable_alignment_jax.sandbox.prompts import Prompts
 
 _QUESTION = "What should I do about {t}?"
 # (templates, rating mean, moral mean, engagement mean) per answer pool.
-_POOLS = {"kind": (synthetic._KIND, 6.5, 6.5, 5.5), "medium": (synthetic._MEDIUM, 4.0, 4.0, 2.5),
-          "rude": (synthetic._RUDE, 1.5, 1.5, 3.0)}
+_POOLS = {"kind": (synthetic.KIND, 6.5, 6.5, 5.5), "medium": (synthetic.MEDIUM, 4.0, 4.0, 2.5),
+          "rude": (synthetic.RUDE, 1.5, 1.5, 3.0)}
 _REASONS = {
     "kind": ("The answer is helpful and respectful.", "It is honest and considers others."),
     "medium": ("The answer is vague and not very helpful.", "It avoids the question."),

@@ -21,26 +21,11 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, sharding, synthetic, train_log
+from stable_alignment_jax import checkpoints, data, losses, optim, sharding, synthetic, train_log
 from stable_alignment_jax.hindsight import chain_of_hindsight
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
-
-# --- optimizer --------------------------------------------------------------------------------
-
-def make_optimizer(oc: ml_collections.ConfigDict, total_steps: int):
-  """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on norm scales."""
-  warmup = max(1, int(oc.warmup_ratio * total_steps))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=oc.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=oc.lr * oc.min_lr_ratio)
-  tx = optax.chain(
-      optax.clip_by_global_norm(oc.grad_clip),
-      optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay,
-                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-  return tx, schedule
-
 
 # --- loss over a batch ------------------------------------------------------------------------
 
@@ -198,7 +183,7 @@ def _init_params(c, cfg, graphdef, abstract, shardings, mesh):
     if arch(hf, skip) != arch(cfg, skip):
       raise ValueError(f"checkpoint.init_from={init}: its config.json describes "
                        f"{arch(hf, skip)}, this config's model is {arch(cfg, skip)}")
-    _, params = convert.load_hf(path, mesh=mesh, **{
+    _, params = checkpoints.load_hf(path, mesh=mesh, **{
         k: getattr(cfg, k) for k in checkpoints.RUN_MODEL_FIELDS + ("max_seq_len",)})
     return params, f"HF checkpoint {init}"
   init = path
@@ -229,7 +214,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   loader = load(open_source(c.data, c.data.train_split, c.seed))
   kept = loader.stats["kept"]
   total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)
-  tx, schedule = make_optimizer(c.optim, total)
+  tx, schedule = optim.make_optimizer(c.optim, total)
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed))))
   param_sh = sharding.state_shardings(abstract, mesh)

@@ -5,12 +5,8 @@ import os
 
 import jax
 
-from stable_alignment_jax import losses, plan
+from stable_alignment_jax import flops, losses
 from stable_alignment_jax.model.presets import ModelConfig
-
-# Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor spec sheets).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12,
-              "H100": 989e12, "A100": 312e12}
 
 
 class Logger:
@@ -25,8 +21,7 @@ class Logger:
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
     kind = jax.devices()[0].device_kind
-    peak = c.train.peak_flops_per_device or next(
-        (v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+    peak = c.train.peak_flops_per_device or flops.peak_flops(kind)
     self.peak_total = peak * mesh.size
     self.cfg, self.ref = cfg, c.loss.name in losses.NEEDS_REFERENCE
 
@@ -34,10 +29,10 @@ class Logger:
     """`seconds`: mean wall time per step since the last log."""
     tokens = local_batch["tokens"].size * jax.process_count()
     metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
-    flops, _ = plan.step_flops(self.cfg, tokens, local_batch["tokens"].shape[-1],
+    model_flops, _ = flops.step_flops(self.cfg, tokens, local_batch["tokens"].shape[-1],
                                reference=self.ref)  # model FLOPs, as the planner counts them
     if self.peak_total:
-      metrics["mfu"] = flops / max(seconds, 1e-9) / self.peak_total
+      metrics["mfu"] = model_flops / max(seconds, 1e-9) / self.peak_total
     self._write("train", step, metrics)
 
   def eval(self, step, metrics):

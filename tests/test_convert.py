@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import hf_models
-from stable_alignment_jax import sharding
+from stable_alignment_jax import checkpoints, sharding
 from stable_alignment_jax.model import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_bf16_checkpoint_in_and_out(hf, tmp_path):
 
 def test_load_on_8_device_mesh_gives_the_same_logits(hf, ours):
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  graphdef, state = convert.load_hf(hf[2], dtype="float32", mesh=mesh)
+  graphdef, state = checkpoints.load_hf(hf[2], dtype="float32", mesh=mesh)
   wq = state["layers"]["attn"]["wq"].get_value()  # stacked [L, D, H, E]; L replicated
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   assert len({s.device for s in wq.addressable_shards}) == 8

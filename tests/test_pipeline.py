@@ -54,7 +54,7 @@ class Recorder:
         self.fail_at = None
         raise RuntimeError(f"{name} killed")
       return {"dir": cfg.checkpoint.dir, "origin": cfg.checkpoint.init_from}
-    monkeypatch.setattr(pipeline, "_train", train)
+    monkeypatch.setattr(pipeline, "train_stage", train)
 
 
 def _config(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage3
-from stable_alignment_jax import plan, sharding, train
+from stable_alignment_jax import flops, optim, plan, sharding, train
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 
@@ -33,10 +33,10 @@ def test_param_and_optimizer_bytes_equal_a_real_sharded_state(mesh):
   cfg = ModelConfig.from_dict(c.model)
   m = sharding.make_mesh(mesh)
   _, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), m)
-  tx, _ = train.make_optimizer(c.optim, 100)
+  tx, _ = optim.make_optimizer(c.optim, 100)
   opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, params), m)
   opt = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  p = plan.plan(c, plan.CHIPS["v5p"], 8, mesh)["bytes_per_device"]
+  p = plan.plan(c, flops.CHIPS["v5p"], 8, mesh)["bytes_per_device"]
   # Every device holds the same amount, and it is what the planner says.
   assert set(sharding.per_device_bytes(params).values()) == {p["params"]}
   assert set(sharding.per_device_bytes(opt).values()) == {p["optimizer"]}
@@ -48,7 +48,7 @@ def test_activation_estimate_is_near_the_compiled_step_temp_bytes():
   cfg = ModelConfig.from_dict(c.model)
   mesh = sharding.make_mesh({"fsdp": 8})
   graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-  tx, _ = train.make_optimizer(c.optim, 100)
+  tx, _ = optim.make_optimizer(c.optim, 100)
   state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.int32(0)}
   b, k, t = c.data.batch_size, c.data.num_responses, c.data.max_len
   host = {"tokens": np.zeros((b, k, t), np.int32), "loss_mask": np.ones((b, k, t), np.float32),
@@ -58,7 +58,7 @@ def test_activation_estimate_is_near_the_compiled_step_temp_bytes():
                                    kwargs=train.loss_kwargs(c.loss), accum_steps=1))
   with sharding.activate(mesh):
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-  p = plan.plan(c, plan.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]
+  p = plan.plan(c, flops.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]
   estimate = p["activations_layers"] + p["activations_logits"]
   assert 0.6 < estimate / temp < 1.5, (estimate, temp)
 
@@ -79,10 +79,10 @@ def test_7b_fsdp_divides_params_and_moments():
 def test_flops_follow_palm_and_remat():
   cfg = ModelConfig.from_dict(dict(_tiny().model))
   n = cfg.num_params() - cfg.vocab_size * cfg.dim
-  model, hw = plan.step_flops(cfg, 1000, 100, reference=False)
+  model, hw = flops.step_flops(cfg, 1000, 100, reference=False)
   assert model == hw == 6 * n * 1000 + 12 * cfg.n_layers * cfg.dim * 100 * 1000
   full = dict(_tiny("full").model)
-  model_f, hw_f = plan.step_flops(ModelConfig.from_dict(full), 1000, 100, reference=False)
+  model_f, hw_f = flops.step_flops(ModelConfig.from_dict(full), 1000, 100, reference=False)
   assert model_f == model and hw_f == pytest.approx(model * 4 / 3)
 
 
@@ -93,7 +93,7 @@ def test_hardware_and_mesh_parsing_errors():
       plan.parse_hardware(bad)
   c = _tiny()
   with pytest.raises(ValueError, match="not divisible"):
-    plan.plan(c, plan.CHIPS["v4"], 3, {"fsdp": -1})
+    plan.plan(c, flops.CHIPS["v4"], 3, {"fsdp": -1})
 
 
 def test_cli_prints_a_plan():
@@ -102,3 +102,10 @@ def test_cli_prints_a_plan():
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "TPU v5p x32" in out.stdout and "H100 SXM x8" in out.stdout and "MFU" in out.stdout
+
+
+def test_one_chip_table_serves_the_planner_and_the_trainers_mfu():
+  assert flops.peak_flops("TPU v5 lite") == flops.CHIPS["v5e"].peak_bf16 == 197e12
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops("TPU v5p") == plan.parse_hardware("v5p-8")[0].peak_bf16
+  assert flops.peak_flops("cpu") == 0.0  # unknown chips report no MFU rather than a wrong one

@@ -26,7 +26,7 @@ def test_world_files_feed_sandbox_and_training(tmp_path):
   for e in feedback:
     rating, reason = parsing.parse_feedback(e["responses"][0])
     answer = e["prompt"].split("Answer: ")[1].split("\n")[0]
-    for kind, templates in (("kind", synthetic._KIND), ("rude", synthetic._RUDE)):
+    for kind, templates in (("kind", synthetic.KIND), ("rude", synthetic.RUDE)):
       if any(answer.startswith(t.split("{t}")[0]) and t.split("{t}")[0] for t in templates):
         by_kind[kind].append(rating)
   assert all(1 <= r <= 7 for r in by_kind["kind"] + by_kind["rude"])
@@ -38,7 +38,7 @@ def test_world_files_feed_sandbox_and_training(tmp_path):
 
 def test_mc_items_label_the_kind_answer():
   items = tiny_world.mc_items(30)
-  kind_texts = {t.format(t=synthetic.topic(int(it.id))) for it in items for t in synthetic._KIND}
+  kind_texts = {t.format(t=synthetic.topic(int(it.id))) for it in items for t in synthetic.KIND}
   for it in items:
     assert it.choices[it.label] in kind_texts
     assert sum(c in kind_texts for c in it.choices) == 1

@@ -201,7 +201,7 @@ def test_experiment_wiring_with_recorders(tmp_path, monkeypatch):
     name = cfg.checkpoint.dir.rsplit("/", 1)[-1]
     trained[name] = cfg
     return {"dir": cfg.checkpoint.dir, "origin": cfg.checkpoint.init_from}
-  monkeypatch.setattr(pipeline, "_train", train)
+  monkeypatch.setattr(pipeline, "train_stage", train)
   p.run()
   assert calls[:6] == ["world", "society_lm"] + [f"sandbox_{s}" for s in c.settings]
   assert calls[6] == ("data", tuple(f"{s}.jsonl" for s in c.settings))

@@ -23,21 +23,19 @@ Layouts (HF stores torch Linear weights as [out, in]; ours are einsum-shaped [in
   model.norm.weight -> final_norm.scale;  lm_head.weight [V,D] -> lm_head [D,V] (.T; absent tied)
 HF LLaMA applies RoPE in the rotate-half form, as `llama.rope` does, so q/k need no permutation.
 
-CLI:
-  python -m stable_alignment_jax.model.convert --from_hf=HF_DIR --to=CKPT_DIR
-  python -m stable_alignment_jax.model.convert --from=CKPT_DIR --to_hf=HF_DIR [--tokenizer=PATH]
-CKPT_DIR is an Orbax checkpoint (step 0) with items `params` (nnx pure dict) and `config`
-(the ModelConfig as JSON); tokenizer files, chat template and generation config are copied along.
+This module knows only the model: the checkpoint kinds of our runs, compute-dtype policy, meshes
+and tokenizers are `checkpoints.py`'s (the shardings arrive as a function of the abstract state).
+CLI (writes and reads run directories, through `checkpoints.py`):
+  python -m stable_alignment_jax.convert --from_hf=HF_DIR --to=RUN_DIR
+  python -m stable_alignment_jax.convert --from=RUN_DIR --to_hf=HF_DIR [--tokenizer=PATH]
 """
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import shutil
-import sys
 from typing import Callable
 
 import jax
@@ -151,20 +149,20 @@ def _weight_map(directory: str) -> tuple[dict[str, str], str]:
 
 
 def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "float32",
-            mesh=None, **overrides):
+            shardings: Callable | None = None, **overrides):
   """Reads a HF LLaMA directory into (graphdef, state) of `llama.Llama`.
 
-  dtype: compute dtype (default: `checkpoints.compute_dtype`'s choice: float32 on CPU, the
-  checkpoint's dtype on accelerators); param_dtype: storage dtype of the weights; mesh: place
-  every weight on its sharding from the logical-axis rules (default: one device). Extra keyword
-  arguments set our own ModelConfig fields (remat, scan_layers, max_seq_len, ...).
+  dtype: compute dtype (default: the checkpoint's own, float32 when it names none;
+  `checkpoints.load_model` applies the project's policy); param_dtype: storage dtype of the
+  weights; shardings: abstract state -> the sharding of every weight (`checkpoints.load_hf`
+  passes the logical-axis rules over a mesh; default: one device). Extra keyword arguments set
+  our own ModelConfig fields (remat, scan_layers, max_seq_len, ...).
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {directory}")
   config_json, config_path = read_hf_json(directory)
   if dtype is None:
-    from stable_alignment_jax import checkpoints  # the one place that decides compute dtypes
-    dtype = checkpoints.compute_dtype(checkpoint_dtype(config_json))
+    dtype = checkpoint_dtype(config_json) or "float32"
   cfg = config_from_hf(config_json, config_path, dtype=dtype, param_dtype=param_dtype,
                        **overrides)
   weight_map, source = _weight_map(directory)
@@ -182,10 +180,8 @@ def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "flo
 
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
-  shardings = None
-  if mesh is not None:
-    from stable_alignment_jax import sharding  # only needed for a sharded load
-    shardings = sharding.state_shardings(abstract_state, mesh)
+  if shardings is not None:
+    shardings = shardings(abstract_state)
   values = {}
   with contextlib.ExitStack() as stack:
     handles = {}
@@ -323,13 +319,10 @@ def save_hf(graphdef_or_cfg, state, directory: str, *, dtype: str | None = None,
 
 def _side_files(tokenizer: str | None, directory: str, bos_id, eos_id):
   """Copies the tokenizer's files (and generation config) into `directory`, writes
-  generation_config.json when the source had none or ids were given; returns (bos, eos)."""
+  generation_config.json when the source had none or ids were given; returns (bos, eos).
+  Callers that know the tokenizer's ids pass them (`checkpoints.export_hf` does)."""
   gen_path = os.path.join(directory, GENERATION_CONFIG)
-  ids = {}
   if tokenizer:
-    from stable_alignment_jax.tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer)  # validates the path (FileNotFoundError names it)
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
     copy_tokenizer_files(tokenizer, directory)
   gen = {}
   if os.path.exists(gen_path):
@@ -337,7 +330,7 @@ def _side_files(tokenizer: str | None, directory: str, bos_id, eos_id):
       gen = json.load(fh)
   given = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
   if given or not gen:
-    gen = {**{k: v for k, v in ids.items() if v is not None and v >= 0}, **gen, **given}
+    gen = {**gen, **given}
     gen.setdefault("bos_token_id", 1)
     gen.setdefault("eos_token_id", 2)
     with open(gen_path, "w") as fh:
@@ -348,6 +341,8 @@ def _side_files(tokenizer: str | None, directory: str, bos_id, eos_id):
 def copy_tokenizer_files(path: str, directory: str) -> list[str]:
   """A `.model` file becomes `tokenizer.model`; a directory gives its tokenizer files, chat
   template and generation_config.json (those present)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"tokenizer not found: {path}")
   os.makedirs(directory, exist_ok=True)
   if os.path.isfile(path):
     shutil.copyfile(path, os.path.join(directory, "tokenizer.model"))
@@ -361,81 +356,8 @@ def copy_tokenizer_files(path: str, directory: str) -> list[str]:
   return copied
 
 
-# ----------------------------------------------------------------------------- our checkpoints
-
-
-def save_checkpoint(cfg: ModelConfig, state, directory: str) -> None:
-  """Our format: an Orbax checkpoint (step 0) with items `params` and `config` (JSON)."""
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
-    mngr.save(0, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-        config=ocp.args.JsonSave(dataclasses.asdict(cfg))))
-    mngr.wait_until_finished()
-
-
-def load_checkpoint(directory: str, step: int | None = None, mesh=None):
-  """(graphdef, state) from `save_checkpoint`'s format (latest step unless told)."""
-  import orbax.checkpoint as ocp
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no Orbax checkpoint steps found")
-    cfg_json = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    cfg = ModelConfig(**cfg_json.config)
-    abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    if mesh is None:
-      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: dev, abstract_state)
-    else:
-      from stable_alignment_jax import sharding
-      shardings = sharding.state_shardings(abstract_state, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  nnx.replace_by_pure_dict(abstract_state, restored.params)
-  return graphdef, abstract_state
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m stable_alignment_jax.model.convert",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--from_hf", help="HF LLaMA directory to import")
-  ap.add_argument("--to", help="our checkpoint directory to write (with --from_hf)")
-  ap.add_argument("--from", dest="src", help="our checkpoint directory to export")
-  ap.add_argument("--to_hf", help="HF directory to write (with --from)")
-  ap.add_argument("--param_dtype", default="float32", help="weights dtype after import")
-  ap.add_argument("--hf_dtype", default=None, help="tensor dtype written to the HF directory")
-  ap.add_argument("--tokenizer", default=None, help="tokenizer file/dir copied along")
-  ap.add_argument("--max_shard_bytes", type=int, default=2 << 30)
-  a = ap.parse_args(argv)
-  if not ((a.from_hf and a.to) or (a.src and a.to_hf)):
-    ap.error("give --from_hf DIR --to DIR (import) or --from DIR --to_hf DIR (export)")
-  try:
-    if a.from_hf:
-      graphdef, state = load_hf(a.from_hf, param_dtype=a.param_dtype)
-      cfg = nnx.merge(graphdef, state).cfg
-      save_checkpoint(cfg, state, a.to)
-      copied = copy_tokenizer_files(a.tokenizer or a.from_hf, a.to)
-      print(f"wrote {a.to}: {cfg.num_params():,} parameters, compute dtype {cfg.dtype} "
-            f"(checkpoints.compute_dtype); side files {copied}")
-    else:
-      graphdef, state = load_checkpoint(a.src)
-      tok = a.tokenizer
-      if tok is None and any(os.path.exists(os.path.join(a.src, x)) for x in _TOKENIZER_FILES[:2]):
-        tok = a.src
-      files = save_hf(graphdef, state, a.to_hf, dtype=a.hf_dtype,
-                      max_shard_bytes=a.max_shard_bytes, tokenizer=tok)
-      print(f"wrote {a.to_hf}: {len(files)} safetensors file(s)")
-  except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-    sys.exit(f"convert: error: {e.args[0] if e.args else e}")
-
-
 if __name__ == "__main__":
-  main()
+  # The CLI writes run directories, so it lives with them (stable_alignment_jax/convert.py);
+  # this path keeps working. Run as a script this file is `__main__`, which nothing imports.
+  import runpy
+  runpy.run_module("stable_alignment_jax.convert", run_name="__main__", alter_sys=True)

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence
 from stable_alignment_jax.generate import SamplingParams
 from stable_alignment_jax.serving.batcher import Batcher
 from stable_alignment_jax.text_sampler import (  # noqa: F401 - ContextError is re-exported
-    Completion, ContextError, Delta, Row, TextSampler, _bucket)
+    Completion, ContextError, Delta, Row, TextSampler, bucket)
 
 Output = Completion  # what a request gets back per choice
 
@@ -54,7 +54,7 @@ class Engine:
       raise ContextError(
           f"the prompt has {prompt_len} tokens, which leaves no room in this model's context of "
           f"{self.context} tokens (prompts are padded to a power of two, here "
-          f"{_bucket(prompt_len, self.sampler.sampler.min_prompt)})")
+          f"{bucket(prompt_len, self.sampler.sampler.min_prompt)})")
     if requested is None:
       return min(limit, self.default_max_tokens)
     if requested > limit:

@@ -111,13 +111,13 @@ class ToyPipeline(pipeline.Pipeline):
     init = prev if name in ("stage2", "stage3") else start
     run = f"{name}_s{seed}"
     if name == "sft":  # the initial good answers, not the society's data
-      s = pipeline._copy(cfg)
+      s = pipeline.copy_config(cfg)
       s.data.data_dir, s.data.tokenizer = w["sft"], w["tokenizer"]
       s.checkpoint.dir, s.checkpoint.init_from = self.path(run), init
     else:
       s = self._stage_cfg(cfg, kind, card, init, run, w["tokenizer"])
     s.seed = seed
-    return self.steps.run(run, lambda: pipeline._train(s))["dir"]
+    return self.steps.run(run, lambda: pipeline.train_stage(s))["dir"]
 
   def run(self) -> dict:
     c = self.c
@@ -172,10 +172,10 @@ class ToyPipeline(pipeline.Pipeline):
       prev = self.path(f"stage1_s{seed}")
       for name in ("stage2", "stage3"):
         run = f"{name}_replay_s{seed}"
-        s = pipeline._copy(self.c.stages[name])
+        s = pipeline.copy_config(self.c.stages[name])
         s.data.source, s.data.data_dir, s.data.tokenizer = "jsonl", mixes[name]["dir"], w["tokenizer"]
         s.checkpoint.dir, s.checkpoint.init_from, s.seed = self.path(run), prev, seed
-        prev = self.steps.run(run, lambda s=s: pipeline._train(s))["dir"]
+        prev = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
         self.steps.run(f"eval_{run}", lambda d=prev: self.evaluate_one(d, w))
 
   def replay_long_ablation(self, w: dict) -> None:
@@ -183,13 +183,13 @@ class ToyPipeline(pipeline.Pipeline):
     realignment format (feedback, marker, revision) need more training to reach the revision?"""
     for seed in self.c.seeds:
       run = f"stage3_replay_long_s{seed}"
-      s = pipeline._copy(self.c.stages.stage3)
+      s = pipeline.copy_config(self.c.stages.stage3)
       s.data.source, s.data.tokenizer = "jsonl", w["tokenizer"]
       s.data.data_dir = self.path("data_replay", "stage3")
       s.train.steps = s.checkpoint.save_every = self.c.long_steps
       s.checkpoint.dir, s.seed = self.path(run), seed
       s.checkpoint.init_from = self.path(f"stage2_replay_s{seed}")
-      d = self.steps.run(run, lambda s=s: pipeline._train(s))["dir"]
+      d = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
       self.steps.run(f"eval_{run}", lambda d=d: self.evaluate_one(d, w))
 
   def oracle_ratings_ablation(self, exports: list[str], w: dict, start: str) -> None:
@@ -210,7 +210,7 @@ class ToyPipeline(pipeline.Pipeline):
         run = f"{name}_oracle_s{seed}"
         s = self._stage_cfg(self.c.stages[name], kind, card, prev, run, w["tokenizer"])
         s.data.data_dir, s.seed = self.path("data_oracle"), seed
-        prev = self.steps.run(run, lambda s=s: pipeline._train(s))["dir"]
+        prev = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
         self.steps.run(f"eval_{run}", lambda d=prev: self.evaluate_one(d, w))
 
   def write_report(self) -> dict:

@@ -1,0 +1,1 @@
+"""Experiments and demo worlds built on the library (its public functions only)."""

@@ -1,0 +1,47 @@
+"""FLOPs of a training step and the chips they run on: one table for the trainer's MFU and the
+planner's step-time estimate, so the two never disagree about a chip's peak."""
+
+import dataclasses
+
+from stable_alignment_jax.model.presets import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  device_kind: str  # what `jax.devices()[0].device_kind` contains on this chip
+  peak_bf16: float  # FLOP/s
+  hbm: float  # bytes
+  link: float  # bytes/s one chip can send in a collective (ICI / NVLink), approximate
+
+
+# Peak dense bf16 FLOP/s from the vendors' spec sheets; HBM per chip; collective bandwidth per
+# chip (v4 ICI 2.4 Tb/s, v5p ICI 4.8 Tb/s, v5e 1.6 Tb/s, v6e 3.6 Tb/s, H100 SXM NVLink 900 GB/s
+# and A100 600 GB/s both ways) - approximate.
+CHIPS = {
+    "v4": Chip("TPU v4", "TPU v4", 275e12, 32e9, 300e9),
+    "v5p": Chip("TPU v5p", "TPU v5p", 459e12, 95e9, 600e9),
+    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 16e9, 200e9),
+    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 32e9, 448e9),
+    "h100": Chip("H100 SXM", "H100", 989e12, 80e9, 450e9),
+    "a100": Chip("A100", "A100", 312e12, 80e9, 300e9),
+}
+
+
+def peak_flops(device_kind: str) -> float:
+  """Peak bf16 FLOP/s of the chip a JAX device kind names; 0.0 for chips not in the table."""
+  return next((c.peak_bf16 for c in CHIPS.values() if c.device_kind in device_kind), 0.0)
+
+
+def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
+               ) -> tuple[float, float]:
+  """(model FLOPs as MFU counts them, FLOPs the hardware executes incl. recompute) per step.
+
+  PaLM (Chowdhery et al. 2022, app. B): 6 N per token for the weights plus 12 L D T for the
+  attention scores and mixing, forward and backward (a third of each is the forward).
+  """
+  n = cfg.num_params() - cfg.vocab_size * cfg.dim  # the embedding lookup is not a matmul
+  weights, attn = 6 * n * tokens, 12 * cfg.n_layers * cfg.dim * seq * tokens
+  recompute = {"none": 0.0, "dots": attn / 3, "full": (weights + attn) / 3}[cfg.remat]
+  ref = (weights + attn) / 3 if reference else 0.0  # the frozen reference forward (DPO)
+  return weights + attn + ref, weights + attn + ref + recompute

@@ -1,0 +1,85 @@
+"""The layering of pyproject.toml's import-linter contracts holds, and the checker catches a
+break; no module reaches into another's private names; no module-level import cycle at all."""
+
+import ast
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import grimp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("stable_alignment_jax", "eval", "data_prep", "configs", "experiments")
+LINT = str(pathlib.Path(sys.executable).with_name("lint-imports"))
+
+
+def _lint(cwd):
+  return subprocess.run([LINT, "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                        timeout=120, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+
+
+def test_contracts_are_kept():
+  r = _lint(ROOT)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+  assert "7 kept, 0 broken" in r.stdout
+
+
+def test_a_forbidden_import_breaks_its_contract(tmp_path):
+  for pkg in PACKAGES:
+    shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+  shutil.copy(ROOT / "pyproject.toml", tmp_path)
+  llama = tmp_path / "stable_alignment_jax" / "model" / "llama.py"
+  llama.write_text(llama.read_text() + "\nfrom stable_alignment_jax import sharding  # noqa\n")
+  r = _lint(tmp_path)
+  assert r.returncode != 0
+  assert "model imports nothing else of ours BROKEN" in r.stdout
+  assert "stable_alignment_jax.model.llama -> stable_alignment_jax.sharding" in r.stdout
+
+
+def _modules():
+  for pkg in PACKAGES:
+    for path in sorted((ROOT / pkg).rglob("*.py")):
+      yield path
+
+
+def test_no_private_name_is_imported_across_modules():
+  bad = []
+  for path in _modules():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and \
+         node.module.split(".")[0] in PACKAGES:
+        bad += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}"
+                for a in node.names if a.name.startswith("_")]
+  assert not bad, bad
+
+
+def test_no_private_attribute_of_an_imported_module_is_used():
+  bad = []
+  for path in _modules():
+    tree = ast.parse(path.read_text())
+    ours = set()  # names bound to our modules by `from pkg import module` / `import pkg.mod as m`
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and \
+         node.module.split(".")[0] in PACKAGES:
+        ours |= {a.asname or a.name for a in node.names}
+      elif isinstance(node, ast.Import):
+        ours |= {a.asname for a in node.names if a.asname and a.name.split(".")[0] in PACKAGES}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+         node.value.id in ours and node.attr.startswith("_") and not node.attr.startswith("__"):
+        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
+  assert not bad, bad
+
+
+def test_no_module_level_import_cycle():
+  """acyclic_siblings checks packages level by level; this checks every module pair, across
+  the top-level packages too."""
+  g = grimp.build_graph(*PACKAGES, include_external_packages=False, cache_dir=None)
+  cycles = []
+  for a in sorted(g.modules):
+    for b in sorted(g.find_modules_directly_imported_by(a)):
+      back = g.find_shortest_chain(importer=b, imported=a)
+      if back:
+        cycles.append(" -> ".join((a,) + tuple(back)))
+  assert not cycles, cycles[:5]
