@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Socially aligned LMs from simulated interactions (SANDBOX + SA-CPO) in JAX",
     python_requires=">=3.10",
-    packages=find_packages(include=["stable_alignment_jax*", "data_prep*", "eval*", "configs*"]),
+    packages=find_packages(include=["stable_alignment_jax*", "data_prep*", "eval*", "configs*",
+                                    "experiments*"]),
     install_requires=[
         # The JAX stack moves fast; ranges are the ones this code is tested with.
         "jax>=0.10.2,<0.11",
@@ -32,6 +33,11 @@ setup(
         "uvicorn>=0.30,<1",
         "httpx>=0.27,<1",
     ],
+    entry_points={"console_scripts": [
+        # `python -m <module>` runs the same code.
+        "sa-convert = stable_alignment_jax.convert:run",
+        "sa-generate = stable_alignment_jax.serving.cli:main",
+    ]},
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).
         "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2"],

@@ -238,7 +238,7 @@ def _plot_training(systems: dict[str, str], path: str) -> None:
 
 def make_pipeline(c: ml_collections.ConfigDict) -> Pipeline:
   """`Pipeline`, or the subclass a config names in `pipeline_class` ("module:Class"), so a world
-  that adds steps (e.g. `configs/toyworld.py`) runs from the same command."""
+  that adds steps (e.g. `experiments/toyworld/config.py`) runs from the same command."""
   spec = c.get("pipeline_class", "")
   if not spec:
     return Pipeline(c)

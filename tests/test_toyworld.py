@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from configs import toyworld as toy_config
+from experiments.toyworld import config as toy_config
 from data_prep.alignment_examples import REVISED_MARKER, alpaca_prompt
 from stable_alignment_jax import data, pipeline, synthetic
 from stable_alignment_jax.sandbox import parsing
 from stable_alignment_jax.sandbox.prompts import Prompts
-from stable_alignment_jax.toyworld import evaluate, experiment, grammar, report, world
+from experiments.toyworld import evaluate, experiment, grammar, report, world
 
 
 @pytest.mark.parametrize("text, alignment, engagement, known, unknown", [
@@ -258,6 +258,6 @@ def test_config_runs_every_setting_and_method():
   assert c.seeds == [0, 1, 2] and set(c.settings) == {"all_good", "all_bad", "half_half",
                                                        "mixed_half_half"}
   assert set(c.baselines) == {"sft", "dpo", "rrhf"}
-  assert c.pipeline_class == "stable_alignment_jax.toyworld.experiment:ToyPipeline"
+  assert c.pipeline_class == "experiments.toyworld.experiment:ToyPipeline"
   assert c.baselines.sft.data.source == "jsonl" and c.stages.stage1.loss.name == "sa_cpo"
   assert toy_config.get_config("seeds=1,rounds=2,steps=7").stages.stage3.train.steps == 7

@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Runs in seconds on one CPU core; GQA on (4 heads over 2 KV heads) so tests cover it.
     "tiny": dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                  max_seq_len=512),
-    # The shape issue 4's training benchmark prescribes (vocab 8000, dim 256, 4 layers, ...).
+    # The shape benchmarks/train_step.py measures (vocab 8000, dim 256, 4 layers, ...).
     "bench": dict(vocab_size=8000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688,
                   max_seq_len=1024),
     "llama2_7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,

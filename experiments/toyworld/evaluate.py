@@ -9,7 +9,7 @@
 
 import numpy as np
 
-from stable_alignment_jax.toyworld import grammar
+from experiments.toyworld import grammar
 
 
 def summarize_generations(texts: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""The toy-society experiment as pipeline steps (`configs/toyworld.py` names this class).
+"""The toy-society experiment as pipeline steps (`experiments/toyworld/config.py` names this class).
 
 Order: world -> society_lm -> one SANDBOX per initial setting -> rater accuracy -> data (the
 settings' exports pooled) -> per seed: IL (stage1), IL+SC (stage2), IL+SC+RA (stage3), SFT (on
@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from stable_alignment_jax import pipeline
-from stable_alignment_jax.toyworld import grammar, report, world
+from experiments.toyworld import grammar, report, world
 
 METHODS = {"stage1": "IL", "stage2": "IL+SC", "stage3": "IL+SC+RA", "sft": "SFT",
            "dpo": "DPO", "rrhf": "RRHF"}
@@ -100,7 +100,7 @@ class ToyPipeline(pipeline.Pipeline):
     return out
 
   def evaluate_one(self, spec: str, world_paths: dict) -> dict:
-    from stable_alignment_jax.toyworld import evaluate
+    from experiments.toyworld import evaluate
     with open(world_paths["eval_items"]) as f:
       items = json.load(f)
     return evaluate.evaluate(spec, world_paths["tokenizer"], items, **self.c.toy_eval)

@@ -18,7 +18,7 @@ import numpy as np
 
 from stable_alignment_jax import synthetic
 from stable_alignment_jax.sandbox.prompts import Prompts
-from stable_alignment_jax.toyworld import grammar
+from experiments.toyworld import grammar
 
 EVAL_START = 2_000_000  # topic indices of the held-out evaluation questions
 _REASONS = {

@@ -1,10 +1,10 @@
-"""The closed toy society (issue 10): does learning from simulated interaction beat SFT here?
+"""The closed toy society: does learning from simulated interaction beat SFT here?
 
-  python -m stable_alignment_jax.pipeline --config=configs/toyworld.py          # resumable
-  python -m stable_alignment_jax.pipeline --config=configs/toyworld.py:seeds=1  # one seed
+  python -m stable_alignment_jax.pipeline --config=experiments/toyworld/config.py          # resumable
+  python -m stable_alignment_jax.pipeline --config=experiments/toyworld/config.py:seeds=1  # one seed
 
 Built on `configs/pipeline.py:tiny` (same parts, same society LM and stage sizes); adds the
-toy world's grammar and oracle (`stable_alignment_jax/toyworld/`), one society per initial
+toy world's grammar and oracle (`experiments/toyworld/`), one society per initial
 setting (their exports pooled into the alignment data), the methods SFT (on the initial good
 answers), IL, IL+SC, IL+SC+RA, DPO, RRHF per seed, the oracle evaluation and the report in
 `docs_dir`. `arg`: `seeds=N`, `rounds=N`, `steps=N` (training steps per method), `ablation=false`.
@@ -17,9 +17,9 @@ from stable_alignment_jax.sandbox.world import SETTINGS
 def get_config(arg=None):
   a = common.parse_arg(arg, seeds=3, rounds=4, steps=30, ablation=True)
   c = pipeline.get_config("tiny")
-  c.pipeline_class = "stable_alignment_jax.toyworld.experiment:ToyPipeline"
+  c.pipeline_class = "experiments.toyworld.experiment:ToyPipeline"
   c.out_dir = "runs/toyworld"
-  c.docs_dir = "docs/toyworld"
+  c.docs_dir = "experiments/toyworld/docs"
   c.seeds = list(range(a.seeds))
   c.settings = list(SETTINGS)
   c.train_setting_data = list(SETTINGS)  # whose exports become the alignment data
