@@ -25,8 +25,8 @@ def load() -> float:
   return os.getloadavg()[0]
 
 
-def load_text() -> str:
-  one, five, fifteen = os.getloadavg()
+def load_text(la=None) -> str:
+  one, five, fifteen = la or os.getloadavg()
   return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
@@ -82,18 +82,19 @@ class Run:
     self.loads: list[float] = []
     self.checks: list[bool] = []
 
+  def _sample(self, what: str) -> tuple:
+    la = os.getloadavg()
+    self.loads.append(la[0])
+    print(f"[{self.name}] {what}: {load_text(la)}", flush=True)
+    return la
+
   def __enter__(self):
-    self.loads.append(load())
-    self.data["load_before"] = os.getloadavg()
-    print(f"[{self.name}] before: {load_text()}", flush=True)
+    self.data["load_before"] = self._sample("before")
     return self
 
   def mark(self, what: str) -> float:
     """Record the load at a point inside the run (counted for the flag)."""
-    x = load()
-    self.loads.append(x)
-    print(f"[{self.name}] {what}: {load_text()}", flush=True)
-    return x
+    return self._sample(what)[0]
 
   def row(self, key: str, value: str) -> None:
     self.rows.append((key, value))
@@ -107,8 +108,9 @@ class Run:
     return max(self.loads) > CONTAMINATED
 
   def __exit__(self, *exc):
-    self.loads.append(load())
-    self.data["load_after"] = os.getloadavg()
+    la = os.getloadavg()
+    self.loads.append(la[0])
+    self.data["load_after"] = la
     width = max((len(k) for k, _ in self.rows), default=0)
     for k, v in self.rows:
       print(f"{k:<{width}}  {v}")
@@ -119,7 +121,7 @@ class Run:
                f"usable, not quiet (peak load {peak:.2f}, quote only below {QUIET})")
     if self.checks and not all(self.checks):
       verdict += "; a baseline failed its check: its ratio is not a win"
-    print(f"[{self.name}] after: {load_text()} -> {verdict}", flush=True)
+    print(f"[{self.name}] after: {load_text(la)} -> {verdict}", flush=True)
     self.data.update(rows=dict(self.rows), contaminated=self.contaminated, peak_load=peak,
                      baseline_ok=all(self.checks), verdict=verdict)
     if self.json_path:
