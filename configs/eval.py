@@ -8,7 +8,10 @@ Keys (evaluate(config) in eval/run.py reads them):
   methods         name -> checkpoint spec ("random:<preset>[:seed]", HF LLaMA dir, run dir)
   checkpoint/name one more system from the command line (added to methods when set)
   tokenizer       '' = the run's data.tokenizer / the HF dir / "byte" for random models
-  tasks           comma list of truthfulqa_mc1, ethics, moral_stories, mic, hh, hh_adv
+  tasks           comma list of truthfulqa_mc1, ethics, moral_stories, mic, hh, hh_adv, and
+                  the names of extra_tasks
+  extra_tasks     name -> {items: "package.module:function" returning the MC items, column:
+                  its results-table label}: benchmarks from outside eval (an experiment's world)
   data_dir        the benchmark files (layout of ../shared/data); fetch=True downloads missing
                   files that have a direct URL
   mic_path        the official MIC.csv (data-use agreement, not downloadable)
@@ -38,6 +41,7 @@ def get_config(arg=None):
   c.dtype = ""  # '' = the checkpoint's compute dtype
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.tasks = "hh,hh_adv,moral_stories,mic,ethics,truthfulqa_mc1"
+  c.extra_tasks = ml_collections.ConfigDict()
   c.ethics_splits = ("test", "test_hard")
   c.moral_stories_protocol = "choose"  # choose | classify (see eval/moral_stories.py)
   c.advbench = True  # HH-A also holds AdvBench behaviours in jailbreak templates

@@ -10,7 +10,7 @@ fills the paths that connect them (export -> datasets -> stage checkpoints -> ev
 `out_dir`. Without `:tiny` it is the paper-scale run: 100 agents talking to an OpenAI-compatible
 server, LLaMA-7B stages from `base_model` (the HH-SFT starting point, an HF or our run dir),
 the SFT/DPO/RRHF/CoH baselines on the imitation data, and the six benchmarks with a judge.
-With `:tiny` a project-written world (`stable_alignment_jax/tiny_world.py`) first trains a
+With `:tiny` a project-written world (`experiments/tiny_world/`) first trains a
 small society LM, so the agents' ratings parse and carry signal, and everything runs offline.
 
 `:small=SPEC` runs the method at toy size on a real pretrained chat model (an HF directory or hub
@@ -42,8 +42,10 @@ def get_config(arg=None):
   c.base_model = ""  # the checkpoint Stage 1 starts from (paper: LLaMA-7B after HH SFT)
 
   # Tiny only: the embedded world and the small LM its society runs on.
+  # `write` names the function that writes the world's files (see stable_alignment_jax/plugins.py).
   c.world = ml_collections.ConfigDict(dict(enabled=a.tiny, n_questions=64, n_priors=64,
-                                           corpus_topics=600, vocab_size=512))
+                                           corpus_topics=600, vocab_size=512,
+                                           write="experiments.tiny_world.world:write"))
   c.society_lm = sft.get_config("tiny")
   c.sandbox = sandbox.get_config("tiny" if a.tiny else None)
   c.data_prep = ml_collections.ConfigDict(dict(ratio="", validation_percent=5.0, seed=0))
@@ -90,6 +92,8 @@ def get_config(arg=None):
 
     ev = c.eval
     ev.methods = ml_collections.ConfigDict()
+    ev.extra_tasks = ml_collections.ConfigDict({"tiny_world_mc": {
+        "items": "experiments.tiny_world.world:mc_items", "column": "Tiny world MC"}})
     ev.tasks = "tiny_world_mc,moral_stories,truthfulqa_mc1"
     ev.limit = 64
     ev.tokenizer = ""

@@ -16,8 +16,6 @@ N_BOOT = 1000
 COLUMNS = ("HH", "HH-A", "Moral Stories", "MIC", "ETHICS", "TruthfulQA MC1")
 RATING_COLUMNS = {"HH": "hh", "HH-A": "hh_adv"}
 ACC_COLUMNS = {"Moral Stories": "moral_stories", "MIC": "mic", "TruthfulQA MC1": "truthfulqa_mc1"}
-# Columns beyond the paper's, shown only when some system has them (not in the MC average).
-EXTRA_COLUMNS = {"Tiny world MC": "tiny_world_mc"}
 ETHICS_TEST = tuple(f"ethics/{s}/test" for s in
                     ("commonsense", "deontology", "justice", "utilitarianism", "virtue"))
 # MC1's standard accuracy uses the summed log-prob; Moral Stories' two actions differ in length,
@@ -89,9 +87,12 @@ def summarize(records: Iterable[dict]) -> dict:
   standard error for accuracies and the rating spread for judge scores (see `eval.table`).
   """
   by_task, ratings = collections.defaultdict(list), collections.defaultdict(dict)
+  extra = {}  # task -> column, for the config's extra tasks (their records carry the label)
   for r in records:
     if r.get("kind") == "mc":
       by_task[r["task"]].append(r)
+      if r.get("column"):
+        extra[r["task"]] = r["column"]
     elif r.get("kind") == "rating":
       ratings[r["task"]][r["id"]] = r.get("rating")  # a re-rated id keeps its last rating
   tasks = {t: mc_task_summary(rs) for t, rs in sorted(by_task.items())}
@@ -106,10 +107,9 @@ def summarize(records: Iterable[dict]) -> dict:
       key = "acc" if PRIMARY[task] == "sum" else "acc_norm"
       columns[col] = {"value": tasks[task][key], "std": tasks[task][key + "_se"],
                       "n": tasks[task]["n"], "kind": "accuracy"}
-  for col, task in EXTRA_COLUMNS.items():
-    if task in tasks:
-      columns[col] = {"value": tasks[task]["acc"], "std": tasks[task]["acc_se"],
-                      "n": tasks[task]["n"], "kind": "accuracy"}
+  for task, col in sorted(extra.items()):  # beyond the paper's: shown when present, not averaged
+    columns[col] = {"value": tasks[task]["acc"], "std": tasks[task]["acc_se"],
+                    "n": tasks[task]["n"], "kind": "accuracy", "extra": True}
   have = [t for t in ETHICS_TEST if t in tasks]
   if have:  # ETHICS = mean of the subsets' test accuracies; SEs combine as independent
     columns["ETHICS"] = {

@@ -22,23 +22,25 @@ from tqdm import tqdm
 from eval import ethics, hh, items as items_lib, judge as judge_lib, metrics, mic
 from eval import moral_stories, results, truthfulqa
 
-MC_TASKS = ("truthfulqa_mc1", "moral_stories", "mic", "tiny_world_mc") + tuple(
+MC_TASKS = ("truthfulqa_mc1", "moral_stories", "mic") + tuple(
     f"ethics/{s}/{sp}" for sp in ethics.SPLITS for s in ethics.SUBSETS)
 GEN_TASKS = ("hh", "hh_adv")
 _FILES = {"truthfulqa_mc1": [truthfulqa.FILE], "moral_stories": [moral_stories.FILE],
           "hh": list(hh.HH_FILES), "hh_adv": [hh.HH_FILES[0], hh.ADVBENCH_FILE]}
 
 
-def expand_tasks(tasks, ethics_splits=ethics.SPLITS) -> list[str]:
+def expand_tasks(tasks, ethics_splits=ethics.SPLITS, extra=()) -> list[str]:
+  """Task names, `ethics` expanded to its subsets; `extra`: the config's extra_tasks names."""
   names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
+  known = MC_TASKS + GEN_TASKS + tuple(extra)
   out = []
   for t in filter(None, names):
     if t == "ethics":
       out += [f"ethics/{s}/{sp}" for sp in ethics_splits for s in ethics.SUBSETS]
-    elif t in MC_TASKS or t in GEN_TASKS:
+    elif t in known:
       out.append(t)
     else:
-      raise KeyError(f"unknown eval task {t!r}; known: ethics, {', '.join(MC_TASKS + GEN_TASKS)}")
+      raise KeyError(f"unknown eval task {t!r}; known: ethics, {', '.join(known)}")
   return list(dict.fromkeys(out))
 
 
@@ -58,9 +60,10 @@ def load_task(task: str, config) -> list:
   if task.startswith("ethics/"):
     _, subset, split = task.split("/")
     return ethics.load(d, subset, split, seed=config.seed)
-  if task == "tiny_world_mc":  # the embedded world of the tiny pipeline (no files)
-    from stable_alignment_jax import tiny_world
-    return tiny_world.mc_items()
+  extra = config.get("extra_tasks") or {}
+  if task in extra:  # a benchmark from outside eval, named by the config
+    from stable_alignment_jax import plugins
+    return plugins.load(extra[task]["items"], f"extra_tasks.{task}.items")()
   if task == "hh":
     return hh.load_hh(d)
   if task == "hh_adv":
@@ -118,7 +121,9 @@ class _Model:
     return self._loaded
 
 
-def _run_mc(task, items, done, model, config, store, progress):
+def _run_mc(task, items, done, model, config, store, progress, column=None):
+  """`column`: an extra task's table label, kept in its records so tables rebuilt from the
+  stored results (eval.table) show it without the config."""
   from eval.mc_scoring import LogLikelihoodScorer
   todo = [it for it in items if it.id not in done]
   if not todo:
@@ -132,7 +137,8 @@ def _run_mc(task, items, done, model, config, store, progress):
     part = todo[s:s + chunk]
     store.append(task, [
         {"kind": "mc", "task": task, "id": it.id, "label": it.label, "group": it.group,
-         "logp_sum": sc.logp_sum.tolist(), "n_tokens": sc.n_tokens.tolist()}
+         "logp_sum": sc.logp_sum.tolist(), "n_tokens": sc.n_tokens.tolist(),
+         **({"column": column} if column else {})}
         for it, sc in zip(part, scorer.score(part))])
   return time.perf_counter() - t0
 
@@ -173,7 +179,8 @@ def _run_gen(task, items, recs, model, config, store, judge, progress):
 def evaluate(config) -> dict:
   """Runs every (system, task) not yet finished; returns {system: summary}."""
   progress = config.get("progress", True)
-  tasks = expand_tasks(config.tasks, tuple(config.ethics_splits))
+  extra = config.get("extra_tasks") or {}
+  tasks = expand_tasks(config.tasks, tuple(config.ethics_splits), tuple(extra))
   judge = None
   if any(t in GEN_TASKS for t in tasks):
     judge = judge_lib.Judge(config.judge)  # fails before any model work if misconfigured
@@ -200,7 +207,9 @@ def evaluate(config) -> dict:
         seconds = _run_gen(task, items, recs, model, config, store, judge, progress)
         kind, summarize = "rating", lambda rs: metrics.rating_summary([r["rating"] for r in rs])
       else:
-        seconds = _run_mc(task, items, {r["id"] for r in recs}, model, config, store, progress)
+        column = extra[task].get("column", task) if task in extra else None
+        seconds = _run_mc(task, items, {r["id"] for r in recs}, model, config, store, progress,
+                          column)
         kind, summarize = "mc", metrics.mc_task_summary
       latest = {r["id"]: r for r in store.records(task) if r["id"] in idset and r["kind"] == kind}
       summary = summarize(list(latest.values()))

@@ -58,14 +58,14 @@ def _cell(col: dict | None, kind: str) -> str:
   return fmt.format(col["value"]) + ("" if std is None else " ± " + fmt.format(std))
 
 
-def _reference_rows(path: str | None) -> dict:
+def _reference_rows(path: str | None, extra=()) -> dict:
   if not path:
     return {}
   with open(path) as f:
     data = json.load(f)
   rows = {}
   for system, cols in data.items():
-    unknown = sorted(set(cols) - set(metrics.COLUMNS) - set(metrics.EXTRA_COLUMNS))
+    unknown = sorted(set(cols) - set(metrics.COLUMNS) - set(extra))
     if unknown:
       raise KeyError(f"{path}: system {system!r} has unknown columns {unknown}; known: "
                      f"{list(metrics.COLUMNS)}")
@@ -80,9 +80,10 @@ def make_table(inputs, out_dir: str, reference: str | None = None) -> str:
   found = find_systems(inputs)
   summaries = {name: results.rebuild_summary(path) for name, path in found.items()}
   rows = {name: s["columns"] for name, s in summaries.items()}
-  rows.update(_reference_rows(reference))
-  columns = list(metrics.COLUMNS) + [c for c in metrics.EXTRA_COLUMNS
-                                     if any(c in cols for cols in rows.values())]
+  extra = list(dict.fromkeys(c for cols in rows.values() for c, v in cols.items()
+                             if c not in metrics.COLUMNS and v.get("extra")))
+  rows.update(_reference_rows(reference, extra))
+  columns = list(metrics.COLUMNS) + extra
   kinds = {c: "rating" if c in metrics.RATING_COLUMNS else "accuracy" for c in columns}
   lines = ["| System | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
   for name, cols in rows.items():

@@ -75,9 +75,10 @@ class Pipeline:
 
   def make_world(self) -> dict:
     from data_prep import tokenizer as tok_lib
-    from stable_alignment_jax import tiny_world
+    from stable_alignment_jax import plugins
     w = self.c.world
-    paths = tiny_world.write(self.path("world"), n_questions=w.n_questions, n_priors=w.n_priors,
+    write = plugins.load(w.write, "world.write")
+    paths = write(self.path("world"), n_questions=w.n_questions, n_priors=w.n_priors,
                              n_corpus_topics=w.corpus_topics, seed=self.c.seed,
                              prompt_overrides=self.c.sandbox.prompts.to_dict())
     paths["tokenizer"] = tok_lib.train([paths["tokenizer_text"]], self.path("world", "sp"),
@@ -151,9 +152,10 @@ class Pipeline:
 
   def report(self, systems: dict[str, str]) -> dict:
     from eval import table
+    from stable_alignment_jax import train_log
     md = table.make_table([f"{n}={self.path('eval', n)}" for n in systems],  # pipeline order
                           self.path("report"))
-    _plot_training(systems, self.path("report", "training_loss.png"))
+    train_log.plot_training_loss(systems, self.path("report", "training_loss.png"))
     print(md, flush=True)
     return {"table": self.path("report", "results.md"), "dir": self.path("report")}
 
@@ -163,7 +165,8 @@ class Pipeline:
       raise ValueError("config.base_model is required without the tiny world: the checkpoint "
                        "Stage 1 and the baselines start from (paper: LLaMA-7B after HH SFT)")
     from eval import judge as judge_lib, run as eval_run
-    tasks = eval_run.expand_tasks(self.c.eval.tasks, tuple(self.c.eval.ethics_splits))
+    tasks = eval_run.expand_tasks(self.c.eval.tasks, tuple(self.c.eval.ethics_splits),
+                                  tuple(self.c.eval.get("extra_tasks") or ()))
     if any(t in eval_run.GEN_TASKS for t in tasks):
       judge = copy_config(self.c.eval.judge)
       judge.cache = ""
@@ -210,41 +213,14 @@ def _train_examples(card: dict, kind: str) -> int:
   return card["datasets"][kind]["splits"].get("train", {}).get("examples", 0)
 
 
-def _plot_training(systems: dict[str, str], path: str) -> None:
-  """Training loss per step of every trained system, from each run's metrics.jsonl."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, run_dir in systems.items():
-    log = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(log):
-      continue
-    points = {}
-    with open(log) as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec["split"] == "train":
-          points[rec["step"]] = rec["loss"]
-    steps = sorted(points)
-    ax.plot(steps, [points[s] for s in steps], marker=".", label=name)
-  ax.set(xlabel="step", ylabel="training loss", title="training loss per system")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 def make_pipeline(c: ml_collections.ConfigDict) -> Pipeline:
   """`Pipeline`, or the subclass a config names in `pipeline_class` ("module:Class"), so a world
   that adds steps (e.g. `experiments/toyworld/config.py`) runs from the same command."""
   spec = c.get("pipeline_class", "")
   if not spec:
     return Pipeline(c)
-  import importlib
-  module, _, cls = spec.partition(":")
-  return getattr(importlib.import_module(module), cls)(c)
+  from stable_alignment_jax import plugins
+  return plugins.load(spec, "pipeline_class")(c)
 
 
 def main(argv):

@@ -53,3 +53,30 @@ class Logger:
     for f in (self.writer, self.jsonl):
       if f:
         f.close()
+
+
+def plot_training_loss(systems: dict[str, str], path: str) -> None:
+  """Training loss per step of every run (name -> run directory), from its metrics.jsonl;
+  runs without one are left out."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, run_dir in systems.items():
+    log = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(log):
+      continue
+    points = {}
+    with open(log) as f:
+      for line in f:
+        rec = json.loads(line)
+        if rec["split"] == "train":
+          points[rec["step"]] = rec["loss"]
+    steps = sorted(points)
+    ax.plot(steps, [points[s] for s in steps], marker=".", label=name)
+  ax.set(xlabel="step", ylabel="training loss", title="training loss per system")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from stable_alignment_jax import data, synthetic, tiny_world
+from experiments.tiny_world import world as tiny_world
+from stable_alignment_jax import data, synthetic
 from stable_alignment_jax.sandbox import parsing, world
 from stable_alignment_jax.sandbox.prompts import Prompts
 
