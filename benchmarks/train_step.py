@@ -1,18 +1,25 @@
-"""SA-CPO training step: our jitted JAX step vs a torch step in the style of the authors' release.
+"""SA-CPO training step: our jitted JAX step vs two torch steps, the authors' loop and TRL's batch.
 
-Issue 4 asks for, on the same tiny LLaMA weights and the same data:
-  * tokens/s of `train.train_step` (one jit, [B*K, T] in one forward) against a straightforward
-    torch loop like the authors' `AlignmentTrainer` (HF `LlamaForCausalLM`, one prompt at a time,
+On the same tiny LLaMA weights and the same data (every side starts from the same weights and
+is stepped on its own copy):
+  * `train.train_step` (one jit, [B*K, T] in one forward), at the default config and with
+    `optim.accum_steps = B`;
+  * torch, the authors' style (`AlignmentTrainer`: HF `LlamaForCausalLM`, one prompt at a time,
     a separate forward per response, the CPO loss in torch, backward, AdamW step);
+  * torch, batched as TRL's trainers run it: the concatenated [B*K, T] batch in one forward
+    through `LlamaForCausalLM` (SDPA attention), per-sequence log-probs from the logits, the
+    same CPO loss vectorised, backward, AdamW step;
   * the JAX step's model FLOP/s over the peak FLOP/s of a big f32 `jnp.dot` in this process.
 
-Both sides run in f32 on the CPU with the same thread budget (torch.set_num_threads(2); XLA uses
-the 2 cores of this machine). Each round times one jax step, one torch step and the big dot, so
-a change in machine load (the machine is shared) hits all three alike. Load only ever adds time,
-so the headline figures use each side's fastest round; the medians are printed beside them.
+All run in f32 on the CPU; torch as its users run it, threads = cores (XLA uses every core).
+Each round runs every side once, in an order that reverses each round, and the big dot; the
+headline uses each side's fastest round, medians beside them (benchmarks/common.py: the load
+average before, between and after; the run is flagged when it was above 1.0). Each torch step is
+checked against an independent figure from the same process: 3x its forward alone (no autograd)
+plus its optimizer update. First-step losses of all sides must agree.
 "6N convention" counts all parameters (the embedding gather too) as the trainer's MFU log does.
 
-  python benchmarks/train_step.py [--steps 5] [--seq 256]
+  python benchmarks/train_step.py [--steps 5] [--seq 256] [--json out.json]
 """
 
 import argparse
@@ -25,12 +32,11 @@ import time
 
 import numpy as np
 
-# One CPU device: drop a forced device count (the tests set one) before jax is imported.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()  # before jax is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -101,6 +107,48 @@ def torch_step(model, opt, batch, lc, grad_clip) -> float:
   return total
 
 
+def torch_batched_step(model, opt, batch, lc, grad_clip) -> float:
+  """One optimizer step as TRL runs it: all B*K sequences in one forward, the loss vectorised."""
+  tokens = torch.from_numpy(batch["tokens"]).long()
+  b, k, t = tokens.shape
+  mask = torch.from_numpy(batch["loss_mask"]).reshape(b * k, t)[:, 1:]
+  opt.zero_grad(set_to_none=True)
+  logits = model(input_ids=tokens.reshape(b * k, t)).logits[:, :-1]
+  tok_nll = torch.nn.functional.cross_entropy(
+      logits.reshape(-1, logits.shape[-1]), tokens.reshape(b * k, t)[:, 1:].reshape(-1),
+      reduction="none").reshape(b * k, t - 1)
+  nll = ((tok_nll * mask).sum(-1) / mask.sum(-1)).reshape(b, k)  # mean NLL per response
+  ratings = torch.from_numpy(batch["ratings"])
+  best = ratings.argmax(-1)  # the first of tied maxima, as the loop picks it
+  nll_best = nll.gather(1, best[:, None])
+  r_best = ratings.gather(1, best[:, None])
+  hinge = torch.clamp(nll_best - nll + lc.margin * (r_best - ratings) / lc.rating_scale, min=0.0)
+  others = torch.ones_like(nll).scatter(1, best[:, None], 0.0)
+  penalty = (hinge * others).sum(-1) / others.sum(-1).clamp(min=1.0)
+  loss = (nll_best[:, 0] + lc.ratio * penalty).mean()
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+  opt.step()
+  return loss.item()
+
+
+def torch_parts_s(model, opt, batch, batched: bool, reps: int = 2) -> float:
+  """An independent estimate of a torch step: its forwards alone (inference mode, x3 for
+  forward + backward) plus one optimizer update, each the best of `reps`."""
+  tokens = torch.from_numpy(batch["tokens"]).long()
+  b, k, t = tokens.shape
+  rows = [tokens.reshape(b * k, t)] if batched else [tokens[i, j][None] for i in range(b)
+                                                     for j in range(k)]
+  with torch.inference_mode():
+    fwd = min(common.timed(lambda: [model(input_ids=x).logits for x in rows])[0]
+              for _ in range(reps))
+  for p in model.parameters():  # an update of zero gradients costs what a real one does
+    p.grad = torch.zeros_like(p)
+  update = min(common.timed(opt.step)[0] for _ in range(reps))
+  opt.zero_grad(set_to_none=True)
+  return 3 * fwd + update
+
+
 # --- FLOPs ------------------------------------------------------------------------------------
 
 def model_flops(cfg, tokens: int, t: int) -> dict[str, float]:
@@ -140,12 +188,13 @@ class PeakDot:
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=5, help="timed steps per side")
+  ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step per side each)")
   ap.add_argument("--prompts", type=int, default=4)
   ap.add_argument("--responses", type=int, default=3)
   ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--json", default="")
   args = ap.parse_args()
-  torch.set_num_threads(2)
+  threads = common.torch_threads(torch)
   b, k, t = args.prompts, args.responses, args.seq
 
   cfg = preset("bench", dtype="float32")
@@ -154,11 +203,14 @@ def main():
   batch = make_batch(b, k, t, cfg.vocab_size)
   losses.validate_batch(batch)
 
-  # The same weights on both sides: the torch model is saved and read by our HF importer.
+  # The same weights on every side: the torch model is saved and read by our HF importer, and
+  # read back by transformers for the second torch side.
   hf = hf_model(cfg)
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     graphdef, params = convert.load_hf(d, dtype="float32")
+    hf_batched = transformers.LlamaForCausalLM.from_pretrained(
+        d, dtype=torch.float32, attn_implementation="sdpa").train()
 
   tx = optim.make_optimizer(oc, 100)[0]
 
@@ -174,66 +226,79 @@ def main():
   states = {name: {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
                    "step": jnp.int32(0)} for name in variants}
   jbatch = jax.tree.map(jnp.asarray, batch)
-  opt = torch.optim.AdamW(hf.parameters(), lr=oc.lr, betas=(oc.b1, oc.b2), eps=oc.eps,
-                          weight_decay=oc.weight_decay)
 
-  # Warm-up (compile) and a check that all compute the same loss on the same weights.
-  first = {}
-  for name, step in variants.items():
-    t0 = time.perf_counter()
-    states[name], m = step(states[name], jbatch)
-    first[name] = (float(m["loss"]), time.perf_counter() - t0)
-  torch_loss = torch_step(hf, opt, batch, lc, oc.grad_clip)
-  print("first-step loss: " + ", ".join(
-      f"{name} {l:.6f} (compile+step {s:.1f}s)" for name, (l, s) in first.items())
-      + f", torch {torch_loss:.6f}; max |diff| "
-      f"{max(abs(l - torch_loss) for l, _ in first.values()):.2e}")
+  def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.b1, oc.b2), eps=oc.eps,
+                             weight_decay=oc.weight_decay)
 
-  peak_dot = PeakDot()
-  times = {name: [] for name in [*variants, "torch"]}
-  peaks = []
-  for _ in range(args.steps):
+  opt, opt_batched = adamw(hf), adamw(hf_batched)
+
+  with common.Run("train_step", args.json) as run:
+    # Warm-up (compile) and a check that all compute the same loss on the same weights.
+    first = {}
     for name, step in variants.items():
       t0 = time.perf_counter()
       states[name], m = step(states[name], jbatch)
-      jax.block_until_ready((states[name], m))
-      times[name].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    torch_step(hf, opt, batch, lc, oc.grad_clip)
-    times["torch"].append(time.perf_counter() - t0)
-    peaks.append(peak_dot())
+      first[name] = float(m["loss"])
+      run.row(f"{name} compile + first step s", f"{time.perf_counter() - t0:.1f}")
+    first["torch loop"] = torch_step(hf, opt, batch, lc, oc.grad_clip)
+    first["torch batched"] = torch_batched_step(hf_batched, opt_batched, batch, lc, oc.grad_clip)
+    spread = max(first.values()) - min(first.values())
+    run.row("first-step loss", ", ".join(f"{n} {v:.6f}" for n, v in first.items()) +
+            f"; max |diff| {spread:.2e}")
+    if spread > 1e-3:
+      raise SystemExit(f"first-step losses differ by {spread:.2e}: the sides do not compute the "
+                       "same step")
+    parts = {"torch loop": torch_parts_s(hf, opt, batch, batched=False),
+             "torch batched": torch_parts_s(hf_batched, opt_batched, batch, batched=True)}
 
-  tokens = b * k * t
-  fl = model_flops(cfg, tokens, t)
-  peak, pm = max(peaks), statistics.median(peaks)
-  best = {name: min(v) for name, v in times.items()}
-  med = {name: statistics.median(v) for name, v in times.items()}
-  secs = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
-  rows = [
-      ("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
-                f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)"),
-      ("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, "
-                  f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
-                  f"load average {os.getloadavg()[0]:.1f}"),
-      ("peak f32 jnp.dot 2048^3", f"{peak / 1e9:.1f} GFLOP/s  (median {pm / 1e9:.1f}; "
-                                  f"all: {', '.join(f'{x / 1e9:.1f}' for x in peaks)})"),
-      ("model FLOPs/step strict", f"{fl['strict'] / 1e9:.1f} G = 6*N_mm*tok + 6*L*D*T*tok"),
-  ]
-  for name in times:
-    rows += [
-        (f"{name} step s", f"best {best[name]:.3f}  median {med[name]:.3f}  "
-                           f"all: {secs(times[name])}"),
-        (f"{name} tokens/s", f"{tokens / best[name]:,.0f}  (median {tokens / med[name]:,.0f})"),
-        (f"{name} MFU strict", f"{fl['strict'] / best[name] / peak:.1%}  (medians "
-                               f"{fl['strict'] / med[name] / pm:.1%}; 6N convention "
-                               f"{fl['with_embed'] / best[name] / peak:.1%}; target >= 65%)"),
-    ]
-  for name in variants:
-    rows.append((f"speed-up {name}/torch", f"{best['torch'] / best[name]:.2f}x  (medians "
-                                           f"{med['torch'] / med[name]:.2f}x; target >= 2x)"))
-  width = max(len(r[0]) for r in rows)
-  for name, value in rows:
-    print(f"{name:<{width}}  {value}")
+    peak_dot = PeakDot()
+    peaks = []
+
+    def jax_side(name):
+      def run_step():
+        states[name], m = variants[name](states[name], jbatch)
+        jax.block_until_ready((states[name], m))
+      return run_step
+
+    sides = {name: jax_side(name) for name in variants}
+    sides["torch loop"] = lambda: torch_step(hf, opt, batch, lc, oc.grad_clip)
+    sides["torch batched"] = lambda: torch_batched_step(hf_batched, opt_batched, batch, lc,
+                                                        oc.grad_clip)
+    times = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(args.steps):
+      for name in (names if r % 2 == 0 else names[::-1]):  # the order reverses each round
+        times[name].append(common.timed(sides[name])[0])
+      peaks.append(peak_dot())
+      run.mark(f"round {r}")
+
+    tokens = b * k * t
+    fl = model_flops(cfg, tokens, t)
+    peak, pm = max(peaks), statistics.median(peaks)
+    best = {name: min(v) for name, v in times.items()}
+    med = {name: statistics.median(v) for name, v in times.items()}
+    run.row("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
+            f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)")
+    run.row("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads "
+            f"{threads} (= cores), {os.cpu_count()} cores; torch batched: SDPA attention")
+    run.row("peak f32 jnp.dot 2048^3", f"{peak / 1e9:.1f} GFLOP/s  (median {pm / 1e9:.1f}; "
+            f"all: {', '.join(f'{x / 1e9:.1f}' for x in peaks)})")
+    run.row("model FLOPs/step strict", f"{fl['strict'] / 1e9:.1f} G = 6*N_mm*tok + 6*L*D*T*tok")
+    for name in times:
+      run.row(f"{name} step", common.summary(times[name]))
+      run.row(f"{name} tokens/s", f"{tokens / best[name]:,.0f}  (median "
+              f"{tokens / med[name]:,.0f})")
+      run.row(f"{name} MFU strict", f"{fl['strict'] / best[name] / peak:.1%}  (medians "
+              f"{fl['strict'] / med[name] / pm:.1%}; 6N convention "
+              f"{fl['with_embed'] / best[name] / peak:.1%})")
+    for name, est in parts.items():
+      run.check(*common.sanity(name, best[name], est))
+    for name in variants:
+      for base_name, target in (("torch loop", 1.3), ("torch batched", 1.0)):
+        run.row(f"speed-up {name} / {base_name}", f"{best[base_name] / best[name]:.2f}x  "
+                f"(medians {med[base_name] / med[name]:.2f}x; target >= {target}x)")
+    run.data.update(times=times, first_loss=first, parts_s=parts, tokens=tokens)
 
 
 if __name__ == "__main__":
