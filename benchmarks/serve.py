@@ -9,8 +9,12 @@ GIL, with the server in both phases alike). Each phase sends the same number of 
 requests (fixed max_tokens, greedy, prompts of one padded length), either one at a time
 (concurrency 1) or with 16 in flight (concurrency 16). Phases alternate (1, 16, 1, 16, ...) so
 machine load hits both alike; every compiled shape (batch 1, 2, 4, ... 32 rows) is built before
-timing. Printed: requests/s, completion tokens/s and generate calls per phase, then the ratio
-concurrency-16 / concurrency-1 (the batching gain).
+timing; the order reverses each round. Printed: requests/s, completion tokens/s and generate
+calls per phase, then the ratio concurrency-16 / concurrency-1 (the batching gain) of the best
+and of the median rounds. The baseline, concurrency 1, is checked against the sampler's own
+1-row call timed alone in the same process plus the batching window it waits out. The load average is
+printed before, between and after, and the run flagged when it was above 1.0
+(benchmarks/common.py).
 
 Streaming: `--stream_requests` streamed completions of `--max_tokens` tokens, one at a time,
 each timed from sending the request to its first text chunk and to the end of the stream (the
@@ -29,13 +33,12 @@ import sys
 import threading
 import time
 
-# One CPU device: drop a forced device count (the tests set one) before jax is imported.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()  # before jax is imported
 
 import json  # noqa: E402
 
@@ -114,8 +117,14 @@ def main():
   ap.add_argument("--checkpoint", default=MODEL, help="the served model (default random:tiny)")
   ap.add_argument("--stream_requests", type=int, default=8)
   ap.add_argument("--stream_chunk", type=int, default=8, help="decode steps per streamed chunk")
+  ap.add_argument("--json", default="")
   args = ap.parse_args()
 
+  with common.Run("serve", args.json) as run:
+    _main(args, run)
+
+
+def _main(args, run):
   engine = load_engine(args.checkpoint, wait_ms=args.batch_wait_ms, chunk=args.stream_chunk,
                        model_name=MODEL)
   sampler = engine.sampler.sampler  # the token-level Sampler under the TextSampler
@@ -132,47 +141,49 @@ def main():
     pass
   # The ceiling without HTTP: one direct sampler call of 1 row vs `concurrency` rows.
   c = args.concurrency
-  direct = {1: [], c: []}
-  for _ in range(5):
-    for rows in (1, c):
-      t0 = time.perf_counter()
-      sampler.generate(ids[:rows], sp)
-      direct[rows].append(time.perf_counter() - t0)
-  d1, dc = statistics.median(direct[1]), statistics.median(direct[c])
-  print(f"sampler alone: 1 row {d1 * 1e3:.1f} ms, {c} rows {dc * 1e3:.1f} ms per call "
-        f"-> rows/s gain x{c * d1 / dc:.2f} (the ceiling for batching)", flush=True)
+  direct = common.alternate({1: lambda: sampler.generate(ids[:1], sp),
+                             c: lambda: sampler.generate(ids[:c], sp)}, 5)
+  d1, dc = min(direct[1]), min(direct[c])
+  run.row("sampler alone, 1 row", common.summary(direct[1]))
+  run.row(f"sampler alone, {c} rows", common.summary(direct[c]) +
+          f" -> rows/s gain x{c * d1 / dc:.2f} (the ceiling for batching)")
   server, thread, base = start_server(engine)
-  results = {1: [], args.concurrency: []}
+  results = {1: [], c: []}
   try:
     for r in range(args.rounds):
-      for c in (1, args.concurrency):
+      for conc in ((1, c) if r % 2 == 0 else (c, 1)):
         calls = sampler.calls
-        secs, toks = asyncio.run(phase(base, prompts, args.max_tokens, c))
+        secs, toks = asyncio.run(phase(base, prompts, args.max_tokens, conc))
         calls = sampler.calls - calls
-        results[c].append((secs, toks))
-        print(f"round {r} concurrency {c:2d}: {args.requests} requests in {secs:6.2f} s = "
+        results[conc].append((secs, toks))
+        print(f"round {r} concurrency {conc:2d}: {args.requests} requests in {secs:6.2f} s = "
               f"{args.requests / secs:6.2f} req/s, {toks / secs:7.1f} tok/s, "
               f"{calls} generate calls", flush=True)
+      run.mark(f"round {r}")
     times = asyncio.run(streamed(base, prompts[:args.stream_requests], args.max_tokens))
   finally:
     server.should_exit = True
     thread.join(30)
 
-  def med(c, key):
-    return statistics.median(key(s, t) for s, t in results[c])
-
-  rps1, rps16 = med(1, lambda s, t: args.requests / s), med(c, lambda s, t: args.requests / s)
-  tps1, tps16 = med(1, lambda s, t: t / s), med(c, lambda s, t: t / s)
-  print(f"median concurrency 1: {rps1:.2f} req/s, {tps1:.1f} tok/s; "
-        f"concurrency {c}: {rps16:.2f} req/s, {tps16:.1f} tok/s")
-  print(f"batching gain (concurrency {c} / concurrency 1): requests/s x{rps16 / rps1:.2f}, "
-        f"tokens/s x{tps16 / tps1:.2f}")
+  secs = {k: [x for x, _ in v] for k, v in results.items()}
+  tps = {k: [t / x for x, t in v] for k, v in results.items()}
+  run.row("concurrency 1 phase", common.summary(secs[1]) +
+          f"; tok/s max {max(tps[1]):.1f}, median {statistics.median(tps[1]):.1f}")
+  run.row(f"concurrency {c} phase", common.summary(secs[c]) +
+          f"; tok/s max {max(tps[c]):.1f}, median {statistics.median(tps[c]):.1f}")
+  # A lone request waits out the batching window, then runs as the sampler's 1-row call.
+  run.check(*common.sanity("concurrency 1 per request", min(secs[1]) / args.requests,
+                           d1 + args.batch_wait_ms / 1e3))
+  run.row(f"batching gain c{c} / c1", f"requests/s x{min(secs[1]) / min(secs[c]):.2f} of the "
+          f"best rounds, x{statistics.median(secs[1]) / statistics.median(secs[c]):.2f} of the "
+          "medians")
 
   ttfc, total = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-  print(f"streamed {args.max_tokens} tokens ({min(t[2] for t in times)}-"
-        f"{max(t[2] for t in times)} generated), {len(times)} requests one at a time, a chunk every "
-        f"{args.stream_chunk} decode steps: median first text chunk {ttfc * 1e3:.1f} ms, whole "
-        f"stream {total * 1e3:.1f} ms (first chunk at {ttfc / total:.0%} of the total)")
+  run.row("streamed", f"{args.max_tokens} tokens ({min(t[2] for t in times)}-"
+          f"{max(t[2] for t in times)} generated), {len(times)} requests one at a time, a chunk "
+          f"every {args.stream_chunk} decode steps: median first text chunk {ttfc * 1e3:.1f} ms "
+          f"(min {min(t[0] for t in times) * 1e3:.1f}), whole stream {total * 1e3:.1f} ms "
+          f"(min {min(t[1] for t in times) * 1e3:.1f}; first chunk at {ttfc / total:.0%})")
 
 
 if __name__ == "__main__":
