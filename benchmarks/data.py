@@ -9,6 +9,11 @@ Issue 5 asks for, in one run on this machine:
 
   python benchmarks/data.py [--out /tmp/sa_bench] [--records 94600] [--train_steps 30]
 
+The trainer's figure is its logged tokens/s over the last intervals (min/median of the logged
+intervals); the loader is timed in `--loader_rounds` chunks (min/median), and checked against an
+independent figure: the mean time of the same number of batches drawn right after the trainer.
+The load average is printed before, between and after (benchmarks/common.py; flagged above 1.0).
+
 The export is made up (seeded): every record has one draft (one self-critic example with 3-4
 rated peers), questions are shared by ~2 records (48.8k imitation examples), and 27% of
 revisions improve above 4 (25.6k realignment examples).
@@ -18,17 +23,17 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
 import numpy as np
 
-# One CPU device: drop a forced device count (the tests set one) before jax is imported.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()  # before jax is imported
 
 from data_prep import build as build_lib  # noqa: E402
 from data_prep import tokenizer as tok_train  # noqa: E402
@@ -94,14 +99,16 @@ def trainer_steps_per_s(out_dir: str, tokenizer_path: str, steps: int) -> tuple[
   result = train.run(c)
   with open(os.path.join(c.checkpoint.dir, "metrics.jsonl")) as f:
     logs = [json.loads(line) for line in f]
-  tokens_per_s = [m for m in logs if m["split"] == "train"][-1]["tokens_per_s"]
+  # Every interval after the first (the first holds the compile).
+  tokens_per_s = [m["tokens_per_s"] for m in logs if m["split"] == "train"][1:]
   tokens_per_step = c.data.batch_size * c.data.num_responses * c.data.max_len
   shape = dict(batch=c.data.batch_size, K=c.data.num_responses, T=c.data.max_len,
                kept=result["data"]["kept"], dropped=result["data"]["dropped"])
-  return tokens_per_s / tokens_per_step, shape
+  return [x / tokens_per_step for x in tokens_per_s], shape
 
 
-def loader_batches_per_s(out_dir: str, tokenizer_path: str, shape: dict, n: int) -> float:
+def loader_batches_per_s(out_dir: str, tokenizer_path: str, shape: dict, n: int,
+                         rounds: int = 3) -> list[float]:
   from stable_alignment_jax import data
   from stable_alignment_jax.tokenizer import load_tokenizer
   src = data.open_tfds("sandbox_alignment/imitation", out_dir, "train")
@@ -110,10 +117,13 @@ def loader_batches_per_s(out_dir: str, tokenizer_path: str, shape: dict, n: int)
                             shard_index=0, shard_count=1)
   it = iter(loader)
   next(it)  # first batch: permutation and reader start-up
-  start = time.perf_counter()
-  for _ in range(n):
-    next(it)
-  return n / (time.perf_counter() - start)
+  out = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    for _ in range(n):
+      next(it)
+    out.append(n / (time.perf_counter() - start))
+  return out
 
 
 def main():
@@ -122,36 +132,51 @@ def main():
   ap.add_argument("--records", type=int, default=PAPER["self_critic"])
   ap.add_argument("--train_steps", type=int, default=30)
   ap.add_argument("--loader_batches", type=int, default=300)
+  ap.add_argument("--loader_rounds", type=int, default=3)
+  ap.add_argument("--json", default="")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   export = os.path.join(args.out, "export.jsonl")
+  with common.Run("data", args.json) as run:
+    t = time.perf_counter()
+    synthetic_export(export, args.records)
+    run.row("synthetic export", f"{args.records} records, {os.path.getsize(export) / 1e6:.0f} MB "
+            f"in {time.perf_counter() - t:.1f}s")
 
-  t = time.perf_counter()
-  synthetic_export(export, args.records)
-  print(f"synthetic export: {args.records} records, {os.path.getsize(export) / 1e6:.0f} MB "
-        f"in {time.perf_counter() - t:.1f}s")
+    t = time.perf_counter()
+    card = build_lib.build([export], os.path.join(args.out, "tfds"))
+    wall = time.perf_counter() - t
+    counts = {k: d["examples"] for k, d in card["datasets"].items()}
+    run.row("build", f"{card['examples']} examples {counts} in {wall:.1f}s wall "
+            f"({card['examples'] / wall:.0f} examples/s); under a minute: {wall < 60}")
+    run.mark("after build")
 
-  t = time.perf_counter()
-  card = build_lib.build([export], os.path.join(args.out, "tfds"))
-  wall = time.perf_counter() - t
-  counts = {k: d["examples"] for k, d in card["datasets"].items()}
-  print(f"build: {card['examples']} examples {counts} in {wall:.1f}s wall "
-        f"({card['examples'] / wall:.0f} examples/s); under a minute: {wall < 60}")
+    t = time.perf_counter()
+    tok_path = tok_train.train([os.path.join(args.out, "tfds", "sandbox_alignment", "imitation")],
+                               os.path.join(args.out, "tok", "sp384"), vocab_size=384,
+                               max_sentences=200_000)
+    run.row("tokenizer", f"SentencePiece BPE, 384 pieces, trained in "
+            f"{time.perf_counter() - t:.1f}s")
 
-  t = time.perf_counter()
-  tok_path = tok_train.train([os.path.join(args.out, "tfds", "sandbox_alignment", "imitation")],
-                             os.path.join(args.out, "tok", "sp384"), vocab_size=384,
-                             max_sentences=200_000)
-  print(f"tokenizer: SentencePiece BPE, 384 pieces, trained in {time.perf_counter() - t:.1f}s")
-
-  steps_per_s, shape = trainer_steps_per_s(os.path.join(args.out, "tfds"), tok_path,
-                                           args.train_steps)
-  batches_per_s = loader_batches_per_s(os.path.join(args.out, "tfds"), tok_path, shape,
-                                       args.loader_batches)
-  print(f"batch shape {shape}")
-  print(f"trainer (stage1 tiny, 1 CPU device): {steps_per_s:.2f} steps/s")
-  print(f"grain loader (same source, tokenizer, shape): {batches_per_s:.1f} batches/s")
-  print(f"loader / trainer = {batches_per_s / steps_per_s:.1f} (want >= 10)")
+    tfds_dir = os.path.join(args.out, "tfds")
+    steps_per_s, shape = trainer_steps_per_s(tfds_dir, tok_path, args.train_steps)
+    run.mark("after the trainer")
+    batches_per_s = loader_batches_per_s(tfds_dir, tok_path, shape, args.loader_batches,
+                                         args.loader_rounds)
+    # The independent figure: one long draw of as many batches as all the rounds together.
+    whole = loader_batches_per_s(tfds_dir, tok_path, shape,
+                                 args.loader_batches * args.loader_rounds, 1)[0]
+    run.row("batch shape", str(shape))
+    inv = lambda xs: [1 / x for x in xs]
+    run.row("trainer s/step", common.summary(inv(steps_per_s)) + " (stage1 tiny, 1 CPU device; "
+            "logged intervals after the first)")
+    run.row("loader s/batch", common.summary(inv(batches_per_s)) + " (same source, tokenizer, "
+            "shape)")
+    run.check(*common.sanity("loader (median chunk)", 1 / statistics.median(batches_per_s),
+                             1 / whole))
+    run.row("loader / trainer", f"{max(batches_per_s) / max(steps_per_s):.1f} of the best, "
+            f"{statistics.median(batches_per_s) / statistics.median(steps_per_s):.1f} of the "
+            "medians (want >= 10)")
 
 
 if __name__ == "__main__":
