@@ -103,6 +103,25 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
   return unflatten(abstract_params, dict(restored["params"])), step
 
 
+def save_train_state(mgr: ocp.CheckpointManager, step: int, state: dict, *, data_iter: dict,
+                     config: dict) -> None:
+  """One training step: the trees of `state` (params, opt_state, ref_params when present; flat),
+  the data iterator's state and the run config, as the items the module docstring lists."""
+  trees = {k: ocp.args.StandardSave(flatten(state[k]))
+           for k in ("params", "opt_state", "ref_params") if k in state}
+  mgr.save(step, args=ocp.args.Composite(**trees, data_iter=ocp.args.JsonSave(data_iter),
+                                         config=ocp.args.JsonSave(config)), force=True)
+
+
+def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract: dict,
+                        shardings: dict) -> tuple[dict, dict]:
+  """The trees `abstract` names ({item: abstract tree}) restored straight into `shardings`, and
+  the saved data-iterator state."""
+  args = {k: ocp.args.StandardRestore(abstract_like(v, shardings[k])) for k, v in abstract.items()}
+  restored = mgr.restore(step, args=ocp.args.Composite(**args, data_iter=ocp.args.JsonRestore()))
+  return {k: unflatten(abstract[k], dict(restored[k])) for k in abstract}, restored["data_iter"]
+
+
 _HF_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "generation_config.json", "chat_template.jinja", "chat_template.json"]

@@ -39,13 +39,15 @@ CheckpointHandler`), or store `json.dumps(it.get_state())` yourself and call `it
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from stable_alignment_jax import jsonl
+from stable_alignment_jax import jsonl, synthetic
+from stable_alignment_jax.hindsight import chain_of_hindsight
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
 DROP_NO_RESPONSES = "no_responses"
@@ -404,3 +406,40 @@ def open_tfds(name: str, data_dir: str, split: str) -> TfdsSource:
   from tensorflow_datasets.core import decode
   return TfdsSource(tfds.data_source(name, data_dir=data_dir, split=split, download=False,
                                      deserialize_method=decode.DeserializeMethod.RAW_BYTES))
+
+
+# --- the sources a config names -----------------------------------------------------------
+
+def open_source(dc, split: str, seed: int):
+  """The random-access example source of a split as config.data names it (`dc.source`): TFDS
+  array_record, `{data_dir}/{split}.jsonl`, or the embedded synthetic set; Chain-of-Hindsight
+  applied per example when `dc.chain_of_hindsight`."""
+  if dc.source == "synthetic":
+    n = dc.synthetic_examples
+    if split == dc.train_split:
+      src = synthetic.examples(n, seed=seed, num_responses=max(dc.num_responses, 2))
+    else:  # held-out topics
+      src = synthetic.examples(max(n // 8, 8), seed=seed + 1, start=n,
+                               num_responses=max(dc.num_responses, 2))
+  elif dc.source == "tfds":
+    src = open_tfds(dc.dataset, os.path.expanduser(dc.data_dir), split)
+  elif dc.source == "jsonl":  # {data_dir}/{split}.jsonl in the alignment-dataset contract
+    src = read_jsonl(os.path.join(os.path.expanduser(dc.data_dir), f"{split}.jsonl"))
+  else:
+    raise ValueError(f"data.source={dc.source!r}; expected tfds, jsonl or synthetic")
+  if dc.chain_of_hindsight:
+    src = _Mapped(src, seed)
+  return src
+
+
+class _Mapped:
+  """A random-access source with Chain-of-Hindsight applied per example (deterministic per index)."""
+
+  def __init__(self, source, seed):
+    self.source, self.seed = source, seed
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return chain_of_hindsight(self.source[i], np.random.default_rng([self.seed, i]))

@@ -10,12 +10,17 @@ A = mean or max. `hinge="after_aggregate"` reproduces the authors' release, whic
 differences first and applies one hinge: max(0, A[l_b - l_k + margin * (r_b - r_k) / S]).
 """
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Every loss reports these. nll_best, nll_gap and accuracy mean the same for all losses (the
+# token-mean NLL of the best-rated response; mean NLL gap of the others to it; share of prompts
+# whose best response has the lowest NLL); hinge_mean / hinge_active are each loss's pairwise
+# term, documented in its registry entry (`Loss.hinge_metrics`).
 METRIC_KEYS = ("nll_best", "hinge_mean", "hinge_active", "nll_gap", "accuracy")
 
 
@@ -173,15 +178,64 @@ def dpo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1):
   return loss, metrics
 
 
-# name -> loss. `needs_reference` losses get `ref_logp` from a frozen copy of the start params.
-LOSSES: dict[str, Callable] = {"sa_cpo": sa_cpo, "sft": sft, "rrhf": rrhf, "dpo": dpo}
-NEEDS_REFERENCE = frozenset({"dpo"})
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """One registry entry: the function; the `config.loss` key each of its hyper-parameters is
+  read from; the values a key may take (checked before anything heavy starts); whether it
+  needs `ref_logp` from a frozen reference model; what its hinge metrics mean."""
+  fn: Callable
+  config_keys: Mapping[str, str]  # function keyword -> config.loss key
+  choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # config key -> values
+  needs_reference: bool = False
+  hinge_metrics: str = ""
 
 
-def get_loss(name: str) -> Callable:
+LOSSES: dict[str, Loss] = {
+    "sa_cpo": Loss(
+        sa_cpo, {"ratio": "ratio", "margin": "margin", "rating_scale": "rating_scale",
+                 "aggregate": "aggregate", "hinge": "hinge"},
+        choices={"aggregate": ("mean", "max"), "hinge": ("per_pair", "after_aggregate")},
+        hinge_metrics="hinge_mean: mean per-pair hinge max(0, l_b - l_k + margin * dr / S) over "
+                      "the valid non-best responses; hinge_active: the share of them above 0"),
+    "sft": Loss(sft, {"responses": "sft_responses"}, choices={"sft_responses": ("best", "all")},
+                hinge_metrics="both 0: SFT has no pairwise term"),
+    "rrhf": Loss(rrhf, {"rank_weight": "rank_weight"},
+                 hinge_metrics="hinge_mean: the summed ranking hinge per prompt; hinge_active: "
+                               "the share of worse/better pairs whose hinge is above 0"),
+    "dpo": Loss(dpo, {"beta": "beta"}, needs_reference=True,
+                hinge_metrics="hinge_mean: the DPO reward margin beta * (chosen - rejected "
+                              "log-ratio); hinge_active: the share of pairs with margin > 0"),
+}
+
+
+def spec(name: str) -> Loss:
   if name not in LOSSES:
     raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
   return LOSSES[name]
+
+
+def get_loss(name: str) -> Callable:
+  return spec(name).fn
+
+
+def needs_reference(name: str) -> bool:
+  return spec(name).needs_reference
+
+
+def loss_kwargs(lc: Mapping[str, Any]) -> dict:
+  """The keyword arguments of `lc["name"]`'s function, read from a config.loss mapping; a key
+  that is missing or holds a value outside its choices raises naming `config.loss.<key>`."""
+  entry = spec(lc["name"])
+  out = {}
+  for kw, key in entry.config_keys.items():
+    if key not in lc:
+      raise KeyError(f"config.loss.{key} is missing (loss {lc['name']!r} reads it)")
+    value = lc[key]
+    if key in entry.choices and value not in entry.choices[key]:
+      raise ValueError(f"config.loss.{key}={value!r}: expected one of {entry.choices[key]} "
+                       f"(loss {lc['name']!r})")
+    out[kw] = value
+  return out
 
 
 def validate_batch(batch: dict, where: str = "batch") -> None:

@@ -31,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, optim, reward, sharding, train
+from stable_alignment_jax import checkpoints, data, optim, reward, sharding
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.presets import ModelConfig
@@ -180,7 +180,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   check_config(c, math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
   p = c.ppo
   tok = load_tokenizer(c.data.tokenizer)
-  loader = data.make_loader(train.open_source(c.data, c.data.train_split, c.seed), tok,
+  loader = data.make_loader(data.open_source(c.data, c.data.train_split, c.seed), tok,
                             global_batch_size=p.rollout_batch, max_len=p.max_prompt_len + 1,
                             num_responses=1, seed=c.seed, worker_count=c.data.worker_count,
                             prompt_format=c.data.prompt_format)

@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train, train_log
+from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train_log
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.ppo_losses import last_index, masked_mean
@@ -160,7 +160,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
       data.make_loader, tokenizer=tokenizer, global_batch_size=c.data.batch_size,
       max_len=c.data.max_len, num_responses=c.data.num_responses, seed=c.seed,
       worker_count=c.data.worker_count, prompt_format=c.data.prompt_format)
-  loader = load_data(train.open_source(c.data, c.data.train_split, c.seed))
+  loader = load_data(data.open_source(c.data, c.data.train_split, c.seed))
   total = (c.train.steps if c.train.steps > 0
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
@@ -230,7 +230,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     for step in range(start, total):
       local = next(it)
       losses.validate_batch(local, where=f"step {step + 1} batch")
-      state, metrics = step_fn(state, train.global_batch(local, mesh))
+      state, metrics = step_fn(state, sharding.global_batch(local, mesh))
       done = step + 1
       is_save = done % c.checkpoint.save_every == 0 or done == total
       if done % c.train.log_every == 0 or is_save:
@@ -257,13 +257,13 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
 def evaluate(c, params, eval_fn, load_data, mesh) -> dict[str, float]:
   """Pairwise accuracy and loss over up to `train.eval_batches` batches of the eval split,
   weighted by each batch's number of comparisons."""
-  loader = load_data(train.open_source(c.data, c.data.eval_split, c.seed), shuffle=False,
+  loader = load_data(data.open_source(c.data, c.data.eval_split, c.seed), shuffle=False,
                      num_epochs=1, drop_remainder=True)
   it = iter(loader)
   n = min(c.train.eval_batches, max(1, int(loader.stats["batches_per_epoch"])))
   sums, pairs = {}, 0.0
   for _ in range(n):
-    m = {k: float(v) for k, v in jax.device_get(eval_fn(params, train.global_batch(
+    m = {k: float(v) for k, v in jax.device_get(eval_fn(params, sharding.global_batch(
         next(it), mesh))).items()}
     pairs += m["pairs"]
     for k in ("accuracy", "loss", "margin"):

@@ -162,3 +162,9 @@ def per_device_bytes(tree) -> dict[Any, int]:
 
 def total_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Process-local numpy batch -> global jax arrays split over the data-parallel axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+          for k, v in local.items()}

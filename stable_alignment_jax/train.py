@@ -18,29 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, optim, sharding, synthetic, train_log
-from stable_alignment_jax.hindsight import chain_of_hindsight
+from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train_log
+from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- loss over a batch ------------------------------------------------------------------------
-
-def loss_kwargs(lc: ml_collections.ConfigDict) -> dict:
-  """The hyper-parameters the chosen loss takes, unpacked from config.loss."""
-  per_loss = {
-      "sa_cpo": dict(ratio=lc.ratio, margin=lc.margin, rating_scale=lc.rating_scale,
-                     aggregate=lc.aggregate, hinge=lc.hinge),
-      "sft": dict(responses=lc.sft_responses),
-      "rrhf": dict(rank_weight=lc.rank_weight),
-      "dpo": dict(beta=lc.beta),
-  }
-  losses.get_loss(lc.name)  # unknown names raise here, listing the known ones
-  return per_loss[lc.name]
-
 
 def response_logprobs(graphdef, params, batch):
   """One forward over the flattened [B*K, T] batch -> summed log-probs and counts [B, K]."""
@@ -54,7 +40,7 @@ def response_logprobs(graphdef, params, batch):
 def batch_loss(params, batch, *, graphdef, loss_name, kwargs, ref_params=None):
   logp, n_tokens = response_logprobs(graphdef, params, batch)
   extra = {}
-  if loss_name in losses.NEEDS_REFERENCE:
+  if losses.needs_reference(loss_name):
     ref_logp, _ = response_logprobs(graphdef, ref_params, batch)
     extra["ref_logp"] = jax.lax.stop_gradient(ref_logp)
   return losses.get_loss(loss_name)(
@@ -97,47 +83,6 @@ def eval_step(state, batch, *, graphdef, loss_name, kwargs):
   return dict(metrics, loss=loss)
 
 
-# --- data -------------------------------------------------------------------------------------
-
-def open_source(dc: ml_collections.ConfigDict, split: str, seed: int):
-  """The random-access example source of a split: TFDS array_record, or the embedded set."""
-  if dc.source == "synthetic":
-    n = dc.synthetic_examples
-    if split == dc.train_split:
-      src = synthetic.examples(n, seed=seed, num_responses=max(dc.num_responses, 2))
-    else:  # held-out topics
-      src = synthetic.examples(max(n // 8, 8), seed=seed + 1, start=n,
-                               num_responses=max(dc.num_responses, 2))
-  elif dc.source == "tfds":
-    src = data.open_tfds(dc.dataset, os.path.expanduser(dc.data_dir), split)
-  elif dc.source == "jsonl":  # {data_dir}/{split}.jsonl in the alignment-dataset contract
-    src = data.read_jsonl(os.path.join(os.path.expanduser(dc.data_dir), f"{split}.jsonl"))
-  else:
-    raise ValueError(f"data.source={dc.source!r}; expected tfds, jsonl or synthetic")
-  if dc.chain_of_hindsight:
-    src = _Mapped(src, seed)
-  return src
-
-
-class _Mapped:
-  """A random-access source with Chain-of-Hindsight applied per example (deterministic per index)."""
-
-  def __init__(self, source, seed):
-    self.source, self.seed = source, seed
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    return chain_of_hindsight(self.source[i], np.random.default_rng([self.seed, i]))
-
-
-def global_batch(local: dict, mesh) -> dict:
-  """Process-local numpy batch -> global jax arrays split over the data-parallel axes."""
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-          for k, v in local.items()}
-
-
 # --- state ------------------------------------------------------------------------------------
 
 def _config_json(c) -> str:
@@ -149,6 +94,7 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   previous run), first fills config.model (and a placeholder data.tokenizer) from it, in place;
   `explicit`: the
   keys the user set on the command line (see `checkpoints.fill_model_from_init`)."""
+  loss_kwargs(c.loss)  # an unknown loss or a bad loss.* value fails before any download
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
@@ -159,7 +105,6 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
       checkpoints.read_run_config(path)  # raises naming the directory when it is not a run
     checkpoints.fill_model_from_init(c, explicit)
   ModelConfig.from_dict(c.model)
-  loss_kwargs(c.loss)
   if c.loss.name == "dpo" and not c.checkpoint.init_from:
     logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
   if c.data.batch_size % max(c.optim.accum_steps, 1):
@@ -211,7 +156,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                            num_responses=c.data.num_responses, seed=c.seed,
                            worker_count=c.data.worker_count,
                            prompt_format=c.data.get("prompt_format", "auto"))
-  loader = load(open_source(c.data, c.data.train_split, c.seed))
+  loader = load(data.open_source(c.data, c.data.train_split, c.seed))
   kept = loader.stats["kept"]
   total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)
   tx, schedule = optim.make_optimizer(c.optim, total)
@@ -221,7 +166,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   opt_abstract = jax.eval_shape(tx.init, abstract)
   opt_sh = sharding.state_shardings(opt_abstract, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  needs_ref = c.loss.name in losses.NEEDS_REFERENCE
+  needs_ref = losses.needs_reference(c.loss.name)
   state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
   if needs_ref:
     state_sh["ref_params"] = param_sh
@@ -231,17 +176,11 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   it = iter(loader)
   start = mgr.latest_step()
   if start is not None:
-    abstract_state = {"params": abstract, "opt_state": opt_abstract}
-    target = {k: checkpoints.abstract_like(v, state_sh[k]) for k, v in abstract_state.items()}
-    args = {k: ocp.args.StandardRestore(v) for k, v in target.items()}
-    if needs_ref:
-      args["ref_params"] = ocp.args.StandardRestore(checkpoints.abstract_like(abstract, param_sh))
-    restored = mgr.restore(start, args=ocp.args.Composite(
-        **args, data_iter=ocp.args.JsonRestore()))
-    state = {k: checkpoints.unflatten(abstract if k == "ref_params" else abstract_state[k],
-                                      dict(restored[k])) for k in args}
+    abstract_state = {"params": abstract, "opt_state": opt_abstract,
+                      **({"ref_params": abstract} if needs_ref else {})}
+    state, data_iter = checkpoints.restore_train_state(mgr, start, abstract_state, state_sh)
     state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(_iterator_state(restored["data_iter"], jax.process_count()))
+    it.set_state(_iterator_state(data_iter, jax.process_count()))
     origin = f"resumed {ckpt_dir} at step {start}"
   else:
     params, origin = _init_params(c, cfg, graphdef, abstract, param_sh, mesh)
@@ -272,14 +211,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   logger = train_log.Logger(ckpt_dir, c, cfg, mesh)
 
   def save(step):
-    mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(checkpoints.flatten(state["params"])),
-        opt_state=ocp.args.StandardSave(checkpoints.flatten(state["opt_state"])),
-        **({"ref_params": ocp.args.StandardSave(checkpoints.flatten(state["ref_params"]))}
-           if needs_ref else {}),
-        data_iter=ocp.args.JsonSave({"iterator": it.get_state(),
-                                     "process_count": jax.process_count()}),
-        config=ocp.args.JsonSave(json.loads(_config_json(c)))), force=True)
+    checkpoints.save_train_state(
+        mgr, step, state, data_iter={"iterator": it.get_state(),
+                                     "process_count": jax.process_count()},
+        config=json.loads(_config_json(c)))
 
   pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
   last = {}
@@ -291,7 +226,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     for step in bar:
       local = next(it)
       losses.validate_batch(local, where=f"step {step + 1} batch")
-      state, metrics = step_fn(state, global_batch(local, mesh))
+      state, metrics = step_fn(state, sharding.global_batch(local, mesh))
       pending.append((step + 1, metrics["loss"]))
       done = step + 1
       is_save = done % c.checkpoint.save_every == 0 or done == total
@@ -347,11 +282,11 @@ def _check_finite(pending, ckpt_dir, mgr) -> None:
 
 def evaluate(c, state, eval_fn, load, mesh) -> dict[str, float]:
   """Mean loss and metrics over `train.eval_batches` batches of the eval split."""
-  loader = load(open_source(c.data, c.data.eval_split, c.seed), shuffle=False)
+  loader = load(data.open_source(c.data, c.data.eval_split, c.seed), shuffle=False)
   it, sums = iter(loader), {}
   n = min(c.train.eval_batches, max(1, int(loader.stats["batches_per_epoch"])))
   for _ in range(n):
-    m = jax.device_get(eval_fn(state, global_batch(next(it), mesh)))
+    m = jax.device_get(eval_fn(state, sharding.global_batch(next(it), mesh)))
     for k, v in m.items():
       sums[k] = sums.get(k, 0.0) + float(v)
   return {k: v / n for k, v in sums.items()}

@@ -23,7 +23,9 @@ class Logger:
     kind = jax.devices()[0].device_kind
     peak = c.train.peak_flops_per_device or flops.peak_flops(kind)
     self.peak_total = peak * mesh.size
-    self.cfg, self.ref = cfg, c.loss.name in losses.NEEDS_REFERENCE
+    # A trainer of its own (reward model: bradley_terry) is none of the registry's losses.
+    self.cfg = cfg
+    self.ref = c.loss.name in losses.LOSSES and losses.needs_reference(c.loss.name)
 
   def train(self, step, metrics, local_batch, seconds):
     """`seconds`: mean wall time per step since the last log."""

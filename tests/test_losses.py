@@ -6,6 +6,7 @@ examples pin the two hinge forms (paper: per pair; authors' release: after aggre
 """
 
 import functools
+import inspect
 import itertools
 
 import jax
@@ -419,3 +420,33 @@ def test_chain_of_hindsight_hand_built():
   assert same["responses"] == [f"{GOOD} a"] and BAD not in same["responses"][0]
   with pytest.raises(ValueError, match="no responses"):
     chain_of_hindsight({"prompt": "p", "responses": [], "ratings": []}, np.random.default_rng(0))
+
+
+def test_registry_entry_per_loss_reads_its_config_keys_and_checks_choices():
+  from configs import base
+  lc = base.get_config().loss
+  for name, entry in losses.LOSSES.items():
+    lc.name = name
+    kwargs = losses.loss_kwargs(lc)
+    assert set(kwargs) == set(entry.config_keys)  # and each is a keyword of the function
+    assert set(kwargs) <= set(inspect.signature(entry.fn).parameters)
+    assert entry.hinge_metrics
+  assert [n for n in losses.LOSSES if losses.needs_reference(n)] == ["dpo"]
+  lc.name, lc.hinge = "sa_cpo", "per-pair"
+  with pytest.raises(ValueError, match=r"config.loss.hinge='per-pair': expected one of "
+                                       r"\('per_pair', 'after_aggregate'\)"):
+    losses.loss_kwargs(lc)
+
+
+def test_a_bad_loss_value_fails_before_tokenizer_data_or_params_load(tmp_path, monkeypatch):
+  from configs import stage1
+  from stable_alignment_jax import train
+  c = stage1.get_config("tiny")
+  c.checkpoint.dir, c.loss.hinge = str(tmp_path / "run"), "bogus"
+  touched = []
+  monkeypatch.setattr(train, "load_tokenizer", lambda *a, **k: touched.append("tokenizer"))
+  monkeypatch.setattr(train.checkpoints, "resolve", lambda *a: touched.append("resolve"))
+  c.checkpoint.init_from = "some-org/a-hub-model"  # would be downloaded first, were it checked
+  with pytest.raises(ValueError, match="config.loss.hinge='bogus'"):
+    train.run(c)
+  assert touched == [] and not (tmp_path / "run").exists()
