@@ -5,9 +5,12 @@ A society of SmolLM2-135M-Instruct agents (the GGUF in ../shared/models, dequant
 directory by tests/hf_models.py and cached) on the in-process JAX backend, with the model's
 chat template, runs once with `rating_mode=text` and once with `rating_mode=choice` (same seed,
 same questions; the checkpoint is loaded once). Printed per mode: the usable share of peer
-ratings and of observer scores (non-null), how they were read, the wall time, and `uptime`
-before and after (the machine is shared: the load average says how much the time is worth).
-Target: >= 95 % usable in choice mode.
+ratings and of observer scores (non-null), how they were read, the wall time, and the load
+average before, between and after (benchmarks/common.py: the run is flagged above 1.0; the
+shares do not depend on load, the wall times do). Target: >= 95 % usable in choice mode.
+The modes alternate over `--reps` runs (text, choice, choice, text, ...); each run is the same
+society, so its shares must repeat exactly (a check that the readings are deterministic) and
+the wall times are reported as min and median.
 
   python benchmarks/sandbox_ratings.py [--models ../shared/models] [--agents 9] [--rounds 2]
 """
@@ -16,19 +19,17 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
-# One CPU device: drop a forced device count (the tests set one) before jax is imported.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # configs/
+sys.path.insert(0, ROOT)  # configs/, benchmarks/
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # hf_models (the GGUF -> HF converter)
+
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()  # before jax is imported
 
 from configs import sandbox as sandbox_config  # noqa: E402
 from stable_alignment_jax.sandbox import export, runner  # noqa: E402
@@ -37,10 +38,6 @@ from stable_alignment_jax.sandbox.store import Store  # noqa: E402
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 QUESTIONS = os.path.join(SHARED, "data", "sandbox_questions", "hh_questions.txt")
 PRIORS = os.path.join(SHARED, "data", "hh_rlhf", "harmless-base_test.jsonl.gz")
-
-
-def uptime() -> str:
-  return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def smollm2(models_dir: str) -> str:
@@ -104,6 +101,8 @@ def main():
   ap.add_argument("--feedback_tokens", type=int, default=40, help="peer reply length")
   ap.add_argument("--chat_template", default="auto", help="auto | none | model | a name")
   ap.add_argument("--modes", default="text,choice")
+  ap.add_argument("--reps", type=int, default=1, help="alternated runs of every mode")
+  ap.add_argument("--json", default="")
   a = ap.parse_args()
   for path in (QUESTIONS, PRIORS):
     if not os.path.exists(path):
@@ -111,32 +110,37 @@ def main():
   t0 = time.perf_counter()
   model_dir = smollm2(a.models)
   print(f"model: {model_dir} ({time.perf_counter() - t0:.1f}s to find/convert)", flush=True)
-  results = {}
-  with tempfile.TemporaryDirectory() as tmp:
+  modes = a.modes.split(",")
+  results, walls = {}, {m: [] for m in modes}
+  with tempfile.TemporaryDirectory() as tmp, common.Run("sandbox_ratings", a.json) as run:
     backends = None
-    for mode in a.modes.split(","):
-      cfg = society(model_dir, os.path.join(tmp, f"{mode}.sqlite"), a)
-      cfg.rating_mode = mode
-      if backends is None:
+    for rep in range(a.reps):
+      for mode in (modes if rep % 2 == 0 else modes[::-1]):
+        cfg = society(model_dir, os.path.join(tmp, f"{mode}{rep}.sqlite"), a)
+        cfg.rating_mode = mode
+        if backends is None:
+          t0 = time.perf_counter()
+          backends = runner.make_backends(cfg)
+          run.row("load s", f"{time.perf_counter() - t0:.1f}")
         t0 = time.perf_counter()
-        backends = runner.make_backends(cfg)
-        print(f"load: {time.perf_counter() - t0:.1f}s", flush=True)
-      before = uptime()
-      t0 = time.perf_counter()
-      runner.start(cfg, progress=False, backends=backends)
-      wall = time.perf_counter() - t0
-      s = Store(cfg.store)
-      recs = export.records(s)
-      s.close()
-      results[mode] = {**usable(recs), "wall_s": round(wall, 1), "uptime_before": before,
-                       "uptime_after": uptime()}
+        runner.start(cfg, progress=False, backends=backends)
+        walls[mode].append(time.perf_counter() - t0)
+        s = Store(cfg.store)
+        recs = export.records(s)
+        s.close()
+        got = usable(recs)
+        if mode in results and got != results[mode]:
+          raise SystemExit(f"{mode}: a second run of the same society read differently")
+        results[mode] = got
+        run.mark(f"{mode} run {rep} ({walls[mode][-1]:.0f}s)")
+    for mode in modes:
       r = results[mode]
-      print(f"{mode:>6}: peer ratings usable {r['ratings_usable']:.1%} of {r['ratings']} "
-            f"{r['ratings_by_source']}; observer scores usable {r['observer_usable']:.1%} of "
-            f"{r['observer']} {r['observer_by_source']}; {wall:.0f}s; ratings given "
-            f"{r['rating_values']}, moral scores {r['moral_values']}", flush=True)
-      print(f"        uptime before: {before}\n        uptime after:  {r['uptime_after']}",
-            flush=True)
+      run.row(mode, f"peer ratings usable {r['ratings_usable']:.1%} of {r['ratings']} "
+              f"{r['ratings_by_source']}; observer scores usable {r['observer_usable']:.1%} of "
+              f"{r['observer']} {r['observer_by_source']}; ratings given {r['rating_values']}, "
+              f"moral scores {r['moral_values']}")
+      run.row(f"{mode} wall", common.summary(walls[mode]) + " (the first run compiles)")
+    run.data["results"] = results
   print(json.dumps(results, indent=2))
 
 
