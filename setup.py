@@ -35,8 +35,16 @@ setup(
     ],
     entry_points={"console_scripts": [
         # `python -m <module>` runs the same code.
-        "sa-convert = stable_alignment_jax.convert:run",
+        "sa-train = stable_alignment_jax.main:cli",
+        "sa-pipeline = stable_alignment_jax.pipeline:cli",
+        "sa-sandbox = stable_alignment_jax.sandbox.__main__:cli",
+        "sa-eval = eval.run:cli",
+        "sa-serve = stable_alignment_jax.serve:main",
         "sa-generate = stable_alignment_jax.serving.cli:main",
+        "sa-convert = stable_alignment_jax.convert:cli",
+        "sa-plan = stable_alignment_jax.plan:cli",
+        "sa-reward = stable_alignment_jax.reward:cli",
+        "sa-ppo = stable_alignment_jax.ppo:cli",
     ]},
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).

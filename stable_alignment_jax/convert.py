@@ -50,8 +50,8 @@ def main(argv):
     sys.exit(f"convert: error: {e.args[0] if e.args else e}")
 
 
-def run():
-  """Console-script entry (setup.py)."""
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import."""
   flags.DEFINE_string("from_hf", None, "HF LLaMA directory (or hub id) to import")
   flags.DEFINE_string("to", None, "run directory to write (with --from_hf)")
   flags.DEFINE_string("from", None, "run directory to export (a training run's or an import's)")
@@ -64,4 +64,4 @@ def run():
 
 
 if __name__ == "__main__":
-  run()
+  cli()

@@ -41,9 +41,16 @@ def main(argv):
     print(f"[{config.checkpoint.dir}] finished {summary['steps']} steps: {final}", flush=True)
 
 
-if __name__ == "__main__":
-  # Flags only for the command line: importing this module (e.g. from the pipeline) defines none.
+
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module (the pipeline, tests) defines none."""
+  global _CONFIG
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny",
       lock_config=True)  # a typo in --config.x.y fails instead of adding a key
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

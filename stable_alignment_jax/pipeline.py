@@ -235,8 +235,15 @@ def main(argv):
   sys.stdout.flush()
 
 
-if __name__ == "__main__":
-  # Flags only for the command line: importing this module (e.g. from the pipeline) defines none.
+
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module (the pipeline, tests) defines none."""
+  global _CONFIG
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py[:tiny]",
                                             lock_config=True)
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -166,10 +166,18 @@ def main(argv):
   sys.stdout.flush()
 
 
-if __name__ == "__main__":
-  # Flags only for the command line: importing this module (e.g. from the pipeline) defines none.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config, e.g. configs/stage3.py")
+
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module (the pipeline, tests) defines none."""
+  global _CONFIG, _HARDWARE, _MESH
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config, e.g. configs/stage3.py",
+                                            lock_config=True)
   _HARDWARE = flags.DEFINE_list("hardware", ["v4-64", "v5p-64", "h100x8"],
                                 "slices to plan for: v4-N / v5p-N (TensorCores) or h100xN")
   _MESH = flags.DEFINE_string("mesh", "", "mesh override, e.g. data=1,fsdp=-1,tensor=1")
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -282,9 +282,17 @@ def main(argv):
                    indent=2), flush=True)
 
 
-if __name__ == "__main__":
+
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module (the pipeline, tests) defines none."""
+  global _CONFIG
   from absl import app
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file(
       "config", "configs/reward.py", "Config file, e.g. configs/reward.py:tiny", lock_config=True)
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

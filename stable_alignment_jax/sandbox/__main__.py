@@ -17,13 +17,6 @@ from ml_collections import config_flags
 
 COMMANDS = ("run", "resume", "status", "export", "plot")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sandbox.py[:arg]",
-                                          lock_config=True)
-_STORE = flags.DEFINE_string("store", None, "run store (SQLite); default from the config")
-_REPLAY = flags.DEFINE_string("replay", None, "take all model calls from this run store")
-_OUT = flags.DEFINE_string("out", None, "output file for export (JSONL) or plot (PNG)")
-_PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bar with ETA")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many steps (resumable)")
 
 
 def _store_path() -> str:
@@ -101,5 +94,19 @@ def _main(argv):
     print(f"wrote {_OUT.value}")
 
 
-if __name__ == "__main__":
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module (the pipeline, tests) defines none."""
+  global _CONFIG, _MAX_STEPS, _OUT, _PROGRESS, _REPLAY, _STORE
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sandbox.py[:arg]",
+                                            lock_config=True)
+  _STORE = flags.DEFINE_string("store", None, "run store (SQLite); default from the config")
+  _REPLAY = flags.DEFINE_string("replay", None, "take all model calls from this run store")
+  _OUT = flags.DEFINE_string("out", None, "output file for export (JSONL) or plot (PNG)")
+  _PROGRESS = flags.DEFINE_bool("progress", True, "tqdm progress bar with ETA")
+  _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many steps (resumable)")
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
