@@ -10,9 +10,11 @@
     (target >= 12x), the two alternated; the client's CPU per call beside it, and the OpenAI
     backend's own CPU per call measured alone (no society around it, a server that answers at
     once). The baseline (concurrency 1) is checked against its floor, calls x 200 ms.
+(c) configs/sandbox.py:tiny, 9 agents, one round: batch buckets sized from the phases vs every
+    phase padded to 64 rows (its earlier `min_batch=64`), alternated; rows padded per round.
 The load average is printed before, between and after (benchmarks/common.py).
 
-  python benchmarks/sandbox.py [--agents 64] [--reps 2] [--http_agents 16] [--skip jax|http]
+  python benchmarks/sandbox.py [--agents 64] [--reps 2] [--http_agents 16] [--skip jax,buckets,http]
 """
 
 import argparse
@@ -53,7 +55,7 @@ def _society(store: str, n_agents: int):
 
 def bench_jax(n_agents: int, reps: int, tmp: str) -> dict:
   cfg = _society(os.path.join(tmp, "warm.sqlite"), n_agents)
-  cfg.backends.local.min_batch = 1  # buckets follow the phase sizes, as in a real run
+  # configs/sandbox.py sizes the batch buckets from the phases of this society, as in a real run
   backends = runner.make_backends(cfg)
   local = backends["local"]
   (model,) = local.models.values()
@@ -98,6 +100,40 @@ def bench_jax(n_agents: int, reps: int, tmp: str) -> dict:
           # Same-round view, immune to load drift between the two timings: the round's wall
           # over the generate time spent inside it.
           "pairwise": [w / b for w, b in zip(steps, bares)], "inside_s": inside[1:], "inside_ratio": min(w / g for w, g in zip(steps, inside[1:]))}
+
+
+def bench_buckets(reps: int, tmp: str) -> dict:
+  """configs/sandbox.py:tiny (9 agents) one round, its batch buckets sized from the phases vs
+  every phase padded to 64 rows (`min_batch=64`, as it was): wall per round after a warm-up
+  round (the compiles) and the rows the batches were padded to."""
+  sides = {}
+  for name, (min_batch, buckets) in {"phase buckets": (1, None), "min_batch=64": (64, [])}.items():
+    cfg = sandbox_config.get_config("tiny,rounds=1")
+    cfg.world.question_file, cfg.world.prior_file = QUESTIONS, PRIORS
+    cfg.backends.local.min_batch = min_batch
+    if buckets is not None:
+      cfg.backends.local.batch_buckets = buckets
+    cfg.store = os.path.join(tmp, f"bk_{min_batch}_warm.sqlite")
+    backends = runner.make_backends(cfg)
+    t0 = time.perf_counter()
+    runner.start(cfg, progress=False, backends=backends)
+    sides[name] = {"cfg": cfg, "backends": backends, "first_s": time.perf_counter() - t0,
+                   "buckets": list(cfg.backends.local.batch_buckets), "rows": []}
+
+  def one_round(name):
+    def go():
+      side = sides[name]
+      counters = side["backends"]["local"].counters
+      before = counters["batch_rows"], counters["calls"]
+      side["cfg"].store = os.path.join(tmp, f"bk_{name[:5]}_{len(side['rows'])}.sqlite")
+      runner.start(side["cfg"], progress=False, backends=side["backends"])
+      side["rows"].append((counters["batch_rows"] - before[0], counters["calls"] - before[1]))
+    return go
+
+  times = common.alternate({n: one_round(n) for n in sides}, reps)
+  return {n: {"times": times[n], "first_s": v["first_s"], "buckets": v["buckets"],
+              "padded_rows": v["rows"][-1][0], "rows": v["rows"][-1][1]}
+          for n, v in sides.items()}
 
 
 def _cpu(pid: int) -> float:
@@ -215,13 +251,22 @@ def main():
   ap.add_argument("--http_agents", type=int, default=16)
   ap.add_argument("--http_reps", type=int, default=2, help="alternated c16/c1 pairs")
   ap.add_argument("--cpu_calls", type=int, default=176, help="calls per backend-alone CPU run")
-  ap.add_argument("--skip", choices=("jax", "http"), default=None)
+  ap.add_argument("--skip", default="", help="comma list of sections to skip: jax,buckets,http")
   ap.add_argument("--json", default="", help="also write the figures here")
   a = ap.parse_args()
   if not (os.path.exists(QUESTIONS) and os.path.exists(PRIORS)):
     sys.exit(f"needs the question pool and HH-RLHF priors under {SHARED}")
   with tempfile.TemporaryDirectory() as tmp, common.Run("sandbox", a.json) as run:
-    if a.skip != "jax":
+    skip = a.skip.split(",")
+    if "buckets" not in skip:
+      k = bench_buckets(max(2, a.reps), tmp)
+      run.mark("after (c)")
+      run.data["buckets"] = k
+      for name, v in k.items():
+        run.row(f"(c) tiny society, {name}", common.summary(v["times"]) + f" per round; first "
+                f"round incl. compiles {v['first_s']:.1f} s; {v['rows']} calls padded to "
+                f"{v['padded_rows']} rows (buckets {v['buckets'] or 'none'})")
+    if "jax" not in skip:
       r = bench_jax(a.agents, a.reps, tmp)
       run.mark("after (a)")
       run.data["jax"] = r
@@ -234,7 +279,7 @@ def main():
       run.row("(a) round / bare generate", f"{r['ratio']:.3f} of minima (target <= 1.5); "
               f"pairwise {[round(x, 3) for x in r['pairwise']]}; round / its own generate time "
               f"{r['inside_ratio']:.3f}; whole `resume` incl. setup {r['resume_s']:.2f} s")
-    if a.skip != "http":
+    if "http" not in skip:
       cpu = bench_backend_cpu(a.cpu_calls, 3)
       run.data["backend_cpu"] = cpu
       run.row("(b) backend alone, client CPU", f"complete {cpu['complete']:.2f} ms/call, choose "
