@@ -67,7 +67,7 @@ DRY = dict(preset="tiny", prompts=2, responses=2, seq=64, prompt_len=16, steps=2
 EXTRA_CHIPS = {"H200": dict(base="h100", name="H200 SXM", hbm=141e9)}
 
 
-def chip_of(device, dry: bool):
+def chip_of(device):
   """The table's chip for this device (a CPU, or a chip the table lacks: None)."""
   kind = device.device_kind
   for c in CHIPS.values():
@@ -103,7 +103,7 @@ def sync(x):
   return jax.block_until_ready(x)
 
 
-def bench_train(s, cfg, block, mesh, run) -> dict:
+def bench_train(s, cfg, block, mesh) -> dict:
   c = base.get_config()
   lc, oc = c.loss, c.optim
   graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
@@ -181,7 +181,7 @@ def hf_model(cfg, device: str):
   return model.eval()
 
 
-def bench_sampler(s, sampler, cfg, run) -> dict:
+def bench_sampler(s, sampler, cfg) -> dict:
   """Ours vs HF generate per batch size: tokens/s, and HF's independent per-step estimate."""
   try:
     import torch
@@ -192,6 +192,9 @@ def bench_sampler(s, sampler, cfg, run) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
       common.torch_threads(torch)
+  ours_on = jax.devices()[0].platform
+  if torch is not None and ours_on != "cpu" and device == "cpu":
+    torch = None  # a CPU-only torch beside a GPU/TPU JAX: not the same device, no comparison
   hf = hf_model(cfg, device) if torch is not None else None
   tsync = (torch.cuda.synchronize if device == "cuda" else (lambda: None)) if torch else None
   rng = np.random.default_rng(0)
@@ -251,7 +254,7 @@ def main():
   s = DRY if a.dry else FULL
   t_start = time.perf_counter()
   device = jax.devices()[0]
-  chip = chip_of(device, a.dry)
+  chip = chip_of(device)
   dtype = "float32" if a.dry else "bfloat16"
   block, cfg = model_config(s, a.remat, dtype)
   mesh = sharding.make_mesh({"fsdp": -1}, jax.devices()[:1])
@@ -266,7 +269,7 @@ def main():
     over = lambda: time.perf_counter() - t_start > a.budget_s
 
     if "train" in sections:
-      r = bench_train(s, cfg, block, mesh, run)
+      r = bench_train(s, cfg, block, mesh)
       st = common.stats(r["times"])
       run.row("(a) train step s", common.summary(r["times"]) + f"; compile {r['compile_s']:.1f} s")
       tps = r["tokens"] / st["min"]
@@ -306,7 +309,7 @@ def main():
       run.row("(c) decode", f"skipped: past the {a.budget_s:.0f} s budget")
 
     if "sampler" in sections and not over():
-      g = bench_sampler(s, sampler, icfg, run)
+      g = bench_sampler(s, sampler, icfg)
       run.data["sampler"] = {str(k): v for k, v in g.items()}
       for b in s["gen_batches"]:
         x = g[b]
@@ -319,7 +322,7 @@ def main():
           run.check(*common.sanity(f"HF generate b={b}", hf["min"], x["hf_estimate_s"]))
         run.row(f"(b) tokens/s b={b}", line + f"; {s['gen_prompt']} prompt + {s['gen_new']} new")
       if not g["hf"]:
-        run.row("(b) HF", "torch/transformers not installed: ours only")
+        run.row("(b) HF", "no torch/transformers on this device: ours only")
       else:
         run.row("(b) HF baseline", f"LlamaForCausalLM, SDPA attention, its KV cache, "
                 f"{cfg.dtype} on {g['hf_device']}, random init (speed only)")
