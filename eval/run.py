@@ -271,7 +271,6 @@ def main(argv):
     print(f"[{name}] {cols}")
 
 
-
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""

@@ -41,7 +41,6 @@ def main(argv):
     print(f"[{config.checkpoint.dir}] finished {summary['steps']} steps: {final}", flush=True)
 
 
-
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""

@@ -166,7 +166,6 @@ def main(argv):
   sys.stdout.flush()
 
 
-
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""

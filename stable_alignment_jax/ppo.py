@@ -347,7 +347,6 @@ def main(argv):
         flush=True)
 
 
-
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""

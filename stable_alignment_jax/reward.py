@@ -282,7 +282,6 @@ def main(argv):
                    indent=2), flush=True)
 
 
-
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""

@@ -18,7 +18,6 @@ from ml_collections import config_flags
 COMMANDS = ("run", "resume", "status", "export", "plot")
 
 
-
 def _store_path() -> str:
   from stable_alignment_jax.sandbox import runner
   if _STORE.value:
