@@ -238,3 +238,63 @@ def test_store_step_is_atomic_and_episodes_unique(tmp_path):
   assert s.completed_steps() == {(0, 0)}
   with pytest.raises(FileNotFoundError, match="no such run store"):
     Store(str(tmp_path / "missing.sqlite"))
+
+
+def test_openai_backend_one_client_one_bound_and_plain_bodies(monkeypatch):
+  """One client for the backend's life; one bound on calls in flight shared by `complete` and
+  `choose` running at once; the documented JSON bodies posted as built (chat: the prefix as a
+  final assistant message continued; choices: top logprobs of one token)."""
+  import asyncio
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import sandbox_server as srv
+  from stable_alignment_jax.sandbox.backends import Request, make_backend
+  from stable_alignment_jax.sandbox.backends.openai_backend import choice_logprobs
+  monkeypatch.setenv("SBX_KEY", "k")
+  with srv.ServerThread(srv.make_app(delay_s=0.05)) as server:
+    b = make_backend("srv", ml_collections.ConfigDict(dict(
+        kind="openai", base_url=server.url, api="chat", api_key_env="SBX_KEY", concurrency=3)))
+    gen = [Request("srv", "m", f"question {i}?", 8, 0.7, 0.9, i, system="Be kind.")
+           for i in range(7)]
+    cho = [Request("srv", "obs", f"judge {i}", 1, 0.0, 1.0, i, prefix="Rating:",
+                   choices=tuple("1234567")) for i in range(5)]
+    bodies, live = [], [0, 0]  # in flight now, most in flight
+    post = b._post
+
+    async def counting(body):
+      bodies.append(body)
+      live[0] += 1
+      live[1] = max(live)
+      try:
+        return await post(body)
+      finally:
+        live[0] -= 1
+
+    b._post = counting
+
+    async def go():
+      texts, scores = await asyncio.gather(b.complete(gen), b.choose(cho))
+      client = b._client
+      await b.complete(gen[:2])
+      assert b._client is client
+      await b.aclose()
+      return texts, scores
+
+    texts, scores = asyncio.run(go())
+    assert server.stats["ok"] == 7 + 5 + 2
+  assert live[1] == 3
+  assert len(texts) == 7 and all(isinstance(t, str) and t for t in texts)
+  for r, s in zip(cho, scores):
+    top = srv.next_token_logprobs(r.model, r.prompt, r.prefix, 20)
+    np.testing.assert_allclose(s, choice_logprobs(top, r.choices))
+  g = next(x for x in bodies if x["model"] == "m" and x["seed"] == 6)
+  assert g["messages"] == [{"role": "system", "content": "Be kind."},
+                           {"role": "user", "content": "question 6?"}]
+  assert {k: g[k] for k in ("max_tokens", "temperature", "top_p")} == {
+      "max_tokens": 8, "temperature": 0.7, "top_p": 0.9}
+  assert "continue_final_message" not in g
+  c = next(x for x in bodies if x["model"] == "obs")
+  assert c["messages"][-1] == {"role": "assistant", "content": "Rating:"}
+  assert c["continue_final_message"] is True and c["add_generation_prompt"] is False
+  assert c["logprobs"] is True and c["top_logprobs"] == 20 and c["max_tokens"] == 1
