@@ -12,8 +12,9 @@ Keys (evaluate(config) in eval/run.py reads them):
                   the names of extra_tasks
   extra_tasks     name -> {items: "package.module:function" returning the MC items, column:
                   its results-table label}: benchmarks from outside eval (an experiment's world)
-  data_dir        the benchmark files (layout of ../shared/data); fetch=True downloads missing
-                  files that have a direct URL
+  data_dir        the benchmark files: $STABLE_ALIGNMENT_DATA, else ~/.cache/stable_alignment_jax/
+                  data (eval/items.py); fetch=True (default) downloads a missing file that has
+                  a direct URL on first use, and says what is missing and how to get it offline
   mic_path        the official MIC.csv (data-use agreement, not downloadable)
   limit           first N items per task (0 = all); results under out_dir/<name>/
   judge.*         OpenAI-compatible judge for hh/hh_adv (key from the env var api_key_env)
@@ -25,9 +26,7 @@ import os
 import ml_collections
 
 from configs import common
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = os.path.normpath(os.path.join(_HERE, "..", "..", "shared", "data"))
+from eval import items
 
 
 def get_config(arg=None):
@@ -45,9 +44,9 @@ def get_config(arg=None):
   c.ethics_splits = ("test", "test_hard")
   c.moral_stories_protocol = "choose"  # choose | classify (see eval/moral_stories.py)
   c.advbench = True  # HH-A also holds AdvBench behaviours in jailbreak templates
-  c.data_dir = DEFAULT_DATA
-  c.mic_path = os.path.join(DEFAULT_DATA, "mic", "MIC.csv")
-  c.fetch = False
+  c.data_dir = items.default_data_dir()
+  c.mic_path = os.path.join(c.data_dir, "mic", "MIC.csv")
+  c.fetch = True
   c.skip_missing = False  # True: a task whose file is missing is skipped (and listed) not fatal
   c.limit = a.limit
   c.out_dir = a.out_dir or "runs/eval"

@@ -44,7 +44,22 @@ class BenchmarkFileError(ValueError):
   """A benchmark file exists but a record in it is unusable."""
 
 
-# Where each file comes from, for the missing-file message and `fetch` (see ../shared/data/README).
+# The benchmark files' home unless a config says otherwise: $STABLE_ALIGNMENT_DATA, else a
+# per-user cache directory (files are fetched into it on first use when online).
+DATA_ENV = "STABLE_ALIGNMENT_DATA"
+
+
+def default_data_dir() -> str:
+  if os.environ.get(DATA_ENV):
+    return os.path.expanduser(os.environ[DATA_ENV])
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "stable_alignment_jax", "data")
+
+
+_HOW = (f"put it there, set ${DATA_ENV} or --config.data_dir to a directory that holds it, or "
+        "run once online with --config.fetch=True")
+
+# Where each file comes from, for the missing-file message and `fetch`.
 SOURCES = {
     "truthfulqa/mc_task.json":
         "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/data/v0/mc_task.json",
@@ -67,7 +82,7 @@ def source_of(rel: str) -> str:
   for key, url in SOURCES.items():
     if rel == key or (key.endswith("/") and rel.startswith(key)):
       return url
-  return "see ../shared/data/README.md"
+  return "the benchmark's official release"
 
 
 def data_file(data_dir: str, rel: str) -> str:
@@ -75,7 +90,7 @@ def data_file(data_dir: str, rel: str) -> str:
   path = os.path.join(data_dir, rel)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"benchmark file missing: {path} (download from {source_of(rel)}; "
-                            f"or `python -m eval.run --fetch` on a machine with internet)")
+                            f"{_HOW})")
   return path
 
 
@@ -86,20 +101,33 @@ def fetch(data_dir: str, rel: str) -> str:
     return path
   url = source_of(rel)
   if not url.startswith("https://") or " " in url:
-    raise FileNotFoundError(f"{path}: no direct download; get it from {url}")
+    raise FileNotFoundError(f"benchmark file missing: {path} (no direct download: get it from "
+                            f"{url}; then put it there, or set ${DATA_ENV} or --config.data_dir "
+                            f"to a directory that holds it)")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   print(f"fetching {url}", file=sys.stderr)
-  if url.endswith(".tar"):
-    tar_path = os.path.join(data_dir, os.path.basename(url))
-    if not os.path.isfile(tar_path):
-      urllib.request.urlretrieve(url, tar_path)
-    with tarfile.open(tar_path) as tar:  # members are named ethics/<subset>/<file>
-      member = tar.getmember(rel)
-      tar.extract(member, data_dir, filter="data")
-  else:
-    urllib.request.urlretrieve(url, path + ".part")
-    os.replace(path + ".part", path)
+  try:
+    if url.endswith(".tar"):
+      tar_path = os.path.join(data_dir, os.path.basename(url))
+      if not os.path.isfile(tar_path):
+        _download(url, tar_path)
+      with tarfile.open(tar_path) as tar:  # members are named ethics/<subset>/<file>
+        member = tar.getmember(rel)
+        tar.extract(member, data_dir, filter="data")
+    else:
+      _download(url, path)
+  except OSError as e:  # offline, DNS, HTTP errors: what is missing and how to get it
+    raise FileNotFoundError(f"benchmark file missing: {path}; fetching {url} failed "
+                            f"({type(e).__name__}: {e}); {_HOW}") from None
   return path
+
+
+def _download(url: str, path: str, timeout: float = 60.0) -> None:
+  """`url` to `path` through a `.part` file, so an interrupted download leaves no bad file."""
+  with urllib.request.urlopen(url, timeout=timeout) as r, open(path + ".part", "wb") as f:
+    while chunk := r.read(1 << 20):
+      f.write(chunk)
+  os.replace(path + ".part", path)
 
 
 def read_csv(path: str, columns: Sequence[str] | None, *, header: bool = True

@@ -17,6 +17,10 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Benchmark files: the tests (and the tools they start) read ../shared/data where it exists,
+# never the per-user cache a default config points at; no test fetches from the internet.
+if SHARED_DATA.is_dir():
+  os.environ.setdefault("STABLE_ALIGNMENT_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture

@@ -214,3 +214,41 @@ def test_task_expansion_and_group_safe_limit(shared_data):
   cut = apply_limit(just, 10)  # groups of 4: 10 would split the third group
   assert len(cut) == 8 and {it.group for it in cut} == {just[0].group, just[4].group}
   assert apply_limit(just, 2) == just[:4] and apply_limit(just, 0) == just
+
+
+def test_benchmark_files_default_to_a_per_user_cache_the_env_var_overrides(monkeypatch, tmp_path):
+  from configs import eval as eval_config
+  from eval import items
+  monkeypatch.delenv(items.DATA_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  c = eval_config.get_config()
+  assert c.data_dir == str(tmp_path / "cache" / "stable_alignment_jax" / "data") and c.fetch
+  monkeypatch.setenv(items.DATA_ENV, str(tmp_path / "mine"))
+  assert eval_config.get_config().data_dir == str(tmp_path / "mine")
+
+
+def test_fetch_on_first_use_and_offline_says_what_is_missing_and_how(monkeypatch, tmp_path):
+  import io
+  import urllib.error
+  import urllib.request
+  from eval import items
+  rel = "truthfulqa/mc_task.json"
+  asked = []
+
+  def online(url, timeout):
+    asked.append(url)
+    return io.BytesIO(b"[]")
+  monkeypatch.setattr(urllib.request, "urlopen", online)
+  path = items.fetch(str(tmp_path / "a"), rel)
+  assert open(path).read() == "[]" and asked == [items.SOURCES[rel]]
+  assert items.fetch(str(tmp_path / "a"), rel) == path and len(asked) == 1  # cached
+
+  def offline(url, timeout):
+    raise urllib.error.URLError("Name or service not known")
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  with pytest.raises(FileNotFoundError) as e:
+    items.fetch(str(tmp_path / "b"), rel)
+  msg = str(e.value)
+  assert msg.startswith(f"benchmark file missing: {tmp_path / 'b' / rel}; fetching ")
+  assert items.DATA_ENV in msg and "--config.data_dir" in msg
+  assert not (tmp_path / "b" / (rel + ".part")).exists()
