@@ -23,6 +23,39 @@ if SHARED_DATA.is_dir():
   os.environ.setdefault("STABLE_ALIGNMENT_DATA", str(SHARED_DATA))
 
 
+def _real_pool():
+  q = SHARED_DATA / "sandbox_questions" / "hh_questions.txt"
+  p = SHARED_DATA / "hh_rlhf" / "harmless-base_test.jsonl.gz"
+  return (str(q), str(p)) if q.exists() and p.exists() else None
+
+
+@pytest.fixture(scope="session")
+def project_pool(tmp_path_factory):
+  """(question_file, prior_file) of the project-written tiny world: every clone has them."""
+  from experiments.tiny_world import world
+  paths = world.write(str(tmp_path_factory.mktemp("sandbox_pool")), n_questions=64,
+                      n_priors=64, n_corpus_topics=20)
+  return paths["questions"], paths["priors"]
+
+
+@pytest.fixture
+def sandbox_pool(project_pool):
+  """A SANDBOX question pool and priors: the real HH questions and HH-RLHF priors where
+  ../shared/data holds them, else the project-written ones."""
+  return _real_pool() or project_pool
+
+
+@pytest.fixture(params=["project", "shared"])
+def both_pools(request, project_pool):
+  """Each test twice: on the project-written pool, and on the real files (skipped without)."""
+  if request.param == "project":
+    return project_pool
+  real = _real_pool()
+  if real is None:
+    pytest.skip(f"real question pool / HH-RLHF priors not found under {SHARED_DATA}")
+  return real
+
+
 @pytest.fixture
 def shared_data():
   """Path to ../shared/data; skips the test with a reason when it is absent."""

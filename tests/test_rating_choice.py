@@ -29,16 +29,11 @@ from stable_alignment_jax.sandbox.backends.jax_backend import JaxBackend  # noqa
 from stable_alignment_jax.sandbox.store import Store  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 @pytest.fixture
-def pool():
-  q = os.path.join(SHARED, "sandbox_questions", "hh_questions.txt")
-  p = os.path.join(SHARED, "hh_rlhf", "harmless-base_test.jsonl.gz")
-  if not (os.path.exists(q) and os.path.exists(p)):
-    pytest.skip(f"real question pool / HH-RLHF priors not found under {SHARED}")
-  return q, p
+def pool(sandbox_pool):
+  return sandbox_pool
 
 
 @pytest.fixture(autouse=True)

@@ -16,17 +16,12 @@ from stable_alignment_jax.sandbox import export, metrics, parsing, prompts, runn
 from stable_alignment_jax.sandbox.store import Store  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 @pytest.fixture
-def pool(tmp_path):
-  """(question_file, prior_file): the real HH questions and priors when present."""
-  q = os.path.join(SHARED, "sandbox_questions", "hh_questions.txt")
-  p = os.path.join(SHARED, "hh_rlhf", "harmless-base_test.jsonl.gz")
-  if not (os.path.exists(q) and os.path.exists(p)):
-    pytest.skip(f"real question pool / HH-RLHF priors not found under {SHARED}")
-  return q, p
+def pool(both_pools):
+  """(question_file, prior_file): the project-written pool, and the real one where present."""
+  return both_pools
 
 
 @pytest.fixture(autouse=True)

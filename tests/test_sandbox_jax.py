@@ -17,7 +17,6 @@ from stable_alignment_jax.sandbox.store import Store
 from stable_alignment_jax.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 MAX_PROMPT = 128
 
 
@@ -40,12 +39,8 @@ def _config(store: str, qf: str, pf: str):
 
 
 @pytest.fixture
-def pool():
-  q = os.path.join(SHARED, "sandbox_questions", "hh_questions.txt")
-  p = os.path.join(SHARED, "hh_rlhf", "harmless-base_test.jsonl.gz")
-  if not (os.path.exists(q) and os.path.exists(p)):
-    pytest.skip(f"real question pool / HH-RLHF priors not found under {SHARED}")
-  return q, p
+def pool(sandbox_pool):
+  return sandbox_pool
 
 
 def test_jax_society_two_rounds(tmp_path, pool):

@@ -19,16 +19,7 @@ from stable_alignment_jax.sandbox import export, runner  # noqa: E402
 from stable_alignment_jax.sandbox.store import Store  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 ROUNDS, STEP = 2, 1  # 9 agents, 1 central agent a step: 18 steps
-
-
-def _pool():
-  q = os.path.join(SHARED, "sandbox_questions", "hh_questions.txt")
-  p = os.path.join(SHARED, "hh_rlhf", "harmless-base_test.jsonl.gz")
-  if not (os.path.exists(q) and os.path.exists(p)):
-    pytest.skip(f"real question pool / HH-RLHF priors not found under {SHARED}")
-  return q, p
 
 
 def _progress(store: str) -> tuple[int, int]:
@@ -46,8 +37,8 @@ def _progress(store: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _kill_resume(tmp_path, n_kills: int, seed: int):
-  qf, pf = _pool()
+def _kill_resume(tmp_path, pool, n_kills: int, seed: int):
+  qf, pf = pool
   rng = np.random.default_rng(seed)
   env = {**os.environ, "SBX_KEY": "k", "JAX_PLATFORMS": "cpu"}
   total = ROUNDS * 9 // STEP
@@ -103,6 +94,6 @@ def _kill_resume(tmp_path, n_kills: int, seed: int):
   return killed_at
 
 
-def test_kill_resume_five_random_points(tmp_path, monkeypatch):
+def test_kill_resume_five_random_points(tmp_path, monkeypatch, sandbox_pool):
   monkeypatch.setenv("SBX_KEY", "k")
-  assert len(_kill_resume(tmp_path, n_kills=5, seed=1)) == 5
+  assert len(_kill_resume(tmp_path, sandbox_pool, n_kills=5, seed=1)) == 5
