@@ -214,7 +214,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                     in_shardings=(param_sh, batch_sh))
-  logger = train_log.Logger(ckpt_dir, c, cfg, mesh)
+  logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
+                            peak_flops_per_device=c.train.peak_flops_per_device)
 
   def save(step):
     mgr.save(step, args=ocp.args.Composite(

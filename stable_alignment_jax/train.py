@@ -208,7 +208,9 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_name=c.loss.name,
                                       kwargs=kwargs), in_shardings=(state_sh, batch_sh))
-  logger = train_log.Logger(ckpt_dir, c, cfg, mesh)
+  logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
+                            reference=needs_ref,
+                            peak_flops_per_device=c.train.peak_flops_per_device)
 
   def save(step):
     checkpoints.save_train_state(

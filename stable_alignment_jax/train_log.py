@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from stable_alignment_jax import flops, losses
+from stable_alignment_jax import flops
 from stable_alignment_jax.model.presets import ModelConfig
 
 
@@ -13,19 +13,19 @@ class Logger:
   """Process 0 logs: TensorBoard scalars and `metrics.jsonl` (one line per logged step; a resumed
   run appends) with loss, metrics, lr, norms, tokens/s and an MFU estimate."""
 
-  def __init__(self, ckpt_dir, c, cfg: ModelConfig, mesh):
+  def __init__(self, ckpt_dir: str, cfg: ModelConfig, mesh, *, tensorboard: bool,
+               reference: bool = False, peak_flops_per_device: float = 0.0):
+    """reference: the step also runs a frozen reference forward (counted in MFU);
+    peak_flops_per_device: 0 = the chip table's peak for this device kind."""
     self.writer = self.jsonl = None
     if jax.process_index() == 0:
       self.jsonl = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a")
-      if c.train.tensorboard:
+      if tensorboard:
         from tensorboardX import SummaryWriter
         self.writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
-    kind = jax.devices()[0].device_kind
-    peak = c.train.peak_flops_per_device or flops.peak_flops(kind)
+    peak = peak_flops_per_device or flops.peak_flops(jax.devices()[0].device_kind)
     self.peak_total = peak * mesh.size
-    # A trainer of its own (reward model: bradley_terry) is none of the registry's losses.
-    self.cfg = cfg
-    self.ref = c.loss.name in losses.LOSSES and losses.needs_reference(c.loss.name)
+    self.cfg, self.ref = cfg, reference
 
   def train(self, step, metrics, local_batch, seconds):
     """`seconds`: mean wall time per step since the last log."""
