@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train_log
@@ -192,13 +191,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
              "step": jax.device_put(jnp.int32(0), replicated)}
     start = 0
   else:
-    target = {"params": abstract, "opt_state": opt_abstract}
-    restored = mgr.restore(start, args=ocp.args.Composite(
-        **{k: ocp.args.StandardRestore(checkpoints.abstract_like(v, state_sh[k]))
-           for k, v in target.items()}, data_iter=ocp.args.JsonRestore()))
-    state = {k: checkpoints.unflatten(v, dict(restored[k])) for k, v in target.items()}
+    state, data_iter = checkpoints.restore_train_state(
+        mgr, start, {"params": abstract, "opt_state": opt_abstract}, state_sh)
     state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(restored["data_iter"]["iterator"])
+    it.set_state(data_iter["iterator"])
   # The run records the model it trained (a checkpoint's own architecture, not config.model).
   c = ml_collections.ConfigDict(c.to_dict())
   c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
@@ -218,12 +214,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                             peak_flops_per_device=c.train.peak_flops_per_device)
 
   def save(step):
-    mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(checkpoints.flatten(state["params"])),
-        opt_state=ocp.args.StandardSave(checkpoints.flatten(state["opt_state"])),
-        data_iter=ocp.args.JsonSave({"iterator": it.get_state(),
-                                     "process_count": jax.process_count()}),
-        config=ocp.args.JsonSave(json.loads(c.to_json_best_effort()))), force=True)
+    checkpoints.save_train_state(
+        mgr, step, state, data_iter={"iterator": it.get_state(),
+                                     "process_count": jax.process_count()},
+        config=json.loads(c.to_json_best_effort()))
 
   last, held_out = {}, {}
   t_log, step_log = time.perf_counter(), start
