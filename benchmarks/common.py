@@ -2,9 +2,13 @@
 alternation, minimum and median of each, and a contamination flag.
 
 The machine is shared. Load only ever adds time, and torch's threads suffer from it far more
-than XLA's, so a ratio taken under load flatters whichever side degrades less. A run whose load
-average (1 minute) went above `CONTAMINATED` at its start or end still prints its headline, but
-flagged, and its figures are not to be quoted.
+than XLA's, so a ratio taken under load flatters whichever side degrades less. A run still
+prints its headline but is flagged, its figures not to be quoted, when the load average (1
+minute) was above `CONTAMINATED` as it started, or when the other processes' CPU time during it
+averaged more than `CONTAMINATED` cores. (The load average during and after a run counts the
+benchmark's own threads: a 2-thread benchmark on 2 cores drives it to 2 by itself, so it is
+printed, not judged; /proc/stat's busy time minus this process's own CPU time is what the others
+took.)
 
   with Run("train_step") as run:        # prints the load before; after, and the flag, on exit
     times = alternate({"jax": f, "torch": g}, reps=5)
@@ -71,6 +75,23 @@ def sanity(name: str, measured_s: float, independent_s: float, *, tolerance: flo
               f"= {ratio:.2f}x ({'ok' if ok else 'SUSPECT baseline'}, tolerance {tolerance}x)")
 
 
+def busy_s() -> float:
+  """CPU seconds every process of the machine has used since boot (Linux; 0.0 elsewhere)."""
+  try:
+    with open("/proc/stat") as f:
+      ticks = [int(x) for x in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return 0.0
+  idle = ticks[3] + ticks[4]  # idle + iowait
+  return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_s() -> float:
+  """CPU seconds of this process and of its children it has waited for."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 class Run:
   """A benchmark run: load before and after, rows of figures, a flag when contaminated, and
   optionally the rows as JSON."""
@@ -81,6 +102,7 @@ class Run:
     self.data: dict = {"benchmark": name}
     self.loads: list[float] = []
     self.checks: list[bool] = []
+    self.contaminated = False
 
   def _sample(self, what: str) -> tuple:
     la = os.getloadavg()
@@ -90,7 +112,14 @@ class Run:
 
   def __enter__(self):
     self.data["load_before"] = self._sample("before")
+    self._clock = (time.perf_counter(), busy_s(), own_s())
     return self
+
+  def others_cores(self) -> float:
+    """Cores the other processes kept busy on average since the run began."""
+    t0, busy0, own0 = self._clock
+    wall = max(time.perf_counter() - t0, 1e-9)
+    return max(0.0, (busy_s() - busy0) - (own_s() - own0)) / wall
 
   def mark(self, what: str) -> float:
     """Record the load at a point inside the run (counted for the flag)."""
@@ -103,27 +132,27 @@ class Run:
     self.checks.append(ok)
     self.row("baseline check", text)
 
-  @property
-  def contaminated(self) -> bool:
-    return max(self.loads) > CONTAMINATED
-
   def __exit__(self, *exc):
+    others = self.others_cores()
     la = os.getloadavg()
     self.loads.append(la[0])
     self.data["load_after"] = la
     width = max((len(k) for k, _ in self.rows), default=0)
     for k, v in self.rows:
       print(f"{k:<{width}}  {v}")
-    peak = max(self.loads)
-    verdict = (f"CONTAMINATED (load reached {peak:.2f} > {CONTAMINATED}): do not quote" if
-               self.contaminated else
-               f"quiet (peak load {peak:.2f})" if peak < QUIET else
-               f"usable, not quiet (peak load {peak:.2f}, quote only below {QUIET})")
+    before, peak = self.loads[0], max(self.loads)
+    worst = max(before, others)
+    self.contaminated = worst > CONTAMINATED
+    seen = (f"load before {before:.2f}, other processes {others:.2f} cores during the run, "
+            f"load peak {peak:.2f} incl. this run")
+    verdict = (f"CONTAMINATED ({seen}; limit {CONTAMINATED}): do not quote" if self.contaminated
+               else f"quiet ({seen})" if worst < QUIET else
+               f"usable, not quiet ({seen}; quote only below {QUIET})")
     if self.checks and not all(self.checks):
       verdict += "; a baseline failed its check: its ratio is not a win"
     print(f"[{self.name}] after: {load_text(la)} -> {verdict}", flush=True)
     self.data.update(rows=dict(self.rows), contaminated=self.contaminated, peak_load=peak,
-                     baseline_ok=all(self.checks), verdict=verdict)
+                     others_cores=others, baseline_ok=all(self.checks), verdict=verdict)
     if self.json_path:
       with open(self.json_path, "w") as f:
         json.dump(self.data, f, indent=2, default=float)

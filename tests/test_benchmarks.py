@@ -28,17 +28,30 @@ def test_sanity_flags_a_baseline_far_from_its_own_parts():
   assert not ok and "SUSPECT" in text and "3.00x" in text
 
 
-@pytest.mark.parametrize("loads, flagged", [((0.2, 0.4), False), ((0.3, 1.7), True)])
-def test_run_flags_contamination_and_writes_json(tmp_path, monkeypatch, capsys, loads, flagged):
-  seq = iter([(x, x, x) for x in loads])
-  monkeypatch.setattr(os, "getloadavg", lambda: next(seq))
+@pytest.mark.parametrize("before, busy, flagged", [
+    (0.2, 0.3, False),  # quiet: others used 0.3 cores
+    (1.6, 0.0, True),  # loaded as it started
+    (0.2, 1.5, True),  # others took 1.5 cores while it ran
+])
+def test_run_flags_contamination_and_writes_json(tmp_path, monkeypatch, capsys, before, busy,
+                                                 flagged):
+  # The load average after counts the run's own threads: high, yet not a flag by itself.
+  loads = iter([(before,) * 3, (1.9,) * 3])
+  monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
+  clock = iter([100.0, 102.0])  # 2 s of wall
+  monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+  cpu = iter([50.0, 50.0 + 2 * busy + 3.0])  # the machine's busy seconds: others + ours
+  monkeypatch.setattr(common, "busy_s", lambda: next(cpu))
+  own = iter([10.0, 13.0])  # this process: 3 CPU seconds
+  monkeypatch.setattr(common, "own_s", lambda: next(own))
   path = tmp_path / "r.json"
   with common.Run("t", str(path)) as run:
     run.row("figure", "1.0 s")
   out = capsys.readouterr().out
   assert ("CONTAMINATED" in out) == flagged and "figure  1.0 s" in out
   data = json.loads(path.read_text())
-  assert data["contaminated"] == flagged and data["peak_load"] == max(loads)
+  assert data["contaminated"] == flagged and data["peak_load"] == 1.9
+  assert data["others_cores"] == pytest.approx(busy)
   assert data["rows"] == {"figure": "1.0 s"}
 
 
