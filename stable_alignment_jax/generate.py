@@ -151,8 +151,9 @@ class Sampler:
 
   def __init__(self, graphdef, state, *, eos_id: int | Sequence[int], pad_id: int = 0, mesh=None,
                min_batch: int = 1, min_prompt: int = 16):
-    # Decoding runs the layers unrolled (see `llama.relayout`); a scanned model is re-laid once.
-    self.graphdef, self.state = llama.relayout(graphdef, state, scan_layers=False)
+    # Decoding runs the layers unrolled (see `llama.relayout`), a scanned model is re-laid once;
+    # nothing is differentiated here, so a training run's remat policy is dropped.
+    self.graphdef, self.state = llama.relayout(graphdef, state, scan_layers=False, remat="none")
     self.cfg = nnx.merge(self.graphdef, self.state).cfg  # static data of the root module
     self.eos_ids = [int(eos_id)] if np.ndim(eos_id) == 0 else [int(e) for e in eos_id]
     self.eos_id = self.eos_ids[0]

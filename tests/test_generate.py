@@ -1,6 +1,7 @@
 """KV-cache sampler: against a cache-free recompute, EOS/max_new_tokens per row, seeds, filtering,
 batch independence of per-row parameters, and one compile per shape bucket."""
 
+import dataclasses
 import functools
 
 import jax
@@ -239,4 +240,14 @@ def test_sharded_sampler_matches_single_device(prompts, greedy32):
   cfg = preset("tiny", dtype="float32")
   graphdef, state = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
   s = Sampler(graphdef, state, eos_id=NO_EOS, mesh=mesh)
+  assert s.generate(prompts, SamplingParams(max_new_tokens=32)) == greedy32
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_a_training_runs_remat_policy_does_not_reach_the_sampler(model, prompts, greedy32, remat):
+  # A stage run directory keeps the remat it trained with; sampling from it must work the same.
+  cfg = dataclasses.replace(model.cfg, remat=remat)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))
+  s = Sampler(graphdef, nnx.state(model), eos_id=NO_EOS)
+  assert s.cfg.remat == "none" and not s.cfg.scan_layers
   assert s.generate(prompts, SamplingParams(max_new_tokens=32)) == greedy32

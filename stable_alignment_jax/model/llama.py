@@ -301,18 +301,21 @@ class Llama(nnx.Module):
     return self.final_norm(x), new_cache
 
 
-def relayout(graphdef, state, *, scan_layers: bool):
+def relayout(graphdef, state, *, scan_layers: bool, **changes):
   """The same weights in the other layer layout: stacked [L, ...] <-> one entry per layer.
+  `changes`: other config fields that leave the weights as they are (e.g. remat, dtype).
 
   Training wants the scan (compile time flat in depth); decoding wants the unrolled layers
   (MaxText decodes unscanned too): under a scan every step would copy each layer's cache slice in
   and out of the stacked cache, which costs more than the attention that reads it.
   """
   cfg = nnx.merge(graphdef, state).cfg
-  if cfg.scan_layers == scan_layers:
+  target = dataclasses.replace(cfg, scan_layers=scan_layers, **changes)
+  if target == cfg:
     return graphdef, state
-  target = dataclasses.replace(cfg, scan_layers=scan_layers)
   new_graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(target, rngs=nnx.Rngs(0))))
+  if cfg.scan_layers == scan_layers:
+    return new_graphdef, state
   pure = nnx.to_pure_dict(state)
   if scan_layers:
     per_layer = [pure["layers"][i] for i in range(cfg.n_layers)]
