@@ -7,7 +7,8 @@ are made) and reports seconds per program and layout:
                differentiates), with the config's remat policy
   decode step  one cached token for B rows against a cache of S slots
 Each program is compiled `--repeats` times in fresh jit wrappers (XLA's persistent cache is off,
-so nothing is reused) and the minimum is printed beside the median.
+so nothing is reused), the layouts alternating, and the minimum is printed beside the median,
+with the load before and after (benchmarks/common.py).
 
   python benchmarks/compile_time.py [--preset smollm2_135m] [--batch 2] [--length 256]
 """
@@ -15,15 +16,13 @@ so nothing is reused) and the minimum is printed beside the median.
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split()
-    if not f.startswith("--xla_force_host_platform_device_count"))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+common.one_cpu_device()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -69,29 +68,28 @@ def main():
   ap.add_argument("--slots", type=int, default=512, help="decode cache length")
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--remat", default="dots")
+  ap.add_argument("--json", default="", help="also write the figures here")
   args = ap.parse_args()
   base = presets.preset(args.preset, dtype="float32", remat=args.remat)
-  print(f"uptime: {os.getloadavg()[0]:.2f} (1-min load) before")
-  print(f"{args.preset}: {base.n_layers} layers, dim {base.dim}, vocab {base.vocab_size}; "
-        f"B={args.batch}, T={args.length}, decode cache {args.slots} slots, remat {args.remat}")
-  results = {}
-  for scan in (True, False):
-    cfg = dataclasses.replace(base, scan_layers=scan)
-    for name, (fn, fargs) in programs(cfg, args.batch, args.length, args.slots).items():
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.jit(fn).lower(*fargs).compile()  # a fresh wrapper: nothing cached in-process
-        times.append(time.perf_counter() - t0)
-      results[(name, scan)] = times
-  print(f"{'program':<12} {'scan s (min/median)':>22} {'unrolled s (min/median)':>26} "
-        f"{'unrolled/scan':>14}")
-  for name in ("forward", "train grad", "decode step"):
-    s, u = results[(name, True)], results[(name, False)]
-    print(f"{name:<12} {min(s):>10.2f} / {statistics.median(s):<9.2f} "
-          f"{min(u):>12.2f} / {statistics.median(u):<11.2f} {min(u) / min(s):>12.1f}x")
-  print(f"uptime: {os.getloadavg()[0]:.2f} (1-min load) after; above 1.0 the figures are "
-        "contaminated by other work")
+  with common.Run("compile_time", args.json) as run:
+    results = {}
+    for rep in range(args.repeats):
+      for scan in ((True, False) if rep % 2 == 0 else (False, True)):  # alternate the layouts
+        cfg = dataclasses.replace(base, scan_layers=scan)
+        for name, (fn, fargs) in programs(cfg, args.batch, args.length, args.slots).items():
+          t0 = time.perf_counter()
+          jax.jit(fn).lower(*fargs).compile()  # a fresh wrapper: nothing cached in-process
+          results.setdefault((name, scan), []).append(time.perf_counter() - t0)
+    run.row("model", f"{args.preset}: {base.n_layers} layers, dim {base.dim}, vocab "
+                     f"{base.vocab_size}; B={args.batch}, T={args.length}, decode cache "
+                     f"{args.slots} slots, remat {args.remat}")
+    for name in ("forward", "train grad", "decode step"):
+      sc, un = results[(name, True)], results[(name, False)]
+      run.row(f"{name} compile, scan", common.summary(sc))
+      run.row(f"{name} compile, unrolled", common.summary(un))
+      run.row(f"{name} unrolled / scan", f"{min(un) / min(sc):.1f}x by min")
+    run.data["seconds"] = {f"{n}/{'scan' if s else 'unrolled'}": v
+                           for (n, s), v in results.items()}
 
 
 if __name__ == "__main__":
