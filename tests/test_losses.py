@@ -450,3 +450,13 @@ def test_a_bad_loss_value_fails_before_tokenizer_data_or_params_load(tmp_path, m
   with pytest.raises(ValueError, match="config.loss.hinge='bogus'"):
     train.run(c)
   assert touched == [] and not (tmp_path / "run").exists()
+
+
+def test_function_defaults_agree_with_configs_base():
+  """The keyword defaults (for direct callers) are the paper values configs/base.py sets."""
+  from configs import base
+  lc = base.get_config().loss
+  for name, entry in losses.LOSSES.items():
+    params = inspect.signature(entry.fn).parameters
+    for kw, key in entry.config_keys.items():
+      assert params[kw].default == lc[key], (name, kw)
