@@ -104,22 +104,26 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
 
 
 def save_train_state(mgr: ocp.CheckpointManager, step: int, state: dict, *, data_iter: dict,
-                     config: dict) -> None:
+                     config: dict, extra: dict | None = None) -> None:
   """One training step: the trees of `state` (params, opt_state, ref_params when present; flat),
-  the data iterator's state and the run config, as the items the module docstring lists."""
+  the data iterator's state, the run config, and `extra` JSON items of a trainer's own."""
   trees = {k: ocp.args.StandardSave(flatten(state[k]))
            for k in ("params", "opt_state", "ref_params") if k in state}
-  mgr.save(step, args=ocp.args.Composite(**trees, data_iter=ocp.args.JsonSave(data_iter),
+  json_items = {k: ocp.args.JsonSave(v) for k, v in (extra or {}).items()}
+  mgr.save(step, args=ocp.args.Composite(**trees, **json_items,
+                                         data_iter=ocp.args.JsonSave(data_iter),
                                          config=ocp.args.JsonSave(config)), force=True)
 
 
-def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract: dict,
-                        shardings: dict) -> tuple[dict, dict]:
+def restore_train_state(mgr: ocp.CheckpointManager, step: int, abstract: dict, shardings: dict,
+                        extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
   """The trees `abstract` names ({item: abstract tree}) restored straight into `shardings`, and
-  the saved data-iterator state."""
+  the JSON items: `data_iter` and those named in `extra`."""
   args = {k: ocp.args.StandardRestore(abstract_like(v, shardings[k])) for k, v in abstract.items()}
-  restored = mgr.restore(step, args=ocp.args.Composite(**args, data_iter=ocp.args.JsonRestore()))
-  return {k: unflatten(abstract[k], dict(restored[k])) for k in abstract}, restored["data_iter"]
+  json_items = {k: ocp.args.JsonRestore() for k in ("data_iter",) + tuple(extra)}
+  restored = mgr.restore(step, args=ocp.args.Composite(**args, **json_items))
+  return ({k: unflatten(abstract[k], dict(restored[k])) for k in abstract},
+          {k: restored[k] for k in json_items})
 
 
 _HF_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model",

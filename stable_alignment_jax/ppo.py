@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from stable_alignment_jax import checkpoints, data, optim, reward, sharding
@@ -222,11 +221,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   else:
     targets = {"params": abstract, "opt_state": opt_abstract, "ref_params": abstract["policy"]}
     shard = {"params": param_sh, "opt_state": opt_sh, "ref_params": param_sh["policy"]}
-    restored = mgr.restore(start, args=ocp.args.Composite(
-        **{k: ocp.args.StandardRestore(checkpoints.abstract_like(v, shard[k]))
-           for k, v in targets.items()},
-        data_iter=ocp.args.JsonRestore(), ppo=ocp.args.JsonRestore()))
-    got = {k: checkpoints.unflatten(v, dict(restored[k])) for k, v in targets.items()}
+    got, restored = checkpoints.restore_train_state(mgr, start, targets, shard, extra=("ppo",))
     state = {"params": got["params"], "opt_state": got["opt_state"],
              "step": jax.device_put(jnp.int32(start), rep)}
     ref_policy = got["ref_params"]
@@ -256,14 +251,12 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       in_shardings=(state_sh, roll_sh, rep), out_shardings=(state_sh, None), donate_argnums=0)
 
   def save(step):
-    mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(checkpoints.flatten(state["params"])),
-        opt_state=ocp.args.StandardSave(checkpoints.flatten(state["opt_state"])),
-        ref_params=ocp.args.StandardSave(checkpoints.flatten(ref_policy)),
-        data_iter=ocp.args.JsonSave({"iterator": it.get_state()}),
-        ppo=ocp.args.JsonSave({"kl_coef": kl_coef,
-                               "key": np.asarray(jax.random.key_data(key)).tolist()}),
-        config=ocp.args.JsonSave(json.loads(run_c.to_json_best_effort()))), force=True)
+    checkpoints.save_train_state(
+        mgr, step, {**state, "ref_params": ref_policy},
+        data_iter={"iterator": it.get_state()},
+        config=json.loads(run_c.to_json_best_effort()),
+        extra={"ppo": {"kl_coef": kl_coef,
+                       "key": np.asarray(jax.random.key_data(key)).tolist()}})
 
   history, last = [], {}
   log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None

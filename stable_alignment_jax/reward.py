@@ -191,10 +191,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
              "step": jax.device_put(jnp.int32(0), replicated)}
     start = 0
   else:
-    state, data_iter = checkpoints.restore_train_state(
+    state, saved = checkpoints.restore_train_state(
         mgr, start, {"params": abstract, "opt_state": opt_abstract}, state_sh)
     state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(data_iter["iterator"])
+    it.set_state(saved["data_iter"]["iterator"])
   # The run records the model it trained (a checkpoint's own architecture, not config.model).
   c = ml_collections.ConfigDict(c.to_dict())
   c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})

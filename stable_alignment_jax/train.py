@@ -178,9 +178,9 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   if start is not None:
     abstract_state = {"params": abstract, "opt_state": opt_abstract,
                       **({"ref_params": abstract} if needs_ref else {})}
-    state, data_iter = checkpoints.restore_train_state(mgr, start, abstract_state, state_sh)
+    state, saved = checkpoints.restore_train_state(mgr, start, abstract_state, state_sh)
     state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(_iterator_state(data_iter, jax.process_count()))
+    it.set_state(_iterator_state(saved["data_iter"], jax.process_count()))
     origin = f"resumed {ckpt_dir} at step {start}"
   else:
     params, origin = _init_params(c, cfg, graphdef, abstract, param_sh, mesh)
