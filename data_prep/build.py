@@ -14,13 +14,14 @@ and swapped in only when complete (the old one stays readable until then), and t
 replaced. A run that fails (missing export, bad ratio) leaves what was there untouched.
 """
 
-import argparse
 import collections
 import json
 import os
 import sys
 import time
 from typing import Mapping, Sequence
+
+from absl import app, flags
 
 from data_prep import alignment_examples as ax
 from data_prep import card as card_lib
@@ -122,17 +123,11 @@ def _split_paths(text: str) -> list[str]:
   return [p for p in text.split(",") if p]
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--export", required=True, action="append", type=_split_paths,
-                  help="SANDBOX export JSONL file(s), comma-separated or repeated")
-  ap.add_argument("--out", required=True, help="TFDS data_dir to write into")
-  ap.add_argument("--ratio", default=None, help="imitation:self_critic:realignment, e.g. 5:1:1")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--validation_percent", type=float, default=DEFAULT_VALIDATION_PERCENT)
-  args = ap.parse_args(argv)
-  exports = [p for group in args.export for p in group]
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  exports = [p for group in args.export for p in _split_paths(group)]
   try:
     card = build(exports, args.out, ratio=args.ratio, seed=args.seed,
                  validation_percent=args.validation_percent)
@@ -145,5 +140,18 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module defines none."""
+  flags.DEFINE_multi_string("export", None, "SANDBOX export JSONL file(s), comma-separated or "
+                            "repeated")
+  flags.DEFINE_string("out", None, "TFDS data_dir to write into")
+  flags.DEFINE_string("ratio", None, "imitation:self_critic:realignment, e.g. 5:1:1")
+  flags.DEFINE_integer("seed", 0, "shuffle and split seed")
+  flags.DEFINE_float("validation_percent", DEFAULT_VALIDATION_PERCENT, "held-out share")
+  flags.mark_flags_as_required(["export", "out"])
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -21,7 +21,6 @@ an example (the dialogues differ before the last turn, an empty reply, identical
 dropped and counted. For every file, lines = examples + rejected + dropped (in the card).
 """
 
-import argparse
 import collections
 import gzip
 import json
@@ -29,6 +28,7 @@ import os
 import re
 import sys
 
+from absl import app, flags
 import tensorflow_datasets as tfds
 
 from data_prep import card as card_lib
@@ -183,12 +183,10 @@ def build(data_dir: str, out_dir: str) -> dict:
   return card
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data_prep.hh_rlhf", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--data_dir", required=True, help="directory holding the HH-RLHF files")
-  ap.add_argument("--out", required=True, help="TFDS data_dir to write into")
-  args = ap.parse_args(argv)
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   try:
     card = build(args.data_dir, args.out)
   except (OSError, ValueError) as e:
@@ -204,5 +202,14 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module defines none."""
+  flags.DEFINE_string("data_dir", None, "directory holding the HH-RLHF files")
+  flags.DEFINE_string("out", None, "TFDS data_dir to write into")
+  flags.mark_flags_as_required(["data_dir", "out"])
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

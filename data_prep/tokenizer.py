@@ -17,12 +17,13 @@ unk=0, bos=1, eos=2 (plus pad=3, which LLaMA lacks), byte fallback (every string
 gives x back, newlines and runs of spaces included.
 """
 
-import argparse
 import gzip
 import json
 import os
 import sys
 from typing import Iterable, Iterator
+
+from absl import app, flags
 
 SKIP_FEATURES = {"stage", "source"}  # labels, not language
 
@@ -129,17 +130,11 @@ def train(inputs: Iterable[str], model_prefix: str, *, vocab_size: int,
   return model_prefix + ".model"
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--input", required=True, action="append",
-                  type=lambda s: [p for p in s.split(",") if p],
-                  help="text/JSONL files or dataset directories, comma-separated or repeated")
-  ap.add_argument("--out", required=True, help="model prefix: writes OUT.model and OUT.vocab")
-  ap.add_argument("--vocab_size", type=int, default=1024)
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
-  inputs = [p for group in args.input for p in group]
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  inputs = [p for group in args.input for p in group.split(",") if p]
   try:
     path = train(inputs, args.out, vocab_size=args.vocab_size, seed=args.seed)
   except (OSError, ValueError) as e:
@@ -152,5 +147,17 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module defines none."""
+  flags.DEFINE_multi_string("input", None, "text/JSONL files or dataset directories, "
+                            "comma-separated or repeated")
+  flags.DEFINE_string("out", None, "model prefix: writes OUT.model and OUT.vocab")
+  flags.DEFINE_integer("vocab_size", 1024, "pieces in the vocabulary")
+  flags.DEFINE_integer("seed", 0, "SentencePiece's sampling seed")
+  flags.mark_flags_as_required(["input", "out"])
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -15,11 +15,11 @@ extra rows marked "(reference)", e.g. the numbers a paper reports.
 From Python: `eval.table.make_table(inputs, out_dir, reference=None) -> markdown str`.
 """
 
-import argparse
 import json
 import os
 
 import numpy as np
+from absl import app, flags
 
 from eval import metrics, results
 
@@ -151,20 +151,27 @@ def plot_ratings(ratings: dict, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("inputs", nargs="+", help="results dirs (name=dir to rename)")
-  p.add_argument("--out", default="", help="output dir (default: <first input>/table)")
-  p.add_argument("--reference", default="", help="JSON {system: {column: value|[value, std]}}")
-  args = p.parse_args(argv)
-  out = args.out or os.path.join(args.inputs[0].partition("=")[2] or args.inputs[0], "table")
+def main(argv):
+  inputs = argv[1:]
+  if not inputs:
+    raise app.UsageError("give results directories (name=dir to rename)")
+  args = flags.FLAGS
+  out = args.out or os.path.join(inputs[0].partition("=")[2] or inputs[0], "table")
   try:
-    md = make_table(args.inputs, out, args.reference or None)
+    md = make_table(inputs, out, args.reference or None)
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise SystemExit(f"eval.table: {e}")
   print(md)
   print(f"wrote {out}/results.md, results.json, bars.png, hh_scores.png")
 
 
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import,
+  so importing this module defines none."""
+  flags.DEFINE_string("out", "", "output dir (default: <first input>/table)")
+  flags.DEFINE_string("reference", "", "JSON {system: {column: value|[value, std]}}")
+  app.run(main)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

@@ -387,7 +387,7 @@ def test_command_line(tmp_path):
   assert f"{b}:6: malformed JSON" in res.stderr
   with open(build_lib.card_path(out)) as f:
     assert json.load(f) == card
-  res = subprocess.run(cmd[:3] + [f"--out={out}", "--ratio=5:1"], cwd=ROOT,
+  res = subprocess.run(cmd[:4] + [f"--out={out}", "--ratio=5:1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2 and "ratio" in res.stderr
 
