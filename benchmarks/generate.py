@@ -17,7 +17,15 @@ alternate (benchmarks/common.py: the order flips each round) so a change in mach
 both; minimum and median are reported, with the load before and after and a contamination flag.
 Compiles happen in a warm-up before the timed runs.
 
+The cache options are compared in the same process, alternated: `--cache_dtype bfloat16` times
+the position loops over an f32 and a bf16 cache side by side, and the headline sampler uses it.
+The sampler's windowed cache (it grows as decoding fills it, `--min_window`) is timed against one
+sized for all of max_new_tokens from the start (min_window=0, as before windows) on what a
+server allowing `--long_new` tokens sees when answers stop after `--new`: the first `--new`
+steps of a `--long_new` request (a stream chunk, the generator then dropped).
+
   python benchmarks/generate.py [--runs 3] [--batch 16] [--new 128] [--pos_batches 16,1]
+                                [--cache_dtype bfloat16] [--min_window 32] [--long_new 1024]
 """
 
 import argparse
@@ -80,9 +88,9 @@ def hf_parts(model, prompts, new: int) -> float:
   return prefill + new * (time.perf_counter() - t0) / steps
 
 
-def decode_cache(cfg, batch: int, length: int):
+def decode_cache(cfg, batch: int, length: int, dtype=None):
   """The model's own decode cache; its contents do not change the cost."""
-  return llama.init_cache(cfg, batch, length)
+  return llama.init_cache(cfg, batch, length, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
@@ -125,6 +133,11 @@ def main():
   ap.add_argument("--pos_batches", default="16,1", help="batch sizes of the position runs")
   ap.add_argument("--scan_layers", type=int, default=1, help="1: layers under lax.scan (the "
                   "default layout), 0: unrolled")
+  ap.add_argument("--cache_dtype", default="", help="the sampler's KV cache dtype (default: "
+                  "the compute dtype); the position loops time it beside the f32 cache")
+  ap.add_argument("--min_window", type=int, default=32, help="the sampler's first cache window")
+  ap.add_argument("--long_new", type=int, default=1024, help="max_new_tokens of the long-"
+                  "request row (0: skip it)")
   ap.add_argument("--json", default="", help="also write the figures here")
   args = ap.parse_args()
   threads = common.torch_threads(torch)
@@ -139,7 +152,9 @@ def main():
     hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                        attn_implementation="sdpa").eval()
   graphdef, state = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(0)))
-  sampler = Sampler(graphdef, state, eos_id=NO_EOS)
+  cache_dtype = args.cache_dtype or None
+  sampler = Sampler(graphdef, state, eos_id=NO_EOS, cache_dtype=cache_dtype,
+                    min_window=args.min_window)
 
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, cfg.vocab_size, size=int(n)).tolist()
@@ -151,8 +166,13 @@ def main():
     compile_s, ours = common.timed(lambda: sampler.generate(prompts, sp))
     theirs = hf_generate(hf, prompts, args.new)
     assert all(len(x) == args.new for x in ours), "a row stopped early"
+    # The sampler as it was before cache options (f32 cache sized for all new tokens at once),
+    # timed beside, so a change in the options is measured in this process.
+    plain = Sampler(graphdef, state, eos_id=NO_EOS, min_window=0)
+    same_plain = plain.generate(prompts, sp) == ours
     times = common.alternate({"ours": lambda: sampler.generate(prompts, sp),
-                              "hf": lambda: hf_generate(hf, prompts, args.new)}, args.runs)
+                              "hf": lambda: hf_generate(hf, prompts, args.new),
+                              "plain": lambda: plain.generate(prompts, sp)}, args.runs)
     estimate = min(hf_parts(hf, prompts, args.new) for _ in range(2))
     run.mark("after the generate runs")
     tokens = args.batch * args.new
@@ -163,15 +183,32 @@ def main():
     n = args.pos_new
     # The layout the sampler decodes with (unrolled layers; see llama.relayout).
     dg, ds, dcfg = sampler.graphdef, sampler.state, sampler.cfg
-    per_tok = {}
+    per_tok = {}  # (cache dtype, batch) -> {position: [s per step]}
+    dtypes = ["float32"] + ([cache_dtype] if cache_dtype not in (None, "float32") else [])
     for pb in [int(x) for x in args.pos_batches.split(",")]:
-      caches = {L: decode_cache(dcfg, pb, L + n) for L in (args.near, args.far)}
-      loops = {L: functools.partial(lambda L: jax.block_until_ready(
-          decode_loop(ds, caches[L], L, graphdef=dg, n=n)), L) for L in caches}
-      for f in loops.values():  # compile, untimed
+      sides = {}
+      for dt in dtypes:
+        for L in (args.near, args.far):
+          cache = decode_cache(dcfg, pb, L + n, dt)
+          sides[f"{dt} {L}"] = functools.partial(lambda c, L: jax.block_until_ready(
+              decode_loop(ds, c, L, graphdef=dg, n=n)), cache, L)
+      for f in sides.values():  # compile, untimed
         f()
-      t = common.alternate({str(L): f for L, f in loops.items()}, args.pos_runs)
-      per_tok[pb] = {int(L): [x / n for x in v] for L, v in t.items()}
+      t = common.alternate(sides, args.pos_runs)
+      for dt in dtypes:
+        per_tok[dt, pb] = {L: [x / n for x in t[f"{dt} {L}"]] for L in (args.near, args.far)}
+    run.mark("after the position loops")
+
+    # A long request that stops early: the windowed cache against one sized for all of it.
+    long_t = {}
+    if args.long_new:
+      long_sp = SamplingParams(max_new_tokens=args.long_new)
+      full = Sampler(graphdef, state, eos_id=NO_EOS, cache_dtype=cache_dtype, min_window=0)
+      first = lambda s: next(iter(s.stream(prompts, long_sp, chunk=args.new)))
+      same_long = first(full) == first(sampler)
+      long_t = common.alternate({"windowed": lambda: first(sampler),
+                                 "full": lambda: first(full)}, args.runs)
+      run.mark("after the long-request runs")
 
     run.row("model", f"vocab {cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, "
                      f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv, f32, "
@@ -186,22 +223,39 @@ def main():
     run.row("our compile + first run s", f"{compile_s:.2f}")
     run.row("our run s", common.summary(times["ours"]))
     run.row("HF run s", common.summary(times["hf"]))
+    run.row("plain sampler run s", common.summary(times["plain"]) +
+            f" (f32 cache, one window; greedy tokens {'equal' if same_plain else 'DIFFER'})")
+    run.row("plain / ours", f"{min(times['plain']) / ot:.2f}x by min")
     run.check(*common.sanity("HF generate", ht, estimate))
     run.row("our tokens/s (best run)", f"{tokens / ot:,.0f}")
     run.row("HF tokens/s (best run)", f"{tokens / ht:,.0f}")
     run.row("speed-up ours/HF", f"{ht / ot:.2f}x by min, "
             f"{np.median(times['hf']) / np.median(times['ours']):.2f}x by median "
             "(target >= 3x)")
-    for pb, by_pos in per_tok.items():
+    for (dt, pb), by_pos in per_tok.items():
       for L in (args.near, args.far):
-        run.row(f"decode ms/step at pos {L}, batch {pb}",
+        run.row(f"decode ms/step at pos {L}, batch {pb}, {dt} cache",
                 common.summary(by_pos[L], "ms", 1e3))
-      run.row(f"decode cost pos {args.far} / pos {args.near}, batch {pb}",
+      run.row(f"decode cost pos {args.far} / pos {args.near}, batch {pb}, {dt} cache",
               f"{min(by_pos[args.far]) / min(by_pos[args.near]):.2f} by min "
               "(target <= 1.5)")
+    for pb in [int(x) for x in args.pos_batches.split(",")]:
+      if len(dtypes) > 1:
+        a, b = per_tok["float32", pb], per_tok[dtypes[1], pb]
+        run.row(f"f32 / {dtypes[1]} cache ms/step, batch {pb}",
+                ", ".join(f"pos {L}: {min(a[L]) / min(b[L]):.2f}x" for L in a) + " by min")
+    if long_t:
+      run.row(f"first {args.new} of {args.long_new} new, windowed s",
+              common.summary(long_t["windowed"]))
+      run.row(f"first {args.new} of {args.long_new} new, full cache s",
+              common.summary(long_t["full"]))
+      run.row("full-cache greedy tokens", "equal" if same_long else "DIFFER")
+      run.row("full / windowed", f"{min(long_t['full']) / min(long_t['windowed']):.2f}x by min, "
+              f"{np.median(long_t['full']) / np.median(long_t['windowed']):.2f}x by median")
     run.data.update(ours_s=times["ours"], hf_s=times["hf"], hf_estimate_s=estimate,
-                    decode_s_per_step={str(b): {str(L): v for L, v in d.items()}
-                                       for b, d in per_tok.items()})
+                    long_request_s=long_t,
+                    decode_s_per_step={f"{dt} {b}": {str(L): v for L, v in d.items()}
+                                       for (dt, b), d in per_tok.items()})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ share one batch and a row's output does not depend on what else is in the batch.
 bucketed (batch, prompt length and new-token count rounded up to powers of two) so one compiled
 program serves many requests; a compile happens once per bucket.
 
+A decode step reads only the filled part of the cache: the cache starts with room for a window
+of `min_window` new tokens and doubles (`llama.grow_cache`) whenever the loop has filled it, up
+to the bucketed max_new_tokens. The loop runs in segments, one compiled program per window, so a
+request allowed 1024 tokens that stops after 100 never attends over 1024 slots. The cache may be
+held in bf16 under f32 compute (`cache_dtype`): half the bytes each step reads.
+
 CLI: python -m stable_alignment_jax.generate --checkpoint=DIR --prompt="..."
 """
 
@@ -91,17 +97,19 @@ def _pick(logits, base_keys, step, temperature, top_k, top_p, sample):
   return _choose(logits, keys, temperature, top_k, top_p, sample)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sample"))
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "max_new", "window", "cache_dtype", "sample"))
 def _prefill(graphdef, state, tokens, prompt_mask, max_new_b, temperature, top_k, top_p, seeds,
-             *, max_new: int, sample: bool) -> _Decode:
+             *, max_new: int, window: int, cache_dtype, sample: bool) -> _Decode:
   """tokens/prompt_mask: [B,P] left-padded. The whole prompt in one pass into a cache with room
-  for the new tokens, and the first new token chosen."""
+  for `window` new tokens, and the first new token chosen."""
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  key_mask = jnp.zeros((b, p + max_new), bool).at[:, :p].set(prompt_mask)
-  h, cache = model.hidden(tokens, positions=positions, key_mask=key_mask,
-                          cache=llama.init_cache(model.cfg, b, p + max_new), cache_index=0)
+  key_mask = jnp.zeros((b, p + window), bool).at[:, :p].set(prompt_mask)
+  cache = llama.init_cache(model.cfg, b, p + window, dtype=cache_dtype)
+  h, cache = model.hidden(tokens, positions=positions, key_mask=key_mask, cache=cache,
+                          cache_index=0)
   logits = model.logits(h[:, -1])  # only the last position is projected onto the vocabulary
   first = _pick(logits, jax.vmap(jax.random.key)(seeds), 0, temperature, top_k, top_p, sample)
   zeros = jnp.zeros((b,), jnp.int32)
@@ -109,18 +117,26 @@ def _prefill(graphdef, state, tokens, prompt_mask, max_new_b, temperature, top_k
                  jnp.zeros((b, max_new), jnp.int32), zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sample"), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnames=("p", "window"))
+def _grow(carry: _Decode, *, p: int, window: int) -> _Decode:
+  """The carry with a cache (and key mask) of p + `window` slots."""
+  key_mask = jnp.pad(carry.key_mask, ((0, 0), (0, p + window - carry.key_mask.shape[1])))
+  return carry._replace(cache=llama.grow_cache(carry.cache, p + window), key_mask=key_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "p", "sample"), donate_argnums=(2,))
 def _decode(graphdef, state, carry: _Decode, until, prompt_len, max_new_b, temperature, top_k,
-            top_p, seeds, eos_ids, *, sample: bool) -> _Decode:
-  """Decode steps until every row is done or `until` steps are done in total (a traced bound, so
-  streaming chunks of any size share one compiled program)."""
+            top_p, seeds, eos_ids, *, p: int, sample: bool) -> _Decode:
+  """Decode steps until every row is done, `until` steps are done in total (a traced bound, so
+  streaming chunks of any size share one compiled program) or the cache (p prompt slots, then
+  the window) is full."""
   model = nnx.merge(graphdef, state)
   max_new = carry.out.shape[1]
-  p = carry.key_mask.shape[1] - max_new
+  window = carry.key_mask.shape[1] - p
   base_keys = jax.vmap(jax.random.key)(seeds)
 
   def cond(c: _Decode):
-    return (c.step < jnp.minimum(until, max_new)) & ~jnp.all(c.done)
+    return (c.step < jnp.minimum(until, min(max_new, window))) & ~jnp.all(c.done)
 
   def body(c: _Decode) -> _Decode:
     out = c.out.at[:, c.step].set(jnp.where(c.done, 0, c.tok))
@@ -147,10 +163,17 @@ def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
 
 
 class Sampler:
-  """Holds a model (graphdef + state) and generates for lists of token-id prompts."""
+  """Holds a model (graphdef + state) and generates for lists of token-id prompts.
+
+  cache_dtype: the KV cache's dtype (None: the compute dtype; "bfloat16" halves what a decode
+    step reads under f32 compute, within bf16 rounding of the f32 cache's logits).
+  min_window: new-token slots the cache starts with (it doubles as it fills; 0: room for all of
+    max_new_tokens from the start, one decode program per bucket).
+  """
 
   def __init__(self, graphdef, state, *, eos_id: int | Sequence[int], pad_id: int = 0, mesh=None,
-               min_batch: int = 1, min_prompt: int = 16):
+               min_batch: int = 1, min_prompt: int = 16, cache_dtype: str | None = None,
+               min_window: int = 32):
     # Decoding runs the layers unrolled (see `llama.relayout`), a scanned model is re-laid once;
     # nothing is differentiated here, so a training run's remat policy is dropped.
     self.graphdef, self.state = llama.relayout(graphdef, state, scan_layers=False, remat="none")
@@ -159,6 +182,11 @@ class Sampler:
     self.eos_id = self.eos_ids[0]
     self.pad_id, self.mesh = pad_id, mesh
     self.min_batch, self.min_prompt = min_batch, min_prompt
+    if cache_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"cache_dtype must be None, 'float32' or 'bfloat16', got {cache_dtype!r}")
+    if min_window < 0:
+      raise ValueError(f"min_window must be >= 0, got {min_window}")
+    self.cache_dtype, self.min_window = cache_dtype, min_window
     self.calls = 0  # generate calls made (serving counts batching with it)
 
   @classmethod
@@ -227,16 +255,25 @@ class Sampler:
     prompt_len = mask.sum(axis=1).astype(np.int32)
     eos = np.asarray(self.eos_ids, np.int32)
     self.calls += 1
+    window = min(new, _bucket(self.min_window, 1)) if self.min_window else new
     carry = self._call(_prefill, self.graphdef, self.state, tokens, mask, max_new_arr,
-                       temperature, top_k, top_p, seeds, max_new=new, sample=sample)
+                       temperature, top_k, top_p, seeds, max_new=new, window=window,
+                       cache_dtype=self.cache_dtype, sample=sample)
     step = chunk if chunk > 0 else new
-    until = 0
+    until = steps = 0
+    finished = new == 0 or bool(max_new_arr.max() <= 0)
     while True:
-      until += step
-      carry = self._call(_decode, self.graphdef, self.state, carry, np.int32(until), prompt_len,
-                         max_new_arr, temperature, top_k, top_p, seeds, eos, sample=sample)
-      steps, out, done = int(carry.step), np.asarray(carry.out), np.asarray(carry.done)
-      finished = steps >= new or bool(done.all())
+      until = min(until + step, new)
+      while steps < until and not finished:  # segments: one per window the chunk reaches
+        if steps >= window:
+          window = min(new, 2 * window)
+          carry = self._call(_grow, carry, p=p, window=window)
+        carry = self._call(_decode, self.graphdef, self.state, carry, np.int32(until),
+                           prompt_len, max_new_arr, temperature, top_k, top_p, seeds, eos, p=p,
+                           sample=sample)
+        steps, done = int(carry.step), np.asarray(carry.done)
+        finished = steps >= new or bool(done.all())
+      out, done = np.asarray(carry.out), np.asarray(carry.done)
       lengths = np.where(done, np.asarray(carry.lengths), steps)
       yield [out[i, :lengths[i]].tolist() for i in range(n)]
       if finished:

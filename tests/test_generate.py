@@ -1,5 +1,6 @@
 """KV-cache sampler: against a cache-free recompute, EOS/max_new_tokens per row, seeds, filtering,
-batch independence of per-row parameters, and one compile per shape bucket."""
+batch independence of per-row parameters, one compile per shape bucket and cache window, and the
+bf16 cache against the f32 one."""
 
 import dataclasses
 import functools
@@ -159,7 +160,7 @@ def test_per_row_params_equal_each_row_alone(sampler, prompts):
 
 
 def test_one_compile_per_shape_bucket(model):
-  s = Sampler.from_module(model, eos_id=NO_EOS)
+  s = Sampler.from_module(model, eos_id=NO_EOS)  # min_window 32: these buckets have one window
   base = (generate._prefill._cache_size(), generate._decode._cache_size())
   size = lambda: _programs(base)
   start = 0
@@ -177,6 +178,54 @@ def test_one_compile_per_shape_bucket(model):
   list(s.stream([[7] * 16], SamplingParams(max_new_tokens=30), chunk=3))
   list(s.stream([[7] * 16], SamplingParams(max_new_tokens=30), chunk=5))
   assert size() == start + 3
+
+
+def test_one_decode_program_per_window(model, prompts, greedy32):
+  # min_window 4 and 32 new tokens: windows of 4, 8, 16 and 32 slots after the prompt, each
+  # compiled once (and three growths), whatever the stream chunk; the tokens are unchanged. The
+  # prompts twice over: a batch bucket (8) no other test compiles, so the counts start at 0.
+  s = Sampler.from_module(model, eos_id=NO_EOS, min_window=4)
+  prompts, greedy32 = prompts * 2, greedy32 * 2
+  fns = (generate._prefill, generate._decode, generate._grow)
+  base = [f._cache_size() for f in fns]
+  grew = lambda: [f._cache_size() - b for f, b in zip(fns, base)]
+  assert s.generate(prompts, SamplingParams(max_new_tokens=32)) == greedy32
+  assert grew() == [1, 4, 3]
+  chunks = list(s.stream(prompts, SamplingParams(max_new_tokens=32), chunk=3))
+  assert chunks[-1] == greedy32 and len(chunks) == 11  # chunks end at 3, 6, ..., 30, 32
+  assert [len(r) for r in chunks[2]] == [9] * 8  # a chunk crossing windows 8 -> 16 runs whole
+  assert s.generate(prompts, SamplingParams(max_new_tokens=20)) == [r[:20] for r in greedy32]
+  assert grew() == [1, 4, 3]
+  # A smaller new-token bucket (8) has its own prefill and windows 4 and 8.
+  assert s.generate(prompts, SamplingParams(max_new_tokens=6)) == [r[:6] for r in greedy32]
+  assert grew() == [2, 6, 4]
+
+
+def test_bf16_cache_tracks_the_f32_cache(model, prompts, greedy32):
+  """A bf16 KV cache under f32 compute: the decode logits are within 0.05 (absolute; the tiny
+  model's logits have std ~1) of the cache-free forward, and greedy tokens agree with the f32
+  cache on >= 90% of the steps before each row's first difference (near-ties may flip)."""
+  s = Sampler.from_module(model, eos_id=NO_EOS, cache_dtype="bfloat16")
+  out = s.generate(prompts, SamplingParams(max_new_tokens=32))
+  before = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), 32)
+            for x, y in zip(out, greedy32)]
+  assert np.mean(before) / 32 >= 0.9, before
+  # Logits teacher-forced on the f32 tokens: prefill, then one decode step at a time.
+  seq = jnp.asarray([prompts[3] + greedy32[3]])
+  p, t = len(prompts[3]), seq.shape[1]
+  full, _ = model(seq)
+  cache = llama.init_cache(model.cfg, 1, t, dtype="bfloat16")
+  _, cache = model(seq[:, :p], cache=cache, cache_index=0)
+  steps = []
+  for i in range(p, t):
+    logits, cache = model(seq[:, i:i + 1], positions=jnp.full((1, 1), i), cache=cache,
+                          cache_index=jnp.int32(i))
+    steps.append(logits[0, 0])
+  assert jax.tree.leaves(cache)[0].dtype == jnp.bfloat16
+  err = np.abs(np.asarray(jnp.stack(steps)) - np.asarray(full[0, p:]))
+  assert 1e-4 < err.max() < 0.05, err.max()  # rounded (not an f32 cache), but only just
+  with pytest.raises(ValueError, match="cache_dtype"):
+    Sampler.from_module(model, eos_id=NO_EOS, cache_dtype="int4")
 
 
 def _programs(base):

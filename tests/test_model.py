@@ -248,6 +248,42 @@ def test_cache_prefill_then_decode_equals_the_full_forward(cfg, scan):
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
 
 
+def test_bf16_cache_is_read_without_a_widened_copy(cfg):
+  """f32 compute over a bf16 cache: both decode dots take the bf16 cache as it lies (the query
+  and probabilities are rounded instead), so nothing converts a cache-sized bf16 array to f32."""
+  from stable_alignment_jax.model import llama
+  c = dataclasses.replace(cfg, scan_layers=False, dtype="float32")
+  model = Llama(c, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  s = 48  # a slot count no other array here has
+
+  def step(state, cache):
+    m = nnx.merge(graphdef, state)
+    return m(jnp.zeros((2, 1), jnp.int32), positions=jnp.full((2, 1), 5), cache=cache,
+             cache_index=jnp.int32(5))
+
+  hlo = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).as_text()
+  kv = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"
+  assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
+  dots = [line for line in hlo.splitlines() if "dot_general" in line and kv in line]
+  assert len(dots) == 2 * c.n_layers and all(f"{kv}xbf16" in d for d in dots), dots
+  # The f32 cache keeps f32 dots (the default path is unchanged).
+  hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
+  assert f"{kv}xbf16" not in hlo32
+
+
+def test_grow_cache_keeps_the_filled_slots(cfg):
+  from stable_alignment_jax.model import llama
+  for scan in (True, False):
+    c = dataclasses.replace(cfg, scan_layers=scan)
+    cache = jax.tree.map(lambda x: x + 1.0, llama.init_cache(c, 2, 8))
+    grown = llama.grow_cache(cache, 12)
+    for old, new in zip(jax.tree.leaves(cache), jax.tree.leaves(grown)):
+      assert new.shape[-2] == 12 and new.shape[:-2] == old.shape[:-2]
+      np.testing.assert_array_equal(new[..., :8, :], old)
+      assert not np.any(np.asarray(new[..., 8:, :]))
+
+
 def test_hidden_then_logits_is_the_forward(model, cfg):
   tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 10)))
   h, _ = model.hidden(tokens)

@@ -148,13 +148,18 @@ class Attention(nnx.Module):
       # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
       # The T queries of a kv head share one [T*G, S] score matrix, so each dot is a plain
       # batched matmul over the cache as it lies (no transpose of the cache).
+      # A cache narrower than the compute dtype (bf16 under f32) is read as it lies: the query
+      # and the probabilities are rounded to its dtype and the dots accumulate in f32, so no
+      # widened copy of the cache is made each step (the error is that of the cache's rounding).
+      rd = ck.dtype if jnp.finfo(ck.dtype).bits < jnp.finfo(dt).bits else dt
       qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
-      scores = jnp.einsum("bkqe,bkse->bkqs", qg, ck.astype(dt),
+      scores = jnp.einsum("bkqe,bkse->bkqs", qg.astype(rd), ck.astype(rd),
                           preferred_element_type=jnp.float32) * e**-0.5
       m = jnp.broadcast_to(mask[:, :, :, None], (mask.shape[0], 1, t, g, mask.shape[-1]))
       scores = jnp.where(m.reshape(m.shape[0], 1, t * g, -1), scores, -1e30)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out = jnp.einsum("bkqs,bkse->bkqe", probs, cv.astype(dt))
+      probs = jax.nn.softmax(scores, axis=-1).astype(rd)
+      out = jnp.einsum("bkqs,bkse->bkqe", probs, cv.astype(rd),
+                       preferred_element_type=jnp.float32).astype(dt)
       out = out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
     out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
     return out, cache_kv
@@ -330,6 +335,16 @@ def relayout(graphdef, state, *, scan_layers: bool, **changes):
 def _cache_len(cache: KVCache) -> int:
   k = cache.k[0] if isinstance(cache.k, (tuple, list)) else cache.k
   return k.shape[-2]
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+  """The same cache with `length` slots (>= its own): the new slots, at the end, are zeros."""
+  def grow(x):
+    pad = [(0, 0)] * x.ndim
+    pad[-2] = (0, length - x.shape[-2])
+    names = (None,) * (x.ndim - 4) + _CACHE_NAMES
+    return axes.constrain(jnp.pad(x, pad), names)
+  return jax.tree.map(grow, cache)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
