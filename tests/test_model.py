@@ -250,7 +250,9 @@ def test_cache_prefill_then_decode_equals_the_full_forward(cfg, scan):
 
 def test_bf16_cache_is_read_without_a_widened_copy(cfg):
   """f32 compute over a bf16 cache: both decode dots take the bf16 cache as it lies (the query
-  and probabilities are rounded instead), so nothing converts a cache-sized bf16 array to f32."""
+  and probabilities are rounded instead), and the new slot is written without widening: no
+  cache-sized f32 array exists in the compiled step (XLA's CPU backend otherwise widens a bf16
+  dynamic-update-slice, a copy of the cache per step)."""
   from stable_alignment_jax.model import llama
   c = dataclasses.replace(cfg, scan_layers=False, dtype="float32")
   model = Llama(c, rngs=nnx.Rngs(0))
@@ -267,6 +269,8 @@ def test_bf16_cache_is_read_without_a_widened_copy(cfg):
   assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
   dots = [line for line in hlo.splitlines() if "dot_general" in line and kv in line]
   assert len(dots) == 2 * c.n_layers and all(f"{kv}xbf16" in d for d in dots), dots
+  compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile()
+  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled.as_text()
   # The f32 cache keeps f32 dots (the default path is unchanged).
   hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
   assert f"{kv}xbf16" not in hlo32

@@ -98,6 +98,20 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
 _CACHE_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # one layer's [B,K,S,E]
 
 
+def _write(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """cache [B,K,S,E] with `new` [B,K,T,E] at slots index.. (in place under a loop's donation).
+
+  A 16-bit float cache is written through its bits: XLA's CPU backend widens a bf16
+  dynamic-update-slice to f32 and back, a copy of the whole cache every decode step."""
+  at = (0, 0, index, 0)
+  new = new.astype(cache.dtype)
+  if cache.dtype.itemsize != 2:
+    return jax.lax.dynamic_update_slice(cache, new, at)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  out = jax.lax.dynamic_update_slice(bits(cache), bits(new), at)
+  return jax.lax.bitcast_convert_type(out, cache.dtype)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -129,11 +143,8 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
-      at = (0, 0, cache_index, 0)
-      ck = axes.constrain(jax.lax.dynamic_update_slice(
-          ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), at), _CACHE_NAMES)
-      cv = axes.constrain(jax.lax.dynamic_update_slice(
-          cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), at), _CACHE_NAMES)
+      ck = axes.constrain(_write(ck, k.transpose(0, 2, 1, 3), cache_index), _CACHE_NAMES)
+      cv = axes.constrain(_write(cv, v.transpose(0, 2, 1, 3), cache_index), _CACHE_NAMES)
       cache_kv = (ck, cv)
     if cache_kv is None or prefill:
       t = x.shape[1]
