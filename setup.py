@@ -52,6 +52,8 @@ setup(
     ]},
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).
-        "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2"],
+        # gguf: reading the shared SmolLM2 file; import-linter: the layering contracts.
+        "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2", "gguf>=0.10,<1",
+                 "import-linter>=2.1,<3"],
     },
 )
