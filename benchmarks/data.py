@@ -1,6 +1,6 @@
 """Data path speed: building the paper-sized alignment data, and the grain loader vs the trainer.
 
-Issue 5 asks for, in one run on this machine:
+Measured in one run on this machine, against the targets set for the data path:
   * a synthetic SANDBOX export the size of the paper's data (169k examples: 48.8k imitation,
     94.6k self-critic, 25.6k realignment) builds with `data_prep.build` in under a minute;
   * the grain pipeline's batches/s over the trainer's steps/s on the tiny config, same batch
