@@ -109,7 +109,8 @@ def test_resolved_specs_match_golden():
 
 
 def test_golden_is_what_the_rules_say():
-  """Cross-check the golden file against the sharding policy (FSDP over embed, tensor over heads/mlp/vocab), independently of the generator."""
+  """Cross-check the golden file against the sharding policy (FSDP over embed, tensor over
+  heads/mlp/vocab), independently of the generator."""
   golden = json.loads((GOLDEN_DIR / "tiny_sharding.json").read_text())
   policy = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
             "vocab": "tensor", "vocab_in": None, "head_dim": None, "norm": None, "layers": None}
