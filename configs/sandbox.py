@@ -16,9 +16,16 @@ run's config, an HF directory's own files, or `backends.local.tokenizer`):
       --config.observer.model=stage3
 """
 
+import os
+
 import ml_collections
 
-DATA = "../shared/data"  # relative to the project root, as in the tests
+from eval import items
+
+# The same per-user data directory as eval's benchmark files ($STABLE_ALIGNMENT_DATA, else
+# ~/.cache/stable_alignment_jax/data); the question and prior files are the paper's
+# (agi-templar/Stable-Alignment assets/hh-rlhf/question.txt, Anthropic HH-RLHF harmless-base).
+DATA = items.default_data_dir()
 
 
 def _parse(arg):
@@ -60,8 +67,8 @@ def get_config(arg=None):
   c.world.setting = "mixed_half_half"  # all_good | all_bad | half_half | mixed_half_half
   c.world.priors_per_agent = 50  # paper: 50 prior question -> answer pairs per agent
   # Prior answers: HH-RLHF single-turn dialogues, chosen = good, rejected = bad.
-  c.world.prior_file = f"{DATA}/hh_rlhf/harmless-base_test.jsonl.gz"
-  c.world.question_file = f"{DATA}/sandbox_questions/hh_questions.txt"
+  c.world.prior_file = os.path.join(DATA, "hh_rlhf", "harmless-base_test.jsonl.gz")
+  c.world.question_file = os.path.join(DATA, "sandbox_questions", "hh_questions.txt")
   c.world.max_question_chars = 2000
 
   c.rounds = 10

@@ -75,6 +75,10 @@ SOURCES = {
         "https://raw.githubusercontent.com/llm-attacks/llm-attacks/main/data/advbench/"
         "harmful_behaviors.csv",
     "MIC.csv": "https://github.com/SALT-NLP/mic (Dropbox link after the data-use agreement)",
+    # SANDBOX's question pool: the HH-RLHF questions of the paper's release.
+    "sandbox_questions/hh_questions.txt":
+        "https://raw.githubusercontent.com/agi-templar/Stable-Alignment/main/assets/hh-rlhf/"
+        "question.txt",
 }
 
 

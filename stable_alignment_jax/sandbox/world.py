@@ -28,10 +28,17 @@ def call_seed(seed: int, round_: int, agent: int, role: str, slot: int) -> int:
   return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+_HOW = ("; the paper's files (sandbox_questions/hh_questions.txt from agi-templar/Stable-Alignment "
+        "assets/hh-rlhf/question.txt, hh_rlhf/harmless-base_test.jsonl.gz from Anthropic/hh-rlhf) "
+        "go in $STABLE_ALIGNMENT_DATA (default ~/.cache/stable_alignment_jax/data); "
+        "`python -m eval.run --config=configs/eval.py --config.fetch=True` fetches the HH ones, "
+        "or point --config.world.question_file / prior_file at your own")
+
+
 def load_questions(path: str, max_chars: int) -> list[str]:
   """One question a line; blank or over-long lines are errors naming the line."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config.world.question_file={path!r}: file not found")
+    raise FileNotFoundError(f"config.world.question_file={path!r}: file not found{_HOW}")
   with open(path, encoding="utf-8") as f:
     lines = f.read().split("\n")
   if lines and lines[-1] == "":
@@ -65,7 +72,7 @@ def load_priors(path: str) -> list[dict]:
   """Prior exchanges {question, good, bad}: JSONL with those keys, or HH-RLHF `.jsonl.gz`
   (chosen/rejected; single-turn dialogues only, where the two differ in the one answer)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config.world.prior_file={path!r}: file not found")
+    raise FileNotFoundError(f"config.world.prior_file={path!r}: file not found{_HOW}")
   out = []
   for n, rec in jsonl.records(path):
     if not isinstance(rec, dict):
