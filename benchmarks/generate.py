@@ -1,6 +1,6 @@
 """KV-cache sampling: our `Sampler` vs `transformers` `generate`, and decode cost vs position.
 
-Issue 3 asks for, on the same random LLaMA weights (vocab 8000, dim 256, 4 layers, 8 heads over
+Measured on the same random LLaMA weights (vocab 8000, dim 256, 4 layers, 8 heads over
 4 KV heads; exported with `convert.save_hf`, loaded by `transformers.LlamaForCausalLM` in f32):
   * tokens/s of `Sampler.generate` against HF `model.generate` (its own KV cache), 16 prompts of
     mixed length (left-padded) x 128 new tokens, greedy; printed as a ratio (target >= 3x);

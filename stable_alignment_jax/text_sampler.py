@@ -134,13 +134,15 @@ def _pow2_floor(n: int) -> int:
 class TextSampler:
 
   def __init__(self, graphdef, state, tokenizer, *, mesh=None, chat_template: str = "auto",
-               min_batch: int = 1, max_prompt_tokens: int = 0, name: str = ""):
+               min_batch: int = 1, max_prompt_tokens: int = 0, name: str = "",
+               cache_dtype: str | None = None):
     self.tokenizer = tok = tokenizer
     self.template = resolve_template(chat_template, tok)
     self.stop_ids = list(tok.stop_ids)
     self.max_prompt_tokens, self.name = max_prompt_tokens, name
+    # cache_dtype "bfloat16": the KV cache in 16 bits (half the bytes a decode step reads).
     self.sampler = Sampler(graphdef, state, eos_id=self.stop_ids, pad_id=tok.pad_id, mesh=mesh,
-                           min_batch=min_batch)
+                           min_batch=min_batch, cache_dtype=cache_dtype)
     self.context = self.sampler.cfg.max_seq_len
     if tok.vocab_size > self.sampler.cfg.vocab_size:
       raise ValueError(f"tokenizer {getattr(tok, 'path', '')!r} has {tok.vocab_size} ids but the "
@@ -150,7 +152,7 @@ class TextSampler:
   @classmethod
   def load(cls, spec: str, *, tokenizer: str = "", dtype: str | None = None, mesh=None,
            chat_template: str = "auto", min_batch: int = 1,
-           max_prompt_tokens: int = 0) -> "TextSampler":
+           max_prompt_tokens: int = 0, cache_dtype: str | None = None) -> "TextSampler":
     """A sampler over `checkpoints.load_model(spec)`; the tokenizer defaults to the checkpoint's
     own (see `default_tokenizer`). Tokenizer and template are checked before the weights load."""
     from stable_alignment_jax import checkpoints, sharding
@@ -160,7 +162,7 @@ class TextSampler:
     mesh = mesh or sharding.make_mesh({"fsdp": -1})
     graphdef, state = checkpoints.load_model(spec, dtype=dtype, mesh=mesh)
     return cls(graphdef, state, tok, mesh=mesh, chat_template=chat_template, min_batch=min_batch,
-               max_prompt_tokens=max_prompt_tokens, name=spec)
+               max_prompt_tokens=max_prompt_tokens, name=spec, cache_dtype=cache_dtype)
 
   # -- prompts -----------------------------------------------------------------------------------
   def render(self, messages: Sequence[dict]) -> str:

@@ -166,3 +166,16 @@ def test_bos_policy_follows_the_tokenizer_config_and_is_never_doubled(hf_dir, tm
   ts.tokenizer = tok
   assert ts.encode("be kind")[:1] == [1]
   assert ts.encode("<s>be kind") == ts.encode("be kind")  # a template's own BOS: just one
+
+
+def test_a_bf16_cache_is_passed_through_and_tracks_the_f32_cache():
+  from stable_alignment_jax.serving.engine import load_engine
+  f32 = TextSampler.load("random:tiny")
+  bf16 = load_engine("random:tiny", cache_dtype="bfloat16", model_name="m").sampler
+  assert bf16.sampler.cache_dtype == "bfloat16" and f32.sampler.cache_dtype is None
+  params = SamplingParams(max_new_tokens=24)
+  a = f32.complete(["a question", "another one, longer"], params)
+  b = bf16.complete(["a question", "another one, longer"], params)
+  # Greedy on random weights: the 16-bit cache may flip a near-tie late, not the first tokens.
+  for x, y in zip(a, b):
+    assert x.token_ids[:8] == y.token_ids[:8]

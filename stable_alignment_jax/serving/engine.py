@@ -100,10 +100,12 @@ class Engine:
 
 
 def load_engine(checkpoint: str, *, tokenizer: str | None = None, dtype: str | None = None,
-                chat_template: str = "auto", min_batch: int = 1, **engine_kw) -> Engine:
+                chat_template: str = "auto", min_batch: int = 1, cache_dtype: str | None = None,
+                **engine_kw) -> Engine:
   """An engine over `TextSampler.load(checkpoint)` (the tokenizer defaults to the checkpoint's
   own; chat_template auto = the checkpoint's own, else Alpaca)."""
   sampler = TextSampler.load(checkpoint, tokenizer=tokenizer or "", dtype=dtype,
-                             chat_template=chat_template, min_batch=min_batch)
+                             chat_template=chat_template, min_batch=min_batch,
+                             cache_dtype=cache_dtype)
   engine_kw.setdefault("model_name", os.path.basename(os.path.normpath(checkpoint)))
   return Engine(sampler, **engine_kw)

@@ -25,6 +25,7 @@ Config (`config.backends.<name>`, kind="jax"):
   chat_template      auto (the model's own template when it has one, else raw text) | none (raw
                      text) | model (its own, or an error) | a chat_templates.py name or .json
   dtype              compute dtype override ("" = the checkpoint's)
+  cache_dtype        KV cache dtype ("" = the compute dtype; "bfloat16" halves decode's reads)
   max_prompt_tokens  prompts longer than this keep their last tokens (BOS stays first)
   mesh               {data, fsdp, tensor} sizes (default fsdp over all devices)
   devices            0 = all devices, n = the first n (a tiny model gains nothing from 8)
@@ -51,7 +52,7 @@ class _Model:
   """One checkpoint: its TextSampler and how requests become its prompts."""
 
   def __init__(self, spec: str, tok, chat_template: str, dtype, mesh, min_batch: int,
-               max_prompt_tokens: int):
+               max_prompt_tokens: int, cache_dtype: str | None = None):
     from stable_alignment_jax import checkpoints
     from stable_alignment_jax.text_sampler import TextSampler
     self.spec = spec
@@ -60,7 +61,8 @@ class _Model:
     graphdef, state = checkpoints.load_model(spec, dtype=dtype, mesh=mesh)
     self.ts = TextSampler(graphdef, state, tok, mesh=mesh,
                           chat_template=chat_template if self.chat else "auto",
-                          min_batch=min_batch, max_prompt_tokens=max_prompt_tokens, name=spec)
+                          min_batch=min_batch, max_prompt_tokens=max_prompt_tokens, name=spec,
+                          cache_dtype=cache_dtype)
     self.stop = tuple(self.ts.template.stop) if self.chat else ()
     self.min_batch = min_batch
     # The sampler's batch floor is set per call (`padded`): one call at a time per model.
@@ -162,7 +164,8 @@ class JaxBackend:
       for t in toks.values():
         resolve_template(chat_template, t)
     self.models: dict[str, _Model] = {
-        spec: _Model(spec, tok, chat_template, dtype, self.mesh, min_batch, max_prompt_tokens)
+        spec: _Model(spec, tok, chat_template, dtype, self.mesh, min_batch, max_prompt_tokens,
+                     cfg.get("cache_dtype", "") or None)
         for spec, tok in toks.items()}
     self.counters = collections.Counter()
 
