@@ -75,6 +75,26 @@ def sanity(name: str, measured_s: float, independent_s: float, *, tolerance: flo
               f"= {ratio:.2f}x ({'ok' if ok else 'SUSPECT baseline'}, tolerance {tolerance}x)")
 
 
+def hf_generate_parts_s(model, ids, new: int, sync: Callable = lambda: None) -> float:
+  """An independent figure for HF `generate` of `new` tokens on the batch `ids`: its own parts
+  timed alone, one prefill and then cached one-token forwards (16 timed, scaled to `new`).
+  `sync` waits for the device (e.g. torch.cuda.synchronize)."""
+  import torch
+  with torch.inference_mode():
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    sync()
+    prefill = time.perf_counter() - t0
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steps = min(new, 16)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = model(input_ids=tok, past_key_values=past, use_cache=True)
+      past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync()
+  return prefill + new * (time.perf_counter() - t0) / steps
+
+
 def busy_s() -> float:
   """CPU seconds every process of the machine has used since boot (Linux; 0.0 elsewhere)."""
   try:

@@ -217,25 +217,9 @@ def bench_sampler(s, sampler, cfg) -> dict:
         tsync()
         return r
 
-      def parts():
-        """Prefill once, then cached single-token forwards: HF's own parts, timed alone."""
-        with torch.inference_mode():
-          t0 = time.perf_counter()
-          o = hf(input_ids=ids, use_cache=True)
-          tsync()
-          prefill = time.perf_counter() - t0
-          past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
-          steps = min(new, 16)
-          t0 = time.perf_counter()
-          for _ in range(steps):
-            o = hf(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
-          tsync()
-        return prefill + new * (time.perf_counter() - t0) / steps
-
       theirs()  # warm-up
       sides["hf"] = theirs
-      estimate = min(parts() for _ in range(2))
+      estimate = min(common.hf_generate_parts_s(hf, ids, new, tsync) for _ in range(2))
     times = common.alternate(sides, s["runs"])
     out[b] = {"times": times, "tokens": b * new}
     if hf is not None:

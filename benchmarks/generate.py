@@ -70,24 +70,6 @@ def hf_generate(model, prompts, new: int) -> list[list[int]]:
   return out[:, p:].tolist()
 
 
-def hf_parts(model, prompts, new: int) -> float:
-  """HF's own parts, timed alone: one prefill of the padded batch, then `new` cached one-token
-  forwards (16 timed, scaled): what generate cannot beat by much unless it is sick."""
-  p = max(len(x) for x in prompts)
-  ids = torch.zeros((len(prompts), p), dtype=torch.long)
-  with torch.inference_mode():
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    prefill = time.perf_counter() - t0
-    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps = min(new, 16)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      out = model(input_ids=tok, past_key_values=past, use_cache=True)
-      past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-  return prefill + new * (time.perf_counter() - t0) / steps
-
-
 def decode_cache(cfg, batch: int, length: int, dtype=None):
   """The model's own decode cache; its contents do not change the cost."""
   return llama.init_cache(cfg, batch, length, dtype=dtype)
@@ -173,7 +155,9 @@ def main():
     times = common.alternate({"ours": lambda: sampler.generate(prompts, sp),
                               "hf": lambda: hf_generate(hf, prompts, args.new),
                               "plain": lambda: plain.generate(prompts, sp)}, args.runs)
-    estimate = min(hf_parts(hf, prompts, args.new) for _ in range(2))
+    p = max(len(x) for x in prompts)  # HF's left-padded batch has this width
+    estimate = min(common.hf_generate_parts_s(hf, torch.zeros((args.batch, p), dtype=torch.long),
+                                              args.new) for _ in range(2))
     run.mark("after the generate runs")
     tokens = args.batch * args.new
     ot, ht = min(times["ours"]), min(times["hf"])
