@@ -19,6 +19,7 @@ as an HF directory.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -139,6 +140,13 @@ def resolve(spec: str) -> str:
   if (spec.startswith("random:") or os.path.exists(path) or spec.count("/") != 1
       or spec.startswith((".", "/", "~"))):
     return path if not spec.startswith("random:") else spec
+  return _from_hub(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _from_hub(spec: str) -> str:
+  """One download (or cache check) per hub id and process: check_config, the config fill and
+  the weight load all resolve the same init_from."""
   from huggingface_hub import snapshot_download
   try:
     return snapshot_download(spec, allow_patterns=_HF_FILES)

@@ -5,13 +5,14 @@ is `tokens int32[b,K,T]`, `loss_mask float32[b,K,T]`, `ratings float32[b,K]`,
 `response_mask float32[b,K]` with b = global batch / process count.
 
 Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`.
-`prompt_format` (config `data.prompt_format`): "alpaca" takes the stored prompt (the paper's
-layout); "chat_template" renders the example's `turns` (user, assistant, ..., user) with the
-tokenizer's chat template and generation prompt, and ends each response with the template's
-end-of-turn token instead of EOS, so a chat model learns to stop where it is served; "auto"
-(default) is chat_template when the tokenizer has one and the examples carry `turns`, else
-alpaca. Datasets built before `turns` existed read as alpaca only; empty `turns` (an HH
-dialogue that does not alternate) drop the example under chat_template, counted.
+`prompt_format` (config `data.prompt_format`; the formats live in prompt_format.py): "alpaca"
+takes the stored prompt (the paper's layout); "chat_template" renders the example's `turns`
+(user, assistant, ..., user) with the tokenizer's chat template and generation prompt, and ends
+each response with the template's end-of-turn token instead of EOS, so a chat model learns to
+stop where it is served; "auto" (default) is chat_template when the tokenizer has one and the
+examples carry `turns`, else alpaca. Datasets built before `turns` existed read as alpaca
+only; empty `turns` (an HH dialogue that does not alternate) drop the example under
+chat_template, counted.
 `tokens[t]` is predicted from position t-1, so `loss_mask[t] = 1` exactly on response tokens and
 the closing EOS / end of turn, never on BOS or prompt. The prompt is kept whole and the response
 truncated (a cut response loses its EOS: the model must not learn to stop there). An example
@@ -48,92 +49,12 @@ import numpy as np
 
 from stable_alignment_jax import jsonl, synthetic
 from stable_alignment_jax.hindsight import chain_of_hindsight
+from stable_alignment_jax.prompt_format import (PROMPT_FORMATS, PromptFormat, as_format, text,
+                                                resolve_prompt_format)
 
 DROP_PROMPT_TOO_LONG = "prompt_too_long"
 DROP_NO_RESPONSES = "no_responses"
 DROP_NO_CHAT_TURNS = "no_chat_turns"
-PROMPT_FORMATS = ("auto", "alpaca", "chat_template")
-
-
-def _text(x) -> str:
-  if isinstance(x, bytes):
-    return x.decode("utf-8")
-  if isinstance(x, np.bytes_):
-    return bytes(x).decode("utf-8")
-  return str(x)
-
-
-class PromptFormat:
-  """How an example becomes prompt and response ids under one tokenizer: "alpaca" (the stored
-  prompt) or "chat_template" (the `turns` through the tokenizer's template). Picklable."""
-
-  def __init__(self, tokenizer, name: str = "alpaca"):
-    if name not in ("alpaca", "chat_template"):
-      raise ValueError(f"prompt format {name!r}: expected alpaca or chat_template (resolve "
-                       "auto with `resolve_prompt_format`)")
-    if name == "chat_template" and getattr(tokenizer, "chat_template", None) is None:
-      raise ValueError(f"data.prompt_format=chat_template: tokenizer "
-                       f"{getattr(tokenizer, 'path', tokenizer)!r} has no chat template")
-    self.tokenizer, self.name = tokenizer, name
-    self.end = [tokenizer.eos_id] if name == "alpaca" else self._end_of_turn()
-
-  def _render(self, turns, **kw) -> str:
-    from stable_alignment_jax.tokenizer import render_chat
-    roles = ("user", "assistant")
-    return render_chat(self.tokenizer, [{"role": roles[i % 2], "content": _text(t)}
-                                        for i, t in enumerate(turns)], **kw)
-
-  def _end_of_turn(self) -> list[int]:
-    """The template's text after an assistant message, through its first stop token (e.g.
-    `<|im_end|>`); EOS when that text holds none."""
-    marker = "\x1fEND-OF-TURN-PROBE\x1f"
-    text = self._render(["hi", marker], add_generation_prompt=False)
-    ids = self.tokenizer.encode(text[text.index(marker) + len(marker):])
-    stops = set(getattr(self.tokenizer, "stop_ids", [])) | {self.tokenizer.eos_id}
-    cut = next((i for i, t in enumerate(ids) if t in stops), None)
-    return ids[:cut + 1] if cut is not None else [self.tokenizer.eos_id]
-
-  def prompt_ids(self, ex: dict) -> list[int] | None:
-    """None: the example has no chat form (empty `turns`)."""
-    tok = self.tokenizer
-    if self.name == "alpaca":
-      return [tok.bos_id] + tok.encode(_text(ex["prompt"]))
-    turns = ex.get("turns")
-    if turns is None:
-      raise ValueError(f"example with prompt {_text(ex['prompt'])[:60]!r} has no `turns` (a "
-                       "dataset built before data_prep wrote them?): rebuild it, or set "
-                       "data.prompt_format=alpaca")
-    if len(turns) == 0:
-      return None
-    text = self._render(turns, add_generation_prompt=True)
-    bos_text = getattr(tok, "bos_text", None)
-    if bos_text and text.startswith(bos_text):  # the template writes BOS: one BOS id
-      return [tok.bos_id] + tok.encode(text[len(bos_text):])
-    return [tok.bos_id] * bool(getattr(tok, "add_bos", True)) + tok.encode(text)
-
-  def response_ids(self, response) -> list[int]:
-    return self.tokenizer.encode(_text(response)) + self.end
-
-
-def resolve_prompt_format(name: str, tokenizer, first_example: dict | None) -> str:
-  """auto -> chat_template when the tokenizer has a template and the examples carry `turns`
-  (judged by the first: a dataset is built by one data_prep version), else alpaca."""
-  if name not in PROMPT_FORMATS:
-    raise ValueError(f"data.prompt_format={name!r}: expected one of {PROMPT_FORMATS}")
-  if name != "auto":
-    return name
-  if getattr(tokenizer, "chat_template", None) is None:
-    return "alpaca"
-  if first_example is None or "turns" not in first_example:
-    logging.warning("data: the tokenizer has a chat template but the examples have no `turns` "
-                    "(built before data_prep wrote them); training prompts use the Alpaca layout")
-    return "alpaca"
-  return "chat_template"
-
-
-def _format(tokenizer, prompt_format) -> PromptFormat:
-  return prompt_format if isinstance(prompt_format, PromptFormat) else PromptFormat(
-      tokenizer, prompt_format)
 
 
 def drop_reason(ex: dict, tokenizer, *, max_len: int,
@@ -141,7 +62,7 @@ def drop_reason(ex: dict, tokenizer, *, max_len: int,
   """Why `encode_example` would drop `ex` (one of the DROP_* names), or None if it keeps it."""
   if len(ex["responses"]) == 0:
     return DROP_NO_RESPONSES
-  prompt = _format(tokenizer, prompt_format).prompt_ids(ex)
+  prompt = as_format(tokenizer, prompt_format).prompt_ids(ex)
   if prompt is None:
     return DROP_NO_CHAT_TURNS
   # BOS + prompt must leave at least one position for a response token.
@@ -167,10 +88,10 @@ def select_responses(ratings: Sequence[float], k: int) -> list[int]:
 def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int,
                    prompt_format: "str | PromptFormat" = "alpaca") -> dict | None:
   """One example -> K token rows and masks; None when it must be dropped (see `drop_reason`)."""
-  fmt = _format(tokenizer, prompt_format)
+  fmt = as_format(tokenizer, prompt_format)
   responses, ratings = ex["responses"], ex["ratings"]
   if len(responses) != len(ratings):
-    raise ValueError(f"example with prompt {_text(ex['prompt'])[:60]!r}: {len(responses)} "
+    raise ValueError(f"example with prompt {text(ex['prompt'])[:60]!r}: {len(responses)} "
                      f"responses but {len(ratings)} ratings")
   if len(responses) == 0:
     return None

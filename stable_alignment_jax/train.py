@@ -157,6 +157,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                            worker_count=c.data.worker_count,
                            prompt_format=c.data.get("prompt_format", "auto"))
   loader = load(data.open_source(c.data, c.data.train_split, c.seed))
+  # The eval split is opened once, on the first evaluation, and read from the start each time.
+  eval_source = functools.cache(lambda: data.open_source(c.data, c.data.eval_split, c.seed))
   kept = loader.stats["kept"]
   total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)
   tx, schedule = optim.make_optimizer(c.optim, total)
@@ -242,7 +244,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
         t_log, step_log = now, done
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
-        logger.eval(done, evaluate(c, state, eval_fn, load, mesh))
+        logger.eval(done, evaluate(eval_source(), c.train.eval_batches, state, eval_fn, load,
+                                   mesh))
       if is_save:
         save(done)
   mgr.wait_until_finished()
@@ -282,11 +285,11 @@ def _check_finite(pending, ckpt_dir, mgr) -> None:
         f"the last good checkpoint in {ckpt_dir} is step {mgr.latest_step()} and was kept")
 
 
-def evaluate(c, state, eval_fn, load, mesh) -> dict[str, float]:
-  """Mean loss and metrics over `train.eval_batches` batches of the eval split."""
-  loader = load(data.open_source(c.data, c.data.eval_split, c.seed), shuffle=False)
+def evaluate(source, n_batches: int, state, eval_fn, load, mesh) -> dict[str, float]:
+  """Mean loss and metrics over the first `n_batches` batches of `source` (the eval split)."""
+  loader = load(source, shuffle=False)
   it, sums = iter(loader), {}
-  n = min(c.train.eval_batches, max(1, int(loader.stats["batches_per_epoch"])))
+  n = min(n_batches, max(1, int(loader.stats["batches_per_epoch"])))
   for _ in range(n):
     m = jax.device_get(eval_fn(state, sharding.global_batch(next(it), mesh)))
     for k, v in m.items():

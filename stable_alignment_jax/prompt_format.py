@@ -1,0 +1,97 @@
+"""Training prompt formats: how an alignment example becomes prompt and response token ids.
+
+"alpaca" takes the stored prompt (the paper's layout, what data_prep writes) behind BOS, and ends
+each response with EOS. "chat_template" renders the example's `turns` (user, assistant, ...,
+user) with the tokenizer's own chat template and generation prompt, and ends each response with
+the template's end-of-turn token, so a chat model is trained on the format it is served with.
+"auto" (config `data.prompt_format`'s default) is chat_template when the tokenizer has a template
+and the examples carry `turns`, else alpaca.
+"""
+
+import logging
+
+import numpy as np
+
+PROMPT_FORMATS = ("auto", "alpaca", "chat_template")
+
+
+def text(x) -> str:
+  """A stored string field as str (TFDS gives bytes)."""
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, np.bytes_):
+    return bytes(x).decode("utf-8")
+  return str(x)
+
+
+class PromptFormat:
+  """How an example becomes prompt and response ids under one tokenizer: "alpaca" (the stored
+  prompt) or "chat_template" (the `turns` through the tokenizer's template). Picklable."""
+
+  def __init__(self, tokenizer, name: str = "alpaca"):
+    if name not in ("alpaca", "chat_template"):
+      raise ValueError(f"prompt format {name!r}: expected alpaca or chat_template (resolve "
+                       "auto with `resolve_prompt_format`)")
+    if name == "chat_template" and getattr(tokenizer, "chat_template", None) is None:
+      raise ValueError(f"data.prompt_format=chat_template: tokenizer "
+                       f"{getattr(tokenizer, 'path', tokenizer)!r} has no chat template")
+    self.tokenizer, self.name = tokenizer, name
+    self.end = [tokenizer.eos_id] if name == "alpaca" else self._end_of_turn()
+
+  def _render(self, turns, **kw) -> str:
+    from stable_alignment_jax.tokenizer import render_chat
+    roles = ("user", "assistant")
+    return render_chat(self.tokenizer, [{"role": roles[i % 2], "content": text(t)}
+                                        for i, t in enumerate(turns)], **kw)
+
+  def _end_of_turn(self) -> list[int]:
+    """The template's text after an assistant message, through its first stop token (e.g.
+    `<|im_end|>`); EOS when that text holds none."""
+    marker = "\x1fEND-OF-TURN-PROBE\x1f"
+    rendered = self._render(["hi", marker], add_generation_prompt=False)
+    ids = self.tokenizer.encode(rendered[rendered.index(marker) + len(marker):])
+    stops = set(getattr(self.tokenizer, "stop_ids", [])) | {self.tokenizer.eos_id}
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids[:cut + 1] if cut is not None else [self.tokenizer.eos_id]
+
+  def prompt_ids(self, ex: dict) -> list[int] | None:
+    """None: the example has no chat form (empty `turns`)."""
+    tok = self.tokenizer
+    if self.name == "alpaca":
+      return [tok.bos_id] + tok.encode(text(ex["prompt"]))
+    turns = ex.get("turns")
+    if turns is None:
+      raise ValueError(f"example with prompt {text(ex['prompt'])[:60]!r} has no `turns` (a "
+                       "dataset built before data_prep wrote them?): rebuild it, or set "
+                       "data.prompt_format=alpaca")
+    if len(turns) == 0:
+      return None
+    rendered = self._render(turns, add_generation_prompt=True)
+    bos_text = getattr(tok, "bos_text", None)
+    if bos_text and rendered.startswith(bos_text):  # the template writes BOS: one BOS id
+      return [tok.bos_id] + tok.encode(rendered[len(bos_text):])
+    return [tok.bos_id] * bool(getattr(tok, "add_bos", True)) + tok.encode(rendered)
+
+  def response_ids(self, response) -> list[int]:
+    return self.tokenizer.encode(text(response)) + self.end
+
+
+def resolve_prompt_format(name: str, tokenizer, first_example: dict | None) -> str:
+  """auto -> chat_template when the tokenizer has a template and the examples carry `turns`
+  (judged by the first: a dataset is built by one data_prep version), else alpaca."""
+  if name not in PROMPT_FORMATS:
+    raise ValueError(f"data.prompt_format={name!r}: expected one of {PROMPT_FORMATS}")
+  if name != "auto":
+    return name
+  if getattr(tokenizer, "chat_template", None) is None:
+    return "alpaca"
+  if first_example is None or "turns" not in first_example:
+    logging.warning("data: the tokenizer has a chat template but the examples have no `turns` "
+                    "(built before data_prep wrote them); training prompts use the Alpaca layout")
+    return "alpaca"
+  return "chat_template"
+
+
+def as_format(tokenizer, prompt_format) -> PromptFormat:
+  return prompt_format if isinstance(prompt_format, PromptFormat) else PromptFormat(
+      tokenizer, prompt_format)
