@@ -26,7 +26,6 @@ from that environment variable and every request must send `Authorization: Beare
 the key is never logged.
 """
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -38,6 +37,7 @@ import uuid
 import sys
 from typing import Any, AsyncIterator, Sequence
 
+from absl import app, flags
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -264,43 +264,15 @@ def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
                            headers={"Cache-Control": "no-cache"})
 
 
-def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m stable_alignment_jax.serve",
-                               description="OpenAI-compatible server over a stable_alignment_jax model")
-
-  def flag(name, **kw):  # accept --snake_case and --kebab-case spellings
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    ap.add_argument(*names, dest=name, **kw)
-
-  flag("checkpoint", required=True,
-       help="random:tiny[:seed], an HF LLaMA directory or an Orbax stage checkpoint directory")
-  flag("tokenizer", default=None, help="'byte', a .model file or a directory (default: the "
-       "checkpoint directory; 'byte' for random:*)")
-  flag("dtype", default=None, help="compute dtype override, e.g. float32 or bfloat16")
-  flag("cache_dtype", default=None, help="KV cache dtype (default: the compute dtype); "
-       "bfloat16 halves what a decode step reads")
-  flag("model_name", default=None, help="the id clients send as `model` (default: checkpoint "
-       "directory name)")
-  flag("host", default="127.0.0.1", help="address to bind (default: loopback only)")
-  flag("port", type=int, default=8000)
-  flag("chat_template", default="auto", help="auto (the checkpoint's own, else alpaca) | model | "
-       "alpaca | alpaca_bare | plain | FILE.json")
-  flag("max_batch", type=int, default=32, help="most rows in one generate call")
-  flag("batch_wait_ms", type=float, default=10.0,
-       help="how long the first request of a batch waits for company")
-  flag("stream_chunk", type=int, default=8,
-       help="decode steps between streamed chunks (fewer: earlier text, more host round trips)")
-  flag("default_max_tokens", type=int, default=256,
-       help="chat max_tokens when the request gives none (capped by the context)")
-  flag("api_key_env", default=None,
-       help="name of an environment variable holding the API key clients must send")
-  flag("log_level", default="info")
-  return ap
-
-
-def main(argv: Sequence[str] | None = None):
-  args = _parser().parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+def main(argv: Sequence[str]):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+  args = flags.FLAGS
+  if args.checkpoint is None:
+    raise app.UsageError("--checkpoint is required", exitcode=2)
+  # force: app.run has put absl's handler on the root logger; this format and level replace it.
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
   api_key = None
   if args.api_key_env:
     api_key = os.environ.get(args.api_key_env)
@@ -325,5 +297,40 @@ def main(argv: Sequence[str] | None = None):
               log_level=args.log_level)
 
 
+def cli():
+  """The command line, also setup.py's console script. Flags are defined here, not at import;
+  each `--snake_case` flag also answers to its `--kebab-case` spelling."""
+
+  def flag(define, name, default, help, **kw):
+    define(name, default, help, **kw)
+    if "_" in name:
+      flags.DEFINE_alias(name.replace("_", "-"), name)
+
+  flag(flags.DEFINE_string, "checkpoint", None,
+       "random:tiny[:seed], an HF LLaMA directory or an Orbax stage checkpoint directory")
+  flag(flags.DEFINE_string, "tokenizer", None, "'byte', a .model file or a directory (default: "
+       "the checkpoint directory; 'byte' for random:*)")
+  flag(flags.DEFINE_string, "dtype", None, "compute dtype override, e.g. float32 or bfloat16")
+  flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute dtype); "
+       "bfloat16 halves what a decode step reads")
+  flag(flags.DEFINE_string, "model_name", None, "the id clients send as `model` (default: "
+       "checkpoint directory name)")
+  flag(flags.DEFINE_string, "host", "127.0.0.1", "address to bind (default: loopback only)")
+  flag(flags.DEFINE_integer, "port", 8000, None)
+  flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else alpaca) | "
+       "model | alpaca | alpaca_bare | plain | FILE.json")
+  flag(flags.DEFINE_integer, "max_batch", 32, "most rows in one generate call")
+  flag(flags.DEFINE_float, "batch_wait_ms", 10.0,
+       "how long the first request of a batch waits for company")
+  flag(flags.DEFINE_integer, "stream_chunk", 8,
+       "decode steps between streamed chunks (fewer: earlier text, more host round trips)")
+  flag(flags.DEFINE_integer, "default_max_tokens", 256,
+       "chat max_tokens when the request gives none (capped by the context)")
+  flag(flags.DEFINE_string, "api_key_env", None,
+       "name of an environment variable holding the API key clients must send")
+  flag(flags.DEFINE_string, "log_level", "info", None)
+  app.run(main)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

@@ -320,9 +320,12 @@ def test_cli_round_trip_carries_tokenizer_chat_template_and_generation_config(
                                  add_generation_prompt=True).endswith("<|im_start|>assistant\n")
 
 
-def test_gguf_cli_names_a_missing_file(tmp_path, capsys):
-  from stable_alignment_jax.model import gguf
+def test_gguf_cli_names_a_missing_file(tmp_path):
   missing = tmp_path / "none.gguf"
-  assert gguf.main([f"--gguf={missing}", f"--to_hf={tmp_path / 'out'}"]) == 1
-  assert f"gguf: error: {missing}: no such GGUF file" in capsys.readouterr().err
+  # A subprocess: the CLI defines its absl flags when it runs, on the process's global FLAGS.
+  r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.gguf", f"--gguf={missing}",
+                      f"--to_hf={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 1
+  assert f"gguf: error: {missing}: no such GGUF file" in r.stderr
   assert not (tmp_path / "out").exists()

@@ -9,9 +9,10 @@ runtime one): install it to convert (`pip install torch`, the CPU build is enoug
   python -m stable_alignment_jax.model.gguf --gguf=FILE.gguf --to_hf=DIR
 """
 
-import argparse
 import os
 import sys
+
+from absl import app, flags
 
 
 def to_hf(gguf: str, out: str) -> str:
@@ -48,20 +49,27 @@ def to_hf(gguf: str, out: str) -> str:
   return out
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m stable_alignment_jax.model.gguf",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--gguf", required=True, help="the .gguf file")
-  ap.add_argument("--to_hf", required=True, help="the Hugging Face directory to write")
-  a = ap.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+  f = flags.FLAGS
+  if not f.gguf or not f.to_hf:
+    raise app.UsageError("give --gguf=FILE.gguf --to_hf=DIR", exitcode=2)
   try:
-    to_hf(a.gguf, a.to_hf)
+    to_hf(f.gguf, f.to_hf)
   except (OSError, ValueError, ImportError) as e:
     print(f"gguf: error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {a.to_hf}")
+  print(f"wrote {f.to_hf}")
   return 0
 
 
+def cli():
+  """The command line. Flags are defined here, not at import."""
+  flags.DEFINE_string("gguf", None, "the .gguf file")
+  flags.DEFINE_string("to_hf", None, "the Hugging Face directory to write")
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

@@ -23,7 +23,6 @@ Output is quiet for piping: stdout carries only generated text; progress bars, J
 warnings are off, errors go to stderr with a non-zero exit status.
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -32,37 +31,7 @@ import sys
 import warnings
 from typing import Sequence, TextIO
 
-
-def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m stable_alignment_jax.generate",
-                               description="Generate text from a stable_alignment_jax model")
-
-  def flag(name, **kw):  # accept --snake_case and --kebab-case spellings
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    ap.add_argument(*names, dest=name, **kw)
-
-  flag("checkpoint", required=True,
-       help="random:tiny[:seed], an HF LLaMA directory or one of our run directories")
-  flag("prompt", default=None, help="the prompt (default: read prompts from stdin, one a line)")
-  flag("tokenizer", default=None, help="'byte', a .model file or a directory (default: the "
-       "checkpoint's own)")
-  flag("dtype", default=None, help="compute dtype override, e.g. float32 or bfloat16")
-  flag("cache_dtype", default=None, help="KV cache dtype (default: the compute dtype); "
-       "bfloat16 halves what a decode step reads")
-  flag("max_tokens", type=int, default=128, help="most new tokens per completion")
-  flag("temperature", type=float, default=0.0, help="0 = greedy (default)")
-  flag("top_p", type=float, default=1.0)
-  flag("top_k", type=int, default=0, help="0 = off")
-  flag("seed", type=int, default=0)
-  flag("stop", action="append", default=[], help="stop string (repeatable)")
-  flag("chat", action="store_true", help="render prompts through the chat template; "
-       "interactive conversation when no --prompt is given")
-  flag("chat_template", default="auto", help="auto (the checkpoint's own, else alpaca) | model | "
-       "alpaca | alpaca_bare | plain | FILE.json")
-  flag("system", default=None, help="system message for --chat (default: the template's)")
-  flag("jsonl", action="store_true", help="batch mode: one JSON object per completion")
-  flag("max_batch", type=int, default=32, help="most prompts in one sampler call")
-  return ap
+from absl import app, flags
 
 
 def _quiet():
@@ -142,7 +111,7 @@ def _chat_loop(gen: _Generator, lines: TextIO, out: TextIO, err: TextIO, system:
     history = turn + [{"role": "assistant", "content": reply.text}]
 
 
-def main(argv: Sequence[str] | None = None):
+def main(argv: Sequence[str]):
   try:
     _main(argv)
   except BrokenPipeError:  # the reader went away (e.g. `| head -1`): stop quietly, like `cat`
@@ -151,8 +120,12 @@ def main(argv: Sequence[str] | None = None):
     raise SystemExit(141) from None
 
 
-def _main(argv: Sequence[str] | None):
-  args = _parser().parse_args(argv)
+def _main(argv: Sequence[str]):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
+  args = flags.FLAGS
+  if args.checkpoint is None:
+    raise app.UsageError("--checkpoint is required", exitcode=2)
   _quiet()
   if args.max_tokens < 0:
     raise SystemExit(f"error: --max_tokens must be >= 0, got {args.max_tokens}")
@@ -197,5 +170,40 @@ def _main(argv: Sequence[str] | None):
     engine.stop()
 
 
+def cli():
+  """The command line, also setup.py's console script (`python -m stable_alignment_jax.generate`
+  runs it too). Flags are defined here, not at import; each `--snake_case` flag also answers to
+  its `--kebab-case` spelling."""
+
+  def flag(define, name, default, help, **kw):
+    define(name, default, help, **kw)
+    if "_" in name:
+      flags.DEFINE_alias(name.replace("_", "-"), name)
+
+  flag(flags.DEFINE_string, "checkpoint", None,
+       "random:tiny[:seed], an HF LLaMA directory or one of our run directories")
+  flag(flags.DEFINE_string, "prompt", None,
+       "the prompt (default: read prompts from stdin, one a line)")
+  flag(flags.DEFINE_string, "tokenizer", None, "'byte', a .model file or a directory (default: "
+       "the checkpoint's own)")
+  flag(flags.DEFINE_string, "dtype", None, "compute dtype override, e.g. float32 or bfloat16")
+  flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute dtype); "
+       "bfloat16 halves what a decode step reads")
+  flag(flags.DEFINE_integer, "max_tokens", 128, "most new tokens per completion")
+  flag(flags.DEFINE_float, "temperature", 0.0, "0 = greedy (default)")
+  flag(flags.DEFINE_float, "top_p", 1.0, None)
+  flag(flags.DEFINE_integer, "top_k", 0, "0 = off")
+  flag(flags.DEFINE_integer, "seed", 0, None)
+  flag(flags.DEFINE_multi_string, "stop", [], "stop string (repeatable)")
+  flag(flags.DEFINE_boolean, "chat", False, "render prompts through the chat template; "
+       "interactive conversation when no --prompt is given")
+  flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else alpaca) | "
+       "model | alpaca | alpaca_bare | plain | FILE.json")
+  flag(flags.DEFINE_string, "system", None, "system message for --chat (default: the template's)")
+  flag(flags.DEFINE_boolean, "jsonl", False, "batch mode: one JSON object per completion")
+  flag(flags.DEFINE_integer, "max_batch", 32, "most prompts in one sampler call")
+  app.run(main)
+
+
 if __name__ == "__main__":
-  main()
+  cli()
