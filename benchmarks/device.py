@@ -63,8 +63,6 @@ FULL = dict(preset="llama3_2_1b", prompts=4, responses=2, seq=1024, prompt_len=1
 DRY = dict(preset="tiny", prompts=2, responses=2, seq=64, prompt_len=16, steps=2,
            near=8, far=128, pos_new=4, pos_batches=(1,), gen_batches=(1, 4),
            gen_prompt=16, gen_new=8, runs=2)
-# Same dense bf16 compute as the H100 SXM (NVIDIA's sheets), more HBM; not in the table yet.
-EXTRA_CHIPS = {"H200": dict(base="h100", name="H200 SXM", hbm=141e9)}
 
 
 def chip_of(device):
@@ -74,9 +72,6 @@ def chip_of(device):
     key = getattr(c, "device_kind", c.name)
     if key in kind:
       return c
-  for key, e in EXTRA_CHIPS.items():
-    if key in kind:
-      return dataclasses.replace(CHIPS[e["base"]], name=e["name"], hbm=e["hbm"])
   return None
 
 

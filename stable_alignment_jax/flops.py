@@ -24,6 +24,7 @@ CHIPS = {
     "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 16e9, 200e9),
     "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 32e9, 448e9),
     "h100": Chip("H100 SXM", "H100", 989e12, 80e9, 450e9),
+    "h200": Chip("H200 SXM", "H200", 989e12, 141e9, 450e9),  # H100's compute, 141 GB HBM3e
     "a100": Chip("A100", "A100", 312e12, 80e9, 300e9),
 }
 
@@ -40,7 +41,9 @@ def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
   PaLM (Chowdhery et al. 2022, app. B): 6 N per token for the weights plus 12 L D T for the
   attention scores and mixing, forward and backward (a third of each is the forward).
   """
-  n = cfg.num_params() - cfg.vocab_size * cfg.dim  # the embedding lookup is not a matmul
+  # The embedding lookup is not a matmul, the LM head is: a tied head is the same table used
+  # as a matmul, so only an untied model has a lookup-only table to leave out.
+  n = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
   weights, attn = 6 * n * tokens, 12 * cfg.n_layers * cfg.dim * seq * tokens
   recompute = {"none": 0.0, "dots": attn / 3, "full": (weights + attn) / 3}[cfg.remat]
   ref = (weights + attn) / 3 if reference else 0.0  # the frozen reference forward (DPO)

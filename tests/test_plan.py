@@ -86,6 +86,16 @@ def test_flops_follow_palm_and_remat():
   assert model_f == model and hw_f == pytest.approx(model * 4 / 3)
 
 
+def test_a_tied_head_is_still_a_matmul():
+  # Tying shares the table, not the work: the head's [D, V] matmul runs either way, so the
+  # same shape must cost the same FLOPs tied or not (only the input lookup is free).
+  cfg = ModelConfig.from_dict(dict(_tiny().model))
+  tied = ModelConfig.from_dict({**dict(_tiny().model), "tie_embeddings": True})
+  assert tied.num_params() == cfg.num_params() - cfg.vocab_size * cfg.dim
+  assert flops.step_flops(tied, 1000, 100, reference=False) == \
+      flops.step_flops(cfg, 1000, 100, reference=False)
+
+
 def test_hardware_and_mesh_parsing_errors():
   assert plan.parse_hardware("v4-32")[1] == 16 and plan.parse_hardware("h100x8")[1] == 8
   for bad in ("v5p-63", "tpu", "a100x8"):
@@ -107,5 +117,6 @@ def test_cli_prints_a_plan():
 def test_one_chip_table_serves_the_planner_and_the_trainers_mfu():
   assert flops.peak_flops("TPU v5 lite") == flops.CHIPS["v5e"].peak_bf16 == 197e12
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.CHIPS["h200"].hbm == 141e9
   assert flops.peak_flops("TPU v5p") == plan.parse_hardware("v5p-8")[0].peak_bf16
   assert flops.peak_flops("cpu") == 0.0  # unknown chips report no MFU rather than a wrong one
