@@ -301,24 +301,12 @@ def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import;
   each `--snake_case` flag also answers to its `--kebab-case` spelling."""
 
-  def flag(define, name, default, help, **kw):
-    define(name, default, help, **kw)
-    if "_" in name:
-      flags.DEFINE_alias(name.replace("_", "-"), name)
-
-  flag(flags.DEFINE_string, "checkpoint", None,
-       "random:tiny[:seed], an HF LLaMA directory or an Orbax stage checkpoint directory")
-  flag(flags.DEFINE_string, "tokenizer", None, "'byte', a .model file or a directory (default: "
-       "the checkpoint directory; 'byte' for random:*)")
-  flag(flags.DEFINE_string, "dtype", None, "compute dtype override, e.g. float32 or bfloat16")
-  flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute dtype); "
-       "bfloat16 halves what a decode step reads")
+  from stable_alignment_jax.serving.engine import define_flag as flag, define_model_flags
+  define_model_flags()
   flag(flags.DEFINE_string, "model_name", None, "the id clients send as `model` (default: "
        "checkpoint directory name)")
   flag(flags.DEFINE_string, "host", "127.0.0.1", "address to bind (default: loopback only)")
   flag(flags.DEFINE_integer, "port", 8000, None)
-  flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else alpaca) | "
-       "model | alpaca | alpaca_bare | plain | FILE.json")
   flag(flags.DEFINE_integer, "max_batch", 32, "most rows in one generate call")
   flag(flags.DEFINE_float, "batch_wait_ms", 10.0,
        "how long the first request of a batch waits for company")

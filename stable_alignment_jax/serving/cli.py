@@ -175,20 +175,10 @@ def cli():
   runs it too). Flags are defined here, not at import; each `--snake_case` flag also answers to
   its `--kebab-case` spelling."""
 
-  def flag(define, name, default, help, **kw):
-    define(name, default, help, **kw)
-    if "_" in name:
-      flags.DEFINE_alias(name.replace("_", "-"), name)
-
-  flag(flags.DEFINE_string, "checkpoint", None,
-       "random:tiny[:seed], an HF LLaMA directory or one of our run directories")
+  from stable_alignment_jax.serving.engine import define_flag as flag, define_model_flags
+  define_model_flags()
   flag(flags.DEFINE_string, "prompt", None,
        "the prompt (default: read prompts from stdin, one a line)")
-  flag(flags.DEFINE_string, "tokenizer", None, "'byte', a .model file or a directory (default: "
-       "the checkpoint's own)")
-  flag(flags.DEFINE_string, "dtype", None, "compute dtype override, e.g. float32 or bfloat16")
-  flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute dtype); "
-       "bfloat16 halves what a decode step reads")
   flag(flags.DEFINE_integer, "max_tokens", 128, "most new tokens per completion")
   flag(flags.DEFINE_float, "temperature", 0.0, "0 = greedy (default)")
   flag(flags.DEFINE_float, "top_p", 1.0, None)
@@ -197,8 +187,6 @@ def cli():
   flag(flags.DEFINE_multi_string, "stop", [], "stop string (repeatable)")
   flag(flags.DEFINE_boolean, "chat", False, "render prompts through the chat template; "
        "interactive conversation when no --prompt is given")
-  flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else alpaca) | "
-       "model | alpaca | alpaca_bare | plain | FILE.json")
   flag(flags.DEFINE_string, "system", None, "system message for --chat (default: the template's)")
   flag(flags.DEFINE_boolean, "jsonl", False, "batch mode: one JSON object per completion")
   flag(flags.DEFINE_integer, "max_batch", 32, "most prompts in one sampler call")

@@ -99,6 +99,30 @@ class Engine:
     future.result()  # a failure in the batch is raised here
 
 
+def define_flag(define, name, default, help, **kw):
+  """An absl flag (`define` = flags.DEFINE_string, ...) that also answers to its --kebab-case
+  spelling; the serving CLIs call this inside their cli(), never at import."""
+  from absl import flags
+  define(name, default, help, **kw)
+  if "_" in name:
+    flags.DEFINE_alias(name.replace("_", "-"), name)
+
+
+def define_model_flags() -> None:
+  """The flags `load_engine` takes, shared by the server and the generate CLI."""
+  from absl import flags
+  define_flag(flags.DEFINE_string, "checkpoint", None,
+              "random:tiny[:seed], an HF LLaMA directory or hub id, or one of our run directories")
+  define_flag(flags.DEFINE_string, "tokenizer", None, "'byte', a .model file or a directory "
+              "(default: the checkpoint's own; 'byte' for random:*)")
+  define_flag(flags.DEFINE_string, "dtype", None,
+              "compute dtype override, e.g. float32 or bfloat16")
+  define_flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute "
+              "dtype); bfloat16 halves what a decode step reads")
+  define_flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else "
+              "alpaca) | model | alpaca | alpaca_bare | plain | FILE.json")
+
+
 def load_engine(checkpoint: str, *, tokenizer: str | None = None, dtype: str | None = None,
                 chat_template: str = "auto", min_batch: int = 1, cache_dtype: str | None = None,
                 **engine_kw) -> Engine:
