@@ -8,8 +8,8 @@ Keys (evaluate(config) in eval/run.py reads them):
   methods         name -> checkpoint spec ("random:<preset>[:seed]", HF LLaMA dir, run dir)
   checkpoint/name one more system from the command line (added to methods when set)
   tokenizer       '' = the run's data.tokenizer / the HF dir / "byte" for random models
-  tasks           comma list of truthfulqa_mc1, ethics, moral_stories, mic, hh, hh_adv, and
-                  the names of extra_tasks
+  tasks           comma list of truthfulqa_mc1, ethics, moral_stories, mic, hh, hh_adv,
+                  answer_format, answer_format_sampled, and the names of extra_tasks
   extra_tasks     name -> {items: "package.module:function" returning the MC items, column:
                   its results-table label}: benchmarks from outside eval (an experiment's world)
   data_dir        the benchmark files: $STABLE_ALIGNMENT_DATA, else ~/.cache/stable_alignment_jax/
@@ -18,6 +18,9 @@ Keys (evaluate(config) in eval/run.py reads them):
   mic_path        the official MIC.csv (data-use agreement, not downloadable)
   limit           first N items per task (0 = all); results under out_dir/<name>/
   judge.*         OpenAI-compatible judge for hh/hh_adv (key from the env var api_key_env)
+  answer_format.* the answer-format tasks (does the system answer held-out questions, or
+                  critique / list feedback / echo the prompt; eval/answer_format.py): their
+                  question source, the SANDBOX question file left out of it, sizes, sampling
   pairwise        "x:y,..." judge system x's answers against y's, both orders
 """
 
@@ -39,7 +42,8 @@ def get_config(arg=None):
   c.tokenizer = ""
   c.dtype = ""  # '' = the checkpoint's compute dtype
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  c.tasks = "hh,hh_adv,moral_stories,mic,ethics,truthfulqa_mc1"
+  c.tasks = ("hh,hh_adv,moral_stories,mic,ethics,truthfulqa_mc1,answer_format,"
+             "answer_format_sampled")
   c.extra_tasks = ml_collections.ConfigDict()
   c.ethics_splits = ("test", "test_hard")
   c.moral_stories_protocol = "choose"  # choose | classify (see eval/moral_stories.py)
@@ -63,6 +67,23 @@ def get_config(arg=None):
   c.gen.temperature = 0.0  # greedy, so a re-run reproduces the answers
   c.gen.top_p = 1.0
   c.gen.batch_size = 16
+
+  c.answer_format = ml_collections.ConfigDict()
+  # "hh": the HH-RLHF test dialogues' first questions (eval/hh.py), the paper's held-out
+  # questions; or "module:function" returning question strings (an experiment's world).
+  c.answer_format.questions = "hh"
+  # Questions in this file are left out: SANDBOX's pool (HH-RLHF questions; 356 of the 4,384
+  # HH test questions are in it), which every stage trained on. '' = none.
+  c.answer_format.exclude_file = os.path.join(c.data_dir, "sandbox_questions", "hh_questions.txt")
+  c.answer_format.n = 256  # the first n questions left (0 = all); `limit` applies too
+  # auto = the layout the checkpoint was trained in (its run's data.prompt_format): Alpaca, or
+  # the checkpoint's own chat template; or alpaca | chat_template.
+  c.answer_format.prompt_format = "auto"
+  # Enough to get past a restated feedback list to the revision (realignment layout).
+  c.answer_format.max_new_tokens = 256
+  c.answer_format.temperature = 0.7  # answer_format_sampled; per-item seeds, as gen does
+  c.answer_format.top_p = 1.0
+  c.answer_format.batch_size = 16
 
   c.judge = ml_collections.ConfigDict()
   c.judge.base_url = ""  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1

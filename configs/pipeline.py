@@ -94,9 +94,16 @@ def get_config(arg=None):
     ev.methods = ml_collections.ConfigDict()
     ev.extra_tasks = ml_collections.ConfigDict({"tiny_world_mc": {
         "items": "experiments.tiny_world.world:mc_items", "column": "Tiny world MC"}})
-    ev.tasks = "tiny_world_mc,moral_stories,truthfulqa_mc1"
+    ev.tasks = ("tiny_world_mc,moral_stories,truthfulqa_mc1,answer_format,"
+                "answer_format_sampled")
     ev.limit = 64
     ev.tokenizer = ""
+    # Held-out world questions (no world file holds them, so no stage trained on them).
+    ev.answer_format.questions = "experiments.tiny_world.world:heldout_questions"
+    ev.answer_format.exclude_file = ""
+    ev.answer_format.n = 64
+    # A realignment reply runs ~110 tokens (2-3 reasons, then the revision): 128 reaches it.
+    ev.answer_format.max_new_tokens = 128
   return c
 
 

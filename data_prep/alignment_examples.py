@@ -3,7 +3,9 @@
 - imitation: prompt = the question; responses = every answer given to it (drafts and revisions,
   across agents and runs), rated by the observer's moral score.
 - self_critic: prompt = the question + a critique instruction + one draft; responses = the peers'
-  written reasons, rated by the peers' ratings.
+  written reasons, each behind "Critique: ", rated by the peers' ratings. The prefix is ours,
+  not the paper's: a reason alone ("It avoids the question.") reads like an answer, so without
+  it neither the model nor eval (eval/answer_format.py) could tell a critique from an answer.
 - realignment: prompt = the question + the draft + an instruction to revise given feedback;
   response = the feedback + "Here is the revised response:" + the revision, rated by the
   revision's moral score. Kept only when the revision scored strictly higher than the draft AND
@@ -37,7 +39,11 @@ CRITIQUE_INSTRUCTION = ("Critique the answer below to the given question: judge 
 REVISE_INSTRUCTION = ("The answer below to the given question received feedback from others. "
                       "Restate the feedback, then revise the answer so that it is more socially "
                       "aligned.")
+# The critique and revise prompts' input: the question and the draft being judged.
+JUDGED = "Question: {question}\nAnswer: {answer}"
 REVISED_MARKER = "Here is the revised response:"
+FEEDBACK_HEADER = "Feedback:"  # the first line of a realignment response
+CRITIQUE_PREFIX = "Critique:"  # the start of every self-critic response
 REALIGN_MIN_SCORE = 4.0  # the revision must score above this (paper: "above 4")
 
 
@@ -53,7 +59,7 @@ def user_turn(instruction: str, input_text: str | None = None) -> str:
 
 
 def _judged(question: str, draft: str) -> str:
-  return f"Question: {question}\nAnswer: {draft}"
+  return JUDGED.format(question=question, answer=draft)
 
 
 def critique_prompt(question: str, draft: str) -> str:
@@ -64,9 +70,13 @@ def revise_prompt(question: str, draft: str) -> str:
   return alpaca_prompt(REVISE_INSTRUCTION, _judged(question, draft))
 
 
+def critique_response(reason: str) -> str:
+  return f"{CRITIQUE_PREFIX} {reason.strip()}"
+
+
 def realignment_response(reasons: list[str], revision: str) -> str:
   feedback = "\n".join(f"- {r.strip()}" for r in reasons)
-  return f"Feedback:\n{feedback}\n\n{REVISED_MARKER}\n{revision}"
+  return f"{FEEDBACK_HEADER}\n{feedback}\n\n{REVISED_MARKER}\n{revision}"
 
 
 def record_source(rec: dict) -> str:
@@ -127,7 +137,8 @@ def self_critic_examples(records: Iterable[dict], drops: collections.Counter) ->
     prompt = critique_prompt(rec["question"], rec["draft"]["text"])
     turn = user_turn(CRITIQUE_INSTRUCTION, _judged(rec["question"], rec["draft"]["text"]))
     for fb in written:
-      groups.add(prompt, turn, rec["question"], fb["reason"], fb["rating"], record_source(rec))
+      groups.add(prompt, turn, rec["question"], critique_response(fb["reason"]), fb["rating"],
+                 record_source(rec))
   drops["self_critic: repeated reason merged"] += groups.merged
   return groups.examples()
 

@@ -3,9 +3,9 @@
   python -m data_prep.build --export=runs/a.jsonl,runs/b.jsonl --out=data/alignment \
       [--ratio=5:1:1] [--seed=0] [--validation_percent=5]
 
-Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.1.0/` (train and validation
+Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.2.0/` (train and validation
 splits, split by a hash of the question) and the dataset card `OUT/sandbox_alignment/
-card-1.1.0.json`, which is also printed. Read back without TensorFlow:
+card-1.2.0.json`, which is also printed. Read back without TensorFlow:
 `stable_alignment_jax.data.open_tfds("sandbox_alignment/imitation", data_dir=OUT, split="train")`.
 
 Bad lines are rejected with file:line and reason and the rest is built; the card lists them.

@@ -22,9 +22,10 @@ SPLITS = ("train", "validation")
 class SandboxAlignment(tfds.core.GeneratorBasedBuilder):
   """SANDBOX interaction records -> prompt + K rated responses (Liu et al., ICLR 2024)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "Imitation, self-critic and realignment examples; Alpaca prompts.",
-                   "1.1.0": "`turns`: the prompt as a chat user turn, for chat templates."}
+                   "1.1.0": "`turns`: the prompt as a chat user turn, for chat templates.",
+                   "1.2.0": "self-critic responses start with \"Critique: \"."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="imitation", description="question -> answers rated by the "
                               "observer's moral score"),

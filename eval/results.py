@@ -3,7 +3,8 @@
 <out_dir>/<system>/
   <task>.jsonl     per-item records, appended as each chunk finishes (kind mc | answer | rating)
   <task>.json      written once the task is complete: its summary, the limit it ran with, timing
-  summary.json     every finished task's numbers and the table columns (metrics.summarize)
+  summary.json     every finished task's numbers and the table columns (metrics.summarize, and
+                   the answer-format shares: `add_answer_format`)
 Task names contain '/' (ethics/justice/test); file names use '__' instead.
 A killed run leaves complete lines in the .jsonl (each append is flushed per chunk; a torn last
 line is dropped on read), so a re-run scores only the items whose records are missing.
@@ -12,7 +13,7 @@ line is dropped on read), so a re-run scores only the items whose records are mi
 import json
 import os
 
-from eval import metrics
+from eval import answer_format, metrics
 
 SUMMARY = "summary.json"
 
@@ -118,4 +119,19 @@ def rebuild_summary(directory: str) -> dict:
       keep = set(json.load(f).get("ids", []))
     latest = {(r["kind"], r["id"]): r for r in res.records(task) if not keep or r["id"] in keep}
     records += latest.values()  # a record written twice (a re-judged item) counts once, last wins
-  return metrics.summarize(records)
+  return add_answer_format(metrics.summarize(records), records)
+
+
+def add_answer_format(summary: dict, records: list[dict]) -> dict:
+  """The answer-format tasks' classes (`summary["answer_format"][task]`) and answer shares as
+  extra table columns, classified from the stored texts, so a table rebuilt after a change of
+  the rules applies the new ones."""
+  for task, column in answer_format.TASK_COLUMNS.items():
+    texts = [r["answer"] for r in records if r.get("kind") == "answer" and r.get("task") == task]
+    if not texts:
+      continue
+    s = answer_format.summarize(texts)
+    summary.setdefault("answer_format", {})[task] = s
+    summary["columns"][column] = {"value": s["answer_share"], "std": s["answer_share_se"],
+                                  "n": s["n"], "kind": "share", "extra": True}
+  return summary

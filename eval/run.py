@@ -7,8 +7,11 @@
 From Python (the pipeline): `eval.run.evaluate(config) -> {system: summary}`; each summary is
 the dict `eval.results` writes to `<out_dir>/<system>/summary.json`. Tasks: truthfulqa_mc1,
 ethics (= ethics/<subset>/<split> for every subset and `config.ethics_splits`), moral_stories,
-mic, hh, hh_adv. A task whose `<task>.json` exists for the same `limit` is skipped; a partial
-task continues with the items that have no record yet.
+mic, hh, hh_adv, and answer_format / answer_format_sampled: the share of held-out questions the
+system answers rather than critiques, lists feedback for or echoes (eval/answer_format.py;
+greedy, and sampled at `answer_format.temperature` with per-item seeds). A task whose
+`<task>.json` exists for the same `limit` is skipped; a partial task continues with the items
+that have no record yet.
 """
 
 import os
@@ -19,12 +22,13 @@ from absl import app
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from eval import ethics, hh, items as items_lib, judge as judge_lib, metrics, mic
+from eval import answer_format, ethics, hh, items as items_lib, judge as judge_lib, metrics, mic
 from eval import moral_stories, results, truthfulqa
 
 MC_TASKS = ("truthfulqa_mc1", "moral_stories", "mic") + tuple(
     f"ethics/{s}/{sp}" for sp in ethics.SPLITS for s in ethics.SUBSETS)
 GEN_TASKS = ("hh", "hh_adv")
+FORMAT_TASKS = tuple(answer_format.TASK_COLUMNS)  # generated, classified, never judged
 _FILES = {"truthfulqa_mc1": [truthfulqa.FILE], "moral_stories": [moral_stories.FILE],
           "hh": list(hh.HH_FILES), "hh_adv": [hh.HH_FILES[0], hh.ADVBENCH_FILE]}
 
@@ -32,7 +36,7 @@ _FILES = {"truthfulqa_mc1": [truthfulqa.FILE], "moral_stories": [moral_stories.F
 def expand_tasks(tasks, ethics_splits=ethics.SPLITS, extra=()) -> list[str]:
   """Task names, `ethics` expanded to its subsets; `extra`: the config's extra_tasks names."""
   names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
-  known = MC_TASKS + GEN_TASKS + tuple(extra)
+  known = MC_TASKS + GEN_TASKS + FORMAT_TASKS + tuple(extra)
   out = []
   for t in filter(None, names):
     if t == "ethics":
@@ -68,7 +72,37 @@ def load_task(task: str, config) -> list:
     return hh.load_hh(d)
   if task == "hh_adv":
     return hh.load_hh_adversarial(d, advbench=config.get("advbench", True))
+  if task in FORMAT_TASKS:
+    return format_items(task, config)
   raise KeyError(task)
+
+
+def format_items(task: str, config) -> list[items_lib.GenItem]:
+  """The answer-format questions: `answer_format.questions` ("hh": the HH-RLHF test questions;
+  else "module:function" returning question strings), less those in `exclude_file` (the
+  question pool SANDBOX drew from, so no stage trained on them), the first `n` kept."""
+  af = config.answer_format
+  if af.questions == "hh":
+    d = os.path.expanduser(config.data_dir)
+    if config.get("fetch", False):
+      for rel in hh.HH_FILES:
+        items_lib.fetch(d, rel)
+    pairs = [(it.id, it.question) for it in hh.load_hh(d)]
+  else:
+    from stable_alignment_jax import plugins
+    questions = plugins.load(af.questions, "answer_format.questions")()
+    pairs = [(f"q{n}", q) for n, q in enumerate(questions)]
+  exclude = os.path.expanduser(af.get("exclude_file", ""))
+  if exclude and os.path.isfile(exclude):
+    with open(exclude, encoding="utf-8") as f:
+      seen = {line.strip() for line in f}
+    pairs = [(i, q) for i, q in pairs if q.strip() not in seen]
+  elif exclude:
+    print(f"{task}: exclude_file {exclude} not found; no question left out", file=sys.stderr)
+  if af.n:
+    pairs = pairs[:af.n]
+  # the prompt is built per system (prompt_layout), so the item holds the bare question
+  return [items_lib.GenItem(i, q, q, task, af.questions) for i, q in pairs]
 
 
 def apply_limit(items: list, limit: int) -> list:
@@ -143,6 +177,61 @@ def _run_mc(task, items, done, model, config, store, progress, column=None):
   return time.perf_counter() - t0
 
 
+def prompt_layout(spec: str, tok, choice: str) -> str:
+  """"alpaca" or "chat_template": `choice`, or for "auto" what training used on this checkpoint
+  (its run's data.prompt_format, auto resolved as training resolves it)."""
+  if choice == "auto":
+    from stable_alignment_jax import checkpoints
+    if not spec.startswith("random:") and not checkpoints.is_hf_dir(spec):
+      choice = checkpoints.read_run_config(spec).get("data", {}).get("prompt_format", "auto")
+  from stable_alignment_jax.prompt_format import resolve_prompt_format
+  return resolve_prompt_format(choice, tok, {"turns": []})  # our datasets carry turns (1.1.0)
+
+
+def _format_prompt(question: str, layout: str):
+  from data_prep.alignment_examples import alpaca_prompt, user_turn
+  if layout == "chat_template":  # the sampler renders it with the checkpoint's template
+    return [{"role": "user", "content": user_turn(question)}]
+  return alpaca_prompt(question)
+
+
+def _run_format(task, items, recs, model, config, store, progress):
+  """Answers to held-out questions in the layout the system was trained with; the records keep
+  the text, and `answer_format` classifies it when the summary is built."""
+  done = {r["id"] for r in recs if r["kind"] == "answer"}
+  pos = {it.id: n for n, it in enumerate(items)}
+  todo = [it for it in items if it.id not in done]
+  if not todo:
+    return 0.0
+  from eval.answers import AnswerGenerator
+  graphdef, state, tok, mesh = model.get()
+  af = config.answer_format
+  layout = prompt_layout(model.spec, tok, af.prompt_format)
+  t0 = time.perf_counter()
+  gen = AnswerGenerator(graphdef, state, tok, max_new_tokens=af.max_new_tokens,
+                        temperature=af.temperature if task == "answer_format_sampled" else 0.0,
+                        top_p=af.top_p, seed=config.seed, batch_size=af.batch_size, mesh=mesh,
+                        progress=False)
+  step = af.batch_size * 4
+  for s in tqdm(range(0, len(todo), step), desc=task, unit="chunk", file=sys.stderr,
+                disable=not progress):
+    part = todo[s:s + step]
+    outs = gen.generate([_format_prompt(it.question, layout) for it in part],
+                        [pos[it.id] for it in part])
+    store.append(task, [{"kind": "answer", "task": task, "id": it.id, "source": it.source,
+                         "question": it.question, "layout": layout, **o}
+                        for it, o in zip(part, outs)])
+  return time.perf_counter() - t0
+
+
+def judged_text(answer: str) -> str:
+  """What the judge rates: a realigned reply's revision (the text after the revised-response
+  marker, as a realigned model revises), otherwise the whole reply."""
+  if answer_format.classify(answer) == "realigned":
+    return answer_format.answer_text(answer)
+  return answer
+
+
 def _run_gen(task, items, recs, model, config, store, judge, progress):
   answers = {r["id"]: r for r in recs if r["kind"] == "answer"}
   rated = {r["id"] for r in recs if r["kind"] == "rating"}
@@ -170,7 +259,7 @@ def _run_gen(task, items, recs, model, config, store, judge, progress):
   for s in tqdm(range(0, len(to_rate), step), desc=f"{task} judge", unit="chunk",
                 file=sys.stderr, disable=not progress or not to_rate):
     part = to_rate[s:s + step]
-    verdicts = judge.rate([(it.question, answers[it.id]["answer"]) for it in part])
+    verdicts = judge.rate([(it.question, judged_text(answers[it.id]["answer"])) for it in part])
     store.append(task, [{"kind": "rating", "task": task, "id": it.id, "source": it.source,
                          **v} for it, v in zip(part, verdicts)])
   return time.perf_counter() - t0
@@ -206,6 +295,9 @@ def evaluate(config) -> dict:
       if task in GEN_TASKS:
         seconds = _run_gen(task, items, recs, model, config, store, judge, progress)
         kind, summarize = "rating", lambda rs: metrics.rating_summary([r["rating"] for r in rs])
+      elif task in FORMAT_TASKS:
+        seconds = _run_format(task, items, recs, model, config, store, progress)
+        kind, summarize = "answer", lambda rs: answer_format.summarize([r["answer"] for r in rs])
       else:
         column = extra[task].get("column", task) if task in extra else None
         seconds = _run_mc(task, items, {r["id"] for r in recs}, model, config, store, progress,
@@ -213,7 +305,8 @@ def evaluate(config) -> dict:
         kind, summarize = "mc", metrics.mc_task_summary
       latest = {r["id"]: r for r in store.records(task) if r["id"] in idset and r["kind"] == kind}
       summary = summarize(list(latest.values()))
-      n_new = len(items) - len({r["id"] for r in recs if r["kind"] != "answer"})
+      n_new = len(items) - len({r["id"] for r in recs
+                                if r["kind"] != "answer" or task in FORMAT_TASKS})
       store.mark_finished(task, {
           "task": task, "system": name, "spec": spec, "limit": config.limit, "n": len(items),
           "summary": summary, "seconds": round(seconds, 3), "items_scored_this_run": n_new,
@@ -243,8 +336,8 @@ def run_pairwise(config, judge, tasks) -> dict:
       ans = [{r["id"]: r for r in results.SystemResults(os.path.join(base, s)).records(task)
               if r["kind"] == "answer"} for s in (x, y)]
       common = [i for i in ans[0] if i in ans[1]]
-      verdicts = judge.compare([(ans[0][i]["question"], ans[0][i]["answer"], ans[1][i]["answer"])
-                                for i in common])
+      verdicts = judge.compare([(ans[0][i]["question"], judged_text(ans[0][i]["answer"]),
+                                 judged_text(ans[1][i]["answer"])) for i in common])
       report[task] = judge_lib.pairwise_summary([v["outcome"] for v in verdicts])
     os.makedirs(os.path.join(base, "pairwise"), exist_ok=True)
     results.write_json(os.path.join(base, "pairwise", f"{x}_vs_{y}.json"), report)

@@ -1,5 +1,6 @@
-"""The paper-shaped results table (systems x HH, HH-A, Moral Stories, MIC, ETHICS, TruthfulQA MC1)
-and its plots, rebuilt from saved results, never from a model.
+"""The paper-shaped results table (systems x HH, HH-A, Moral Stories, MIC, ETHICS, TruthfulQA MC1,
+then extra columns: a config's extra MC tasks, the answer-format shares "Answers" and "Answers
+(sampled)") and its plots, rebuilt from saved results, never from a model.
 
   python -m eval.table runs/eval                       # every system under runs/eval
   python -m eval.table stage3=runs/eval/stage3 sft=runs/eval_sft/sft --out=table \\
@@ -21,7 +22,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from eval import metrics, results
+from eval import answer_format, metrics, results
 
 
 def find_systems(inputs) -> dict[str, str]:
@@ -91,12 +92,18 @@ def make_table(inputs, out_dir: str, reference: str | None = None) -> str:
                                               for c in columns) + " |")
   md = "\n".join(lines) + "\n\nHH/HH-A: mean judge rating 1-10 ± std of ratings; other columns: " \
       "accuracy ± bootstrap standard error; – = not evaluated.\n"
+  shown = [c for c in answer_format.TASK_COLUMNS.values() if c in columns]
+  if shown:
+    md += (f"{' / '.join(shown)}: share of held-out questions the system answers (not a "
+           "critique, a feedback list, an echo of the prompt or nothing; eval/answer_format.py), "
+           "greedy / sampled, ± bootstrap standard error.\n")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(md)
   results.write_json(os.path.join(out_dir, "results.json"), {
       "columns": columns, "rows": rows,
-      "systems": {n: {"dir": found[n], "tasks": s["tasks"], "ratings": s["ratings"]}
+      "systems": {n: {"dir": found[n], "tasks": s["tasks"], "ratings": s["ratings"],
+                      "answer_format": s.get("answer_format", {})}
                   for n, s in summaries.items()}})
   plot_bars(rows, os.path.join(out_dir, "bars.png"), columns)
   plot_ratings({n: s["ratings"] for n, s in summaries.items()},

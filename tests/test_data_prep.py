@@ -91,7 +91,9 @@ def test_self_critic_rates_peer_reasons_and_skips_null_ratings():
              rec("Q", ("draft one", 1.0), ("z", 2.0), [(6, 7, "great")], agent=3)]
   drops = collections.Counter()
   got = ax.self_critic_examples(records, drops)
-  assert simple(got) == [(critique("Q", "draft one"), ["kind enough", "rude", "great"],
+  # each reason behind the critique prefix, typed out here
+  assert simple(got) == [(critique("Q", "draft one"),
+                          ["Critique: kind enough", "Critique: rude", "Critique: great"],
                           [5.0, 2.0, 7.0])]
   assert +drops == {"self_critic: peer rating is null": 3,
                     "self_critic: record without a rated peer reason": 1}

@@ -147,3 +147,20 @@ def mc_items(n: int = 200, seed: int = 1234) -> list:
     out.append(MCItem(id=str(i), context=alpaca_prompt(question(i)), choices=choices,
                       label=int(np.flatnonzero(order == 0)[0]), task="tiny_world_mc"))
   return out
+
+
+HELDOUT_START = 2_000_000  # topic indices whose syllables the held-out questions take
+
+
+def heldout_questions(n: int = 64) -> list[str]:
+  """`answer_format`'s questions: the society's question form on topics no world file can hold.
+
+  Every world question (society, priors, corpus, `mc_items`) is about `synthetic.topic(i)`,
+  whose number is `i % 97`, below 97; these topics keep the syllables of such a topic and take
+  a number from 97 up, so no stage trained on one of them, whatever `n_questions` a run used.
+  """
+  out = []
+  for k in range(n):
+    letters = synthetic.topic(HELDOUT_START + k).rstrip("0123456789")
+    out.append(_QUESTION.format(t=f"{letters}{97 + k}"))
+  return out
