@@ -3,6 +3,7 @@
   python -m stable_alignment_jax.reward --config=configs/reward.py      # first: runs/reward
   python -m stable_alignment_jax.ppo --config=configs/ppo.py
   python -m stable_alignment_jax.ppo --config=configs/ppo.py:tiny       # CPU, programmatic reward
+  python -m stable_alignment_jax.ppo --config=configs/ppo.py:society    # tiny pipeline (rlhf.py)
 
 Paper-scale values are TRLX's PPO for its largest HH-RLHF policy (CarperAI/trlx
 examples/hh/configs/ppo_hh_6B.yml, a 6B Pythia SFT model: the nearest TRLX config to LLaMA-7B).
@@ -16,7 +17,7 @@ from configs import base, common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False)
+  arg = common.parse_arg(arg, tiny=False, society=False)
   c = base.get_config()
   c.loss.name = "ppo"
   # The prompts: HH-RLHF dialogues up to the last "Assistant:" (data_prep.hh_rlhf), as TRLX's
@@ -79,6 +80,26 @@ def get_config(arg=None):
     c.reward.tokens = tuple(range(3 + ord("a"), 3 + ord("z") + 1))
     c.reward.length_cost = 0.1
     c.optim.lr = 1e-3
+    c.optim.warmup_ratio = 0.0
+    c.train.log_every = 1
+    c.checkpoint.save_every = 4
+  if arg.society:
+    # The tiny pipeline's RLHF row (rlhf.run_baseline): its SANDBOX imitation prompts, the
+    # society LM as policy and pi_ref, the reward model of configs/reward.py:society
+    # (init_from, data.* and reward.model are the pipeline's). A handful of iterations; the
+    # TRLX loss settings above are kept.
+    base.tiny(c, "ppo_society", steps=8)
+    c.model = common.model_block("tiny", vocab_size=512, dim=128, ffn_dim=352, dtype="float32",
+                                 remat="none", max_seq_len=512)
+    c.data.source = "tfds"
+    c.data.dataset = "sandbox_alignment/imitation"
+    c.ppo.rollout_batch = 16
+    c.ppo.minibatch = 8
+    c.ppo.epochs = 2
+    c.ppo.max_prompt_len = 128  # the Alpaca-wrapped world questions are ~100 pieces
+    c.ppo.max_new_tokens = 48  # the society's replies are ~32 pieces (its drafts' cap)
+    c.reward.model = "runs/reward_society"
+    c.optim.lr = 1e-5
     c.optim.warmup_ratio = 0.0
     c.train.log_every = 1
     c.checkpoint.save_every = 4

@@ -3,6 +3,7 @@
   python -m stable_alignment_jax.reward --config=configs/reward.py             # HH-RLHF pairs
   python -m stable_alignment_jax.reward --config=configs/reward.py:sandbox     # SANDBOX groups
   python -m stable_alignment_jax.reward --config=configs/reward.py:tiny        # CPU, a minute
+  python -m stable_alignment_jax.reward --config=configs/reward.py:society     # tiny pipeline
 
 The run directory is PPO's `reward.model` (configs/ppo.py).
 """
@@ -11,7 +12,8 @@ from configs import base, common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, sandbox=False)
+  arg = common.parse_arg(arg, tiny=False, sandbox=False, society=False)
+  arg.sandbox = arg.sandbox or arg.society
   c = base.get_config()
   c.loss.name = "bradley_terry"  # -log sigmoid(r_better - r_worse) over every rated pair
   if arg.sandbox:
@@ -32,6 +34,8 @@ def get_config(arg=None):
   c.optim.warmup_ratio = 0.0
   c.train.eval_every = 500
   c.train.eval_batches = 50
+  # > 0: this fraction of the train split (seeded) is the held-out set instead of eval_split.
+  c.train.eval_holdout = 0.0
   c.checkpoint.dir = "runs/reward"
   c.checkpoint.init_from = ""  # the SFT model the policy starts from (paper: an HH-SFT LLaMA)
   if arg.tiny:
@@ -42,4 +46,25 @@ def get_config(arg=None):
     c.train.eval_every = 60
     c.train.eval_batches = 2
     c.checkpoint.save_every = 30
+  if arg.society:
+    # The tiny pipeline's RLHF row (rlhf.run_baseline): the stages' sizes (configs/pipeline.py
+    # :tiny) on its SANDBOX imitation groups, from the society LM (init_from and data.* are
+    # the pipeline's). ~20-80 prompts: 60 steps of 8 are a few epochs, enough for the
+    # rated-phrase preference; the export's validation split may hold no rated pair, so a
+    # fifth of the train split is held out instead.
+    base.tiny(c, "reward_society", steps=60)
+    c.model = common.model_block("tiny", vocab_size=512, dim=128, ffn_dim=352, dtype="float32",
+                                 remat="none", max_seq_len=512)
+    c.data.source = "tfds"
+    c.data.dataset = "sandbox_alignment/imitation"
+    c.data.num_responses = 3
+    c.data.max_len = 256
+    c.data.batch_size = 8
+    c.optim.lr = 3e-4  # held-out margin ~1.9 on the tiny pipeline's groups (1e-4: ~0.6)
+    c.optim.warmup_ratio = 0.1
+    c.train.eval_holdout = 0.2
+    c.train.eval_every = 30
+    c.train.eval_batches = 4
+    c.train.log_every = 10
+    c.checkpoint.save_every = 20
   return c

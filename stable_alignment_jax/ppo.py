@@ -175,6 +175,9 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   `stop_after` > 0 ends the run after that many iterations as a kill would: the schedule is
   still the one of train.steps, and nothing is saved beyond the regular checkpoints.
   """
+  c = ml_collections.ConfigDict(c.to_dict())  # filled below; the caller's config stays as given
+  # config.model and a placeholder data.tokenizer from init_from, as the stages fill theirs.
+  checkpoints.fill_model_from_init(c)
   mesh = sharding.make_mesh(dict(c.mesh))
   check_config(c, math.prod(mesh.shape[a] for a in sharding.BATCH_AXES))
   p = c.ppo

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -153,13 +154,17 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   if c.optim.accum_steps != 1:
     raise ValueError(f"optim.accum_steps={c.optim.accum_steps}: the reward trainer takes one "
                      "micro-batch per step; lower data.batch_size instead")
+  c = ml_collections.ConfigDict(c.to_dict())  # filled below; the caller's config stays as given
+  # config.model and a placeholder data.tokenizer from init_from, as the stages fill theirs.
+  checkpoints.fill_model_from_init(c)
   mesh = sharding.make_mesh(dict(c.mesh))
   tokenizer = load_tokenizer(c.data.tokenizer)
+  train_src, eval_src = sources(c)
   load_data = functools.partial(
       data.make_loader, tokenizer=tokenizer, global_batch_size=c.data.batch_size,
       max_len=c.data.max_len, num_responses=c.data.num_responses, seed=c.seed,
       worker_count=c.data.worker_count, prompt_format=c.data.prompt_format)
-  loader = load_data(data.open_source(c.data, c.data.train_split, c.seed))
+  loader = load_data(train_src)
   total = (c.train.steps if c.train.steps > 0
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
@@ -238,10 +243,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
         logger.train(done, last, local, (now - t_log) / max(done - step_log, 1))
         t_log, step_log = now, done
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
-        held_out = evaluate(c, state["params"], eval_fn, load_data, mesh)
+        held_out = evaluate(c, state["params"], eval_fn, load_data, mesh, eval_src)
         logger.eval(done, held_out)
       if is_save:
         save(done)
+    if c.train.eval_every and not held_out:  # a finished run, re-run: its summary still scores
+      held_out = evaluate(c, state["params"], eval_fn, load_data, mesh, eval_src)
   mgr.wait_until_finished()
   mgr.close()
   logger.close()
@@ -249,11 +256,47 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
           "dir": ckpt_dir, "data": loader.stats, "state": state, "graphdef": graphdef}
 
 
-def evaluate(c, params, eval_fn, load_data, mesh) -> dict[str, float]:
-  """Pairwise accuracy and loss over up to `train.eval_batches` batches of the eval split,
-  weighted by each batch's number of comparisons."""
-  loader = load_data(data.open_source(c.data, c.data.eval_split, c.seed), shuffle=False,
-                     num_epochs=1, drop_remainder=True)
+class Subset:
+  """Rows `index` of a random-access example source, itself one."""
+
+  def __init__(self, source, index):
+    self.source, self.index = source, np.asarray(index, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i):
+    return self.source[int(self.index[i])]
+
+
+def sources(c) -> tuple[Any, Any]:
+  """(train, eval) example sources. With `train.eval_holdout` f > 0 the eval set is a seeded
+  fraction f of the train split, left out of training: a small SANDBOX export's validation split
+  can hold one or two prompts and no differently rated pair, so no held-out accuracy at all."""
+  train_src = data.open_source(c.data, c.data.train_split, c.seed)
+  frac = float(c.train.get("eval_holdout", 0.0))
+  if frac <= 0:
+    return train_src, data.open_source(c.data, c.data.eval_split, c.seed)
+  n = len(train_src)
+  n_eval = min(max(1, round(frac * n)), n - 1)
+  if n_eval < 1:
+    raise ValueError(f"train.eval_holdout={frac}: the train split has {n} example(s), too few "
+                     "to hold any out")
+  perm = np.random.default_rng(c.seed).permutation(n)
+  return Subset(train_src, np.sort(perm[n_eval:])), Subset(train_src, np.sort(perm[:n_eval]))
+
+
+def evaluate(c, params, eval_fn, load_data, mesh, source) -> dict[str, float]:
+  """Pairwise accuracy and loss over up to `train.eval_batches` batches of the eval source,
+  weighted by each batch's number of comparisons. An eval set smaller than data.batch_size is
+  read as one smaller batch (a multiple of the data-parallel devices)."""
+  n_dev = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  batch = min(c.data.batch_size, len(source) // n_dev * n_dev)
+  if batch < 1:
+    raise ValueError(f"the eval set has {len(source)} example(s), fewer than the {n_dev} "
+                     "data-parallel devices; set train.eval_every=0 or train.eval_holdout")
+  loader = load_data(source, shuffle=False, num_epochs=1, drop_remainder=True,
+                     global_batch_size=batch)
   it = iter(loader)
   n = min(c.train.eval_batches, max(1, int(loader.stats["batches_per_epoch"])))
   sums, pairs = {}, 0.0
