@@ -105,8 +105,8 @@ def bench_train(s, cfg, block, mesh) -> dict:
   tx = make_optimizer(oc, 100)[0]
   b, k, t = s["prompts"], s["responses"], s["seq"]
   batch = jax.tree.map(jnp.asarray, make_batch(b, k, t, s["prompt_len"], cfg.vocab_size))
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, loss_name="sa_cpo",
-                                   kwargs=train.loss_kwargs(lc), accum_steps=1),
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+      table=train.loss_table(lc, []), accum_steps=1),
                  donate_argnums=0)
   with sharding.activate(mesh):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}

@@ -225,8 +225,8 @@ def main():
 
   def jax_step(accum):
     return jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx, loss_name="sa_cpo",
-        kwargs=train.loss_kwargs(lc), accum_steps=accum), donate_argnums=0)
+        train.train_step, graphdef=graphdef, tx=tx,
+      table=train.loss_table(lc, []), accum_steps=accum), donate_argnums=0)
 
   # Two settings of the same jitted step: the whole [B*K, T] batch in one forward (the default
   # config), and `optim.accum_steps = B` (one prompt's K responses per scanned micro-batch: the

@@ -37,6 +37,10 @@ def get_config(arg=None):
   # auto: the checkpoint's chat template when its tokenizer has one (a chat model is trained on
   # the format it is served with), else the paper's Alpaca layout | alpaca | chat_template
   c.data.prompt_format = "auto"
+  # A weighted mixture of datasets: name -> {weight, dataset, split, source, data_dir, kind}
+  # (missing keys from c.data; kind = the name). Empty: c.data.dataset alone. The epoch is
+  # counted on the entry that is c.data.dataset (configs.common.replay_mixture).
+  c.data.mixture = ml_collections.ConfigDict()
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo
@@ -48,6 +52,10 @@ def get_config(arg=None):
   c.loss.sft_responses = "best"  # sft: best | all
   c.loss.beta = 0.1  # dpo temperature
   c.loss.rank_weight = 1.0  # rrhf ranking-term weight
+  # The loss per data kind; kinds not listed take loss.name. The paper trains the self-critic
+  # data with SFT (the critiques are targets to imitate, not alternatives to rank), so it stays
+  # SFT also when it is replayed into Stage 3.
+  c.loss.by_kind = ml_collections.ConfigDict({"self_critic": "sft"})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-5  # paper
@@ -86,6 +94,7 @@ def tiny(c: ml_collections.ConfigDict, name: str, steps: int = 40) -> ml_collect
   c.data.source = "synthetic"
   c.data.tokenizer = "byte"
   c.data.synthetic_examples = 256
+  c.data.mixture = ml_collections.ConfigDict()  # the embedded set is one source
   c.data.batch_size = 8
   c.data.max_len = 160
   c.optim.lr = 3e-3

@@ -36,3 +36,26 @@ def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
   cfg = presets.preset(preset_name, **overrides)
   fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
   return ml_collections.ConfigDict({"preset": preset_name, **fields})
+
+
+# The share of each later stage's batches that replays the earlier kinds (staged recipe). Zero
+# replay lets every stage overwrite the answer format of the one before: trained only on
+# critique prompts, Stage 2 answers every question with a critique; trained only on realignment
+# targets, Stage 3 answers with a feedback list (measured in experiments/toyworld/docs). A
+# quarter keeps the earlier formats in every batch of 8+ while 3/4 of each step stays on the
+# stage's own data. It is a design default, not fitted to any result.
+REPLAY_SHARE = 0.25
+STAGE_KINDS = ("imitation", "self_critic", "realignment")
+
+
+def replay_mixture(kind: str, share: float, prefix: str = "sandbox_alignment"):
+  """`config.data.mixture` of a staged-recipe stage: its own kind at 1 - share, the earlier
+  kinds splitting `share` evenly (Stage 1 has none, so it is its own data alone)."""
+  if not 0.0 <= share < 1.0:
+    raise ValueError(f"replay share {share}: must be in [0, 1)")
+  earlier = STAGE_KINDS[:STAGE_KINDS.index(kind)]
+  entries = {kind: {"dataset": f"{prefix}/{kind}", "weight": 1.0 - share if earlier else 1.0}}
+  for k in earlier:
+    if share > 0:
+      entries[k] = {"dataset": f"{prefix}/{k}", "weight": share / len(earlier)}
+  return ml_collections.ConfigDict(entries)

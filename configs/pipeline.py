@@ -22,7 +22,8 @@ model's chat template), then a few steps of each stage and an SFT baseline start
 
 import ml_collections
 
-from configs import common, coh, dpo, rrhf, sandbox, sft, stage1, stage2, stage3
+from configs import (common, coh, dpo, mixed, ppo, reward, rrhf, sandbox, sft, stage1, stage2,
+                     stage3)
 from configs import eval as eval_config
 
 DATASETS = {"stage1": "imitation", "stage2": "self_critic", "stage3": "realignment"}
@@ -33,9 +34,9 @@ def _train_cfg(module, tiny: bool):
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, tiny=False, small="")
+  a = common.parse_arg(arg, tiny=False, small="", replay=common.REPLAY_SHARE, ppo=True)
   if a.small:
-    return _small(a.small)
+    return _small(a.small, a.replay)
   c = ml_collections.ConfigDict()
   c.out_dir = "runs/pipeline_tiny" if a.tiny else "runs/pipeline"
   c.seed = 0
@@ -49,13 +50,20 @@ def get_config(arg=None):
   c.society_lm = sft.get_config("tiny")
   c.sandbox = sandbox.get_config("tiny" if a.tiny else None)
   c.data_prep = ml_collections.ConfigDict(dict(ratio="", validation_percent=5.0, seed=0))
+  # The staged recipe (the paper), each later stage replaying the earlier kinds at `replay`
+  # (common.REPLAY_SHARE says why it is not 0; `:replay=0` is the paper as written).
   c.stages = ml_collections.ConfigDict(
       {name: _train_cfg(m, a.tiny) for name, m in (("stage1", stage1), ("stage2", stage2),
                                                    ("stage3", stage3))})
-  # Baselines train from base_model on the imitation data (paper Table 1).
-  baselines = {"sft": sft, "dpo": dpo, "rrhf": rrhf, "coh": coh}
+  # Baselines train from base_model on the imitation data (paper Table 1); `mixed` is the
+  # authors' released recipe (configs/mixed.py), one run on the 5:1:1 mixture of all kinds.
+  baselines = {"mixed": mixed, "sft": sft, "dpo": dpo, "rrhf": rrhf, "coh": coh}
   c.baselines = ml_collections.ConfigDict(
       {name: _train_cfg(m, a.tiny) for name, m in baselines.items()})
+  # The RLHF baseline (the paper's TRLX row): reward model on the imitation groups, then PPO.
+  c.rlhf = ml_collections.ConfigDict(dict(
+      enabled=a.ppo, reward=reward.get_config("society" if a.tiny else "sandbox"),
+      ppo=ppo.get_config("society" if a.tiny else None)))
   c.eval = eval_config.get_config("tiny" if a.tiny else None)
   c.eval.skip_missing = True  # a benchmark whose files are absent is listed, not fatal
 
@@ -82,6 +90,7 @@ def get_config(arg=None):
 
     for stage in list(c.stages.values()) + list(c.baselines.values()):
       stage.model = model
+      stage.data.source = "tfds"
       stage.data.max_len = 256
       stage.data.batch_size = 8
       stage.optim.lr = 1e-3
@@ -104,12 +113,22 @@ def get_config(arg=None):
     ev.answer_format.n = 64
     # A realignment reply runs ~110 tokens (2-3 reasons, then the revision): 128 reaches it.
     ev.answer_format.max_new_tokens = 128
+  _recipes(c, a.replay)
   return c
 
 
-def _small(spec: str) -> ml_collections.ConfigDict:
+def _recipes(c, replay: float) -> None:
+  """Each stage's data mixture (base.tiny leaves a stage one source; the pipeline's stages read
+  its TFDS datasets) and the mixed run's 5:1:1 of all kinds."""
+  for name, kind in DATASETS.items():
+    c.stages[name].data.mixture = common.replay_mixture(kind, replay)
+  if "mixed" in c.baselines:
+    c.baselines.mixed.data.mixture = mixed.get_config().data.mixture
+
+
+def _small(spec: str, replay: float) -> ml_collections.ConfigDict:
   """The paper's pipeline shrunk to minutes on a CPU, on the pretrained model `spec`."""
-  c = get_config()
+  c = get_config(f"replay={replay}")
   c.out_dir = "runs/pipeline_small"
   c.base_model = spec
   # 18 episodes may hold no revision that beats its draft: then Stage 3 is skipped, and says so.
@@ -135,6 +154,9 @@ def _small(spec: str) -> ml_collections.ConfigDict:
     stage.checkpoint.save_every = 4
   for name in ("dpo", "rrhf", "coh"):
     del c.baselines[name]
+  # PPO on a 135M model needs hundreds of sampled rollouts to move; on 2 CPU cores that is
+  # longer than the rest of this run together. `--config.rlhf.enabled=true` runs it anyway.
+  c.rlhf.enabled = False
   c.eval.tasks = "moral_stories,truthfulqa_mc1"
   c.eval.limit = 32
   c.eval.mc.batch_size = 16

@@ -31,6 +31,14 @@ epoch and all read the same number of examples (the last `len % n` of a permutat
 different ones each epoch). Batches may straddle epochs. The grain iterator's state is one
 position, so a checkpointed iterator resumes exactly.
 
+Mixtures (`config.data.mixture`, `open_mixture`): a stage can read several sources at fixed
+weights, each with a kind (imitation, self_critic, ...). Every source keeps its own drop pre-pass,
+epoch permutations and process sharding as above; grain's `MapDataset.mix` interleaves them by
+weight deterministically (index i of the mix is a fixed pair of source and position), so
+proportions hold exactly over every stretch of the stream and the iterator state is still one
+position. Each example then carries `kind int32[b]`, the index of its source's kind in
+`stats["kinds"]`, which the trainer uses to pick the loss per example.
+
 Checkpointing with Orbax: the iterator (`it = iter(loader)`) is a `grain.DatasetIterator`;
 save it as an item with `grain.checkpoint.CheckpointSave(it)` and restore into a fresh
 `iter(loader)` with `grain.checkpoint.CheckpointRestore(it)` (handler: `grain.checkpoint.
@@ -45,6 +53,7 @@ import sys
 from typing import Any, Sequence
 
 import grain
+import ml_collections
 import numpy as np
 
 from stable_alignment_jax import jsonl, synthetic
@@ -136,7 +145,8 @@ class _ShardPositions:
   def _perm(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
       return np.arange(self.num_kept)
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_kept)
+    return np.random.default_rng([*np.atleast_1d(self.seed).tolist(), epoch]).permutation(
+        self.num_kept)
 
   def __getitem__(self, j: int) -> int:
     if not 0 <= j < self.length:
@@ -154,6 +164,7 @@ class _Encode(grain.transforms.Map):
   max_len: int
   num_responses: int
   prompt_format: Any = "alpaca"
+  kind: int | None = None  # the mixture entry's kind index, written as `kind` int32 when set
 
   def map(self, i: int) -> dict:
     ex = self.source[int(self.kept[i])]
@@ -161,6 +172,8 @@ class _Encode(grain.transforms.Map):
                          num_responses=self.num_responses, prompt_format=self.prompt_format)
     if out is None:  # the pre-pass kept it, so the source or tokenizer changed under us
       raise RuntimeError(f"example {int(self.kept[i])} passed the length pre-pass but not encoding")
+    if self.kind is not None:
+      out["kind"] = np.int32(self.kind)
     return out
 
 
@@ -218,12 +231,41 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """Weighted sources, each with a kind (`config.data.mixture`; module doc "Mixtures").
+
+  `entries`: (kind, source, weight) in a fixed order; `epoch_entry`: the index of the entry an
+  epoch is counted on (the stage's own data), or None to count the whole mixture."""
+  entries: tuple
+  epoch_entry: int | None = 0
+
+  @property
+  def kinds(self) -> list[str]:
+    return list(dict.fromkeys(kind for kind, _, _ in self.entries))
+
+
+def _kept_examples(source, tokenizer, max_len: int, fmt) -> tuple[np.ndarray, dict]:
+  """The pre-pass: indices of the examples `encode_example` keeps, and the drops by reason."""
+  dropped: dict[str, int] = {}
+  kept = []
+  for i, ex in enumerate(_iter_source(source)):
+    reason = drop_reason(ex, tokenizer, max_len=max_len, prompt_format=fmt)
+    if reason is None:
+      kept.append(i)
+    else:
+      dropped[reason] = dropped.get(reason, 0) + 1
+  return np.asarray(kept, np.int64), dropped
+
+
 def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_responses: int,
                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int | None = None, shard_count: int | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
                 prompt_format: str = "auto") -> AlignmentLoader:
-  """A grain pipeline over any random-access `source` of example dicts (list, tfds.data_source).
+  """A grain pipeline over any random-access `source` of example dicts (list, tfds.data_source),
+  or over a `Mixture` of them (then every example carries `kind`, its entry's index in
+  `Mixture.kinds`).
 
   A pre-pass tokenises every prompt once to find the examples to drop, so the drop counts are
   exact and known before training, and every process sees the same epoch length.
@@ -237,38 +279,68 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
                      f"{shard_count} processes")
   batch = global_batch_size // shard_count
-  fmt = PromptFormat(tokenizer, resolve_prompt_format(
-      prompt_format, tokenizer, source[0] if len(source) else None))
-  dropped: dict[str, int] = {}
-  kept = []
-  for i, ex in enumerate(_iter_source(source)):
-    reason = drop_reason(ex, tokenizer, max_len=max_len, prompt_format=fmt)
-    if reason is None:
-      kept.append(i)
+  mixture = source if isinstance(source, Mixture) else None
+  entries = mixture.entries if mixture else (("", source, 1.0),)
+  kinds = mixture.kinds if mixture else []
+  first = next((src[0] for _, src, _ in entries if len(src)), None)
+  fmt = PromptFormat(tokenizer, resolve_prompt_format(prompt_format, tokenizer, first))
+  parts, per_entry = [], []
+  for j, (kind, src, weight) in enumerate(entries):
+    kept, dropped = _kept_examples(src, tokenizer, max_len, fmt)
+    where = f"mixture entry {kind!r}: " if mixture else ""
+    if len(kept) < shard_count:
+      raise ValueError(f"{where}only {len(kept)} of {len(src)} examples fit max_len={max_len} "
+                       f"(dropped: {dropped}); need at least one per process ({shard_count})")
+    if dropped:
+      logging.warning("data: %sdropped %d of %d examples (%s) at max_len=%d", where,
+                      sum(dropped.values()), len(src), dropped, max_len)
+    # Component 0 keeps the plain seed, so a one-entry mixture reads in the order of its source.
+    positions = _ShardPositions(len(kept), seed=seed if j == 0 else (seed, j), shuffle=shuffle,
+                                num_epochs=num_epochs, shard_index=shard_index,
+                                shard_count=shard_count)
+    parts.append(grain.MapDataset.source(positions).map(_Encode(
+        src, kept, tokenizer, max_len, num_responses, fmt,
+        kinds.index(kind) if mixture else None)))
+    per_entry.append({"kind": kind, "weight": float(weight), "examples": len(src),
+                      "kept": int(len(kept)), "dropped": dropped,
+                      "examples_per_epoch": positions.per_epoch})
+  if mixture:
+    # Positional and deterministic: index i of the mix is a fixed (entry, position) pair, so
+    # the iterator's one-position state resumes a mixture exactly, like a single source.
+    weights = [e["weight"] for e in per_entry]
+    ds = grain.MapDataset.mix(parts, weights)
+    share = np.asarray(weights) / sum(weights)
+    if mixture.epoch_entry is None:
+      per_epoch = sum(e["examples_per_epoch"] for e in per_entry)
     else:
-      dropped[reason] = dropped.get(reason, 0) + 1
-  kept = np.asarray(kept, np.int64)
-  if len(kept) < shard_count:
-    raise ValueError(f"only {len(kept)} of {len(source)} examples fit max_len={max_len} "
-                     f"(dropped: {dropped}); need at least one per process ({shard_count})")
-  if dropped:
-    logging.warning("data: dropped %d of %d examples (%s) at max_len=%d",
-                    sum(dropped.values()), len(source), dropped, max_len)
-  positions = _ShardPositions(len(kept), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                              shard_index=shard_index, shard_count=shard_count)
-  if num_epochs is not None and drop_remainder and len(positions) < batch:
-    raise ValueError(f"{len(positions)} examples per process in {num_epochs} epoch(s) make no "
+      per_epoch = per_entry[mixture.epoch_entry]["examples_per_epoch"] / share[mixture.epoch_entry]
+  else:
+    ds, per_epoch = parts[0], per_entry[0]["examples_per_epoch"]
+  if num_epochs is not None and drop_remainder and len(ds) < batch:
+    raise ValueError(f"{len(ds)} examples per process in {num_epochs} epoch(s) make no "
                      f"full batch of {batch}")
-  ds = grain.MapDataset.source(positions).map(
-      _Encode(source, kept, tokenizer, max_len, num_responses, fmt))
   ds = ds.to_iter_dataset().batch(batch, drop_remainder=drop_remainder)
   if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  stats = {"examples": len(source), "kept": int(len(kept)), "dropped": dropped,
-           "prompt_format": fmt.name,
-           "examples_per_epoch": positions.per_epoch, "batch_size": batch,
-           "batches_per_epoch": positions.per_epoch / batch}
+  stats = {"examples": sum(e["examples"] for e in per_entry),
+           "kept": sum(e["kept"] for e in per_entry),
+           "dropped": _sum_counts(e["dropped"] for e in per_entry),
+           "prompt_format": fmt.name, "examples_per_epoch": per_epoch, "batch_size": batch,
+           "batches_per_epoch": per_epoch / batch}
+  # Examples an epoch holds over all processes (train.epochs counts these).
+  stats["epoch_examples"] = (per_epoch * shard_count if mixture else stats["kept"])
+  if mixture:
+    stats["kinds"] = kinds
+    stats["mixture"] = per_entry
   return AlignmentLoader(ds, stats)
+
+
+def _sum_counts(dicts) -> dict:
+  out: dict = {}
+  for d in dicts:
+    for k, v in d.items():
+      out[k] = out.get(k, 0) + v
+  return out
 
 
 class TfdsSource:
@@ -351,6 +423,55 @@ def open_source(dc, split: str, seed: int):
   if dc.chain_of_hindsight:
     src = _Mapped(src, seed)
   return src
+
+
+def kind_of(dc) -> str:
+  """The kind of a single-source stage's examples: the TFDS config name of `data.dataset`
+  (`sandbox_alignment/self_critic:1.1.0` -> `self_critic`), else the source name."""
+  if dc.source == "tfds" and "/" in dc.dataset:
+    return dc.dataset.split("/")[-1].split(":")[0]
+  return dc.get("kind", "") or dc.source
+
+
+def open_mixture(dc, split: str, seed: int) -> Mixture:
+  """`config.data` as a `Mixture`: its `mixture` entries (name -> {weight, dataset, split,
+  source, data_dir, kind}; each missing key is taken from `config.data`, `kind` from the name),
+  or one entry, `data.dataset` itself, when `mixture` is empty. Entries of weight 0 are left out.
+  Entries go in name order (ConfigDict keys are sorted); the epoch is counted on the entry whose
+  dataset is `data.dataset` (the stage's own data), or on the whole mixture when none is.
+  `split` is the train split: the eval split of a mixture is the stage's own data alone."""
+  mix = dc.get("mixture") or {}
+  if not mix or split != dc.train_split:
+    return Mixture(((kind_of(dc), open_source(dc, split, seed), 1.0),))
+  entries, epoch_entry = [], None
+  for name in sorted(mix):
+    e = mix[name].to_dict() if hasattr(mix[name], "to_dict") else dict(mix[name])
+    unknown = set(e) - {"weight", "dataset", "split", "source", "data_dir", "kind"}
+    if unknown:
+      raise ValueError(f"config.data.mixture.{name}: unknown keys {sorted(unknown)}")
+    weight = float(e.pop("weight", 1.0))
+    if weight < 0:
+      raise ValueError(f"config.data.mixture.{name}.weight={weight}: must be >= 0")
+    if weight == 0:
+      continue
+    sub = ml_collections.ConfigDict(dc.to_dict() if hasattr(dc, "to_dict") else dict(dc))
+    sub.mixture = {}
+    sub.train_split = e.pop("split", dc.train_split)
+    kind = e.pop("kind", name)
+    for k, v in e.items():
+      sub[k] = v
+    same = lambda x: (x.source, x.dataset, x.data_dir, x.train_split)
+    if epoch_entry is None and same(sub) == same(dc):
+      epoch_entry = len(entries)
+    try:
+      src = open_source(sub, sub.train_split, seed)
+    except Exception as err:
+      raise type(err)(f"config.data.mixture.{name} ({sub.dataset}, split "
+                      f"{sub.train_split}): {err}") from err
+    entries.append((kind, src, weight))
+  if not entries:
+    raise ValueError("config.data.mixture: every entry has weight 0")
+  return Mixture(tuple(entries), epoch_entry)
 
 
 class _Mapped:

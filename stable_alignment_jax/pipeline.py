@@ -91,12 +91,16 @@ class Pipeline:
     lm.checkpoint.dir, lm.checkpoint.init_from = self.path("society_lm"), ""
     return train_stage(lm)
 
-  def sandbox(self, world: dict | None, name: str = "sandbox", setting: str = "") -> dict:
-    """One society under `{out}/{name}`; `setting` overrides `sandbox.world.setting`."""
+  def sandbox(self, world: dict | None, name: str = "sandbox", setting: str = "",
+              seed: int | None = None) -> dict:
+    """One society under `{out}/{name}`; `setting` overrides `sandbox.world.setting`, `seed`
+    `sandbox.seed` (agents, priors, pairings, sampling)."""
     from stable_alignment_jax.sandbox import metrics, plot, runner
     from stable_alignment_jax.sandbox.store import Store
     sb = copy_config(self.c.sandbox)
     sb.run_dir, sb.store = self.path(name), ""
+    if seed is not None:
+      sb.seed = seed
     if setting:
       sb.world.setting = setting
     if world:
@@ -116,30 +120,53 @@ class Pipeline:
                      title=f"SANDBOX {sb.world.setting}" if setting else "SANDBOX")
     return {"export": export, "episodes": n, "rounds": rows}
 
-  def data(self, export: str | list[str]) -> dict:
+  def data(self, export: str | list[str], out: str = "data") -> dict:
     from data_prep import build
     dp = self.c.data_prep
     exports = [export] if isinstance(export, str) else list(export)  # several societies pool
-    card = build.build(exports, self.path("data"), ratio=dp.ratio or None, seed=dp.seed,
+    card = build.build(exports, self.path(out), ratio=dp.ratio or None, seed=dp.seed,
                        validation_percent=dp.validation_percent)
     print(build.summary(card), flush=True)
     return card
 
-  def _stage_cfg(self, cfg, kind: str, card: dict, init_from: str, name: str, tokenizer):
+  def _stage_cfg(self, cfg, kind: str, card: dict, init_from: str, name: str, tokenizer,
+                 data: str = "data"):
+    """A training config of the run reading the pipeline's datasets: `kind` is its own data;
+    a `data.mixture` entry whose kind the export left empty is dropped, and said so."""
     s = copy_config(cfg)
     s.data.source, s.data.dataset = "tfds", f"sandbox_alignment/{kind}"
-    s.data.data_dir = self.path("data")
+    s.data.data_dir = self.path(data)
     if tokenizer:
       s.data.tokenizer = tokenizer
     splits = card["datasets"][kind]["splits"]
     if not splits.get(s.data.train_split, {}).get("examples"):
       raise ValueError(f"{name}: the SANDBOX export gave no {kind} training examples "
-                       f"(data card: {self.path('data')}); run more rounds or agents")
+                       f"(data card: {self.path(data)}); run more rounds or agents")
+    for entry in list(s.data.get("mixture") or {}):
+      k = s.data.mixture[entry].get("kind", entry)
+      if k in card["datasets"] and not _train_examples(card, k):
+        print(f"[pipeline] {name}: mixture entry {entry} left out, the export gave no {k} "
+              "training examples", flush=True)
+        del s.data.mixture[entry]
     if not splits.get(s.data.eval_split, {}).get("examples"):
       logging.warning("%s: no %s validation examples; periodic eval off", name, kind)
       s.train.eval_every = 0
     s.checkpoint.dir, s.checkpoint.init_from = self.path(name), init_from
     return s
+
+  def rlhf(self, card: dict, start: str, tokenizer: str, *, data: str = "data",
+           name: str = "ppo", seed: int | None = None) -> dict:
+    """The RLHF baseline (the paper's TRLX row): a reward model on the imitation groups' rated
+    pairs of `{out}/{data}`, then PPO from `start` against it; `dir` is the exported policy."""
+    from stable_alignment_jax import rlhf
+    if not _train_examples(card, "imitation"):
+      raise ValueError(f"{name}: the SANDBOX export gave no imitation examples (data card: "
+                       f"{self.path(data)})")
+    return rlhf.run_baseline(
+        self.c.rlhf.reward, self.c.rlhf.ppo, data_dir=self.path(data),
+        dataset="sandbox_alignment/imitation", tokenizer=tokenizer, start=start,
+        reward_dir=self.path(f"{name}_reward"), ppo_dir=self.path(name),
+        seed=self.c.seed if seed is None else seed)
 
   def evaluate(self, systems: dict[str, str]) -> dict:
     from eval import run as eval_run
@@ -198,9 +225,13 @@ class Pipeline:
       result = self.steps.run(name, lambda cfg=cfg: train_stage(cfg))
       print(f"[pipeline] {name} params loaded from: {result['origin']}", flush=True)
       systems[name] = prev = result["dir"]
-    for name, cfg in self.c.baselines.items():  # baselines: base model + imitation data
+    # Baselines start from base_model on the imitation data (paper Table 1); `mixed` (the
+    # authors' release) reads its mixture of all three kinds from the same start.
+    for name, cfg in self.c.baselines.items():
       cfg = self._stage_cfg(cfg, "imitation", card, start, name, tokenizer)
       systems[name] = self.steps.run(name, lambda cfg=cfg: train_stage(cfg))["dir"]
+    if self.c.get("rlhf") and self.c.rlhf.enabled:
+      systems["ppo"] = self.steps.run("ppo", lambda: self.rlhf(card, start, tokenizer))["dir"]
     self.steps.run("eval", lambda: self.evaluate(systems))
     report = self.steps.run("report", lambda: self.report(systems))
     times = {k: v["seconds"] for k, v in self.steps.done.items()}

@@ -37,24 +37,74 @@ def response_logprobs(graphdef, params, batch):
   return logp.reshape(b, k), n.reshape(b, k)
 
 
-def batch_loss(params, batch, *, graphdef, loss_name, kwargs, ref_params=None):
+def loss_table(lc, kinds: list[str]) -> tuple:
+  """Which loss trains which kinds: ((loss name, kwargs, kind indices), ...), one row per loss.
+
+  `config.loss.by_kind` maps a kind to a loss (the paper: self-critic data with SFT); every
+  other kind takes `config.loss.name`. Each row's kwargs are read from `config.loss` as for a
+  single loss, so an unknown name or a bad value fails here, before anything loads."""
+  by_kind = dict(lc.get("by_kind") or {})
+  rows: dict[str, list[int]] = {}
+  for i, kind in enumerate(kinds or [""]):
+    rows.setdefault(by_kind.get(kind, lc["name"]), []).append(i)
+  return tuple((name, loss_kwargs({**dict(lc), "name": name}), tuple(idx))
+               for name, idx in rows.items())
+
+
+def table_needs_reference(table) -> bool:
+  return any(losses.needs_reference(name) for name, _, _ in table)
+
+
+def batch_loss(params, batch, *, graphdef, table, ref_params=None):
+  """The loss of a [B, K, T] batch under `table` (`loss_by_kind`)."""
   logp, n_tokens = response_logprobs(graphdef, params, batch)
-  extra = {}
-  if losses.needs_reference(loss_name):
-    ref_logp, _ = response_logprobs(graphdef, ref_params, batch)
-    extra["ref_logp"] = jax.lax.stop_gradient(ref_logp)
-  return losses.get_loss(loss_name)(
-      logp=logp, n_tokens=n_tokens, response_mask=batch["response_mask"],
-      ratings=batch["ratings"], **kwargs, **extra)
+  ref_logp = None
+  if table_needs_reference(table):
+    ref_logp = jax.lax.stop_gradient(response_logprobs(graphdef, ref_params, batch)[0])
+  return loss_by_kind(logp, n_tokens, batch, table, ref_logp)
+
+
+def loss_by_kind(logp, n_tokens, batch, table, ref_logp=None):
+  """Each example's kind picks its loss (`loss_table`); logp, n_tokens [B, K].
+
+  With one loss this is that loss. With several, each loss runs on the whole batch with the
+  other kinds' responses masked out, so it averages over its own examples; the step's loss is
+  those means weighted by their example counts (= the mean over examples of each one's own
+  loss). The shared metrics are weighted the same way; `loss/<name>` and `share/<name>` say
+  what each loss did."""
+  def one(name, kwargs, response_mask):
+    extra = {"ref_logp": ref_logp} if losses.needs_reference(name) else {}
+    return losses.get_loss(name)(logp=logp, n_tokens=n_tokens, response_mask=response_mask,
+                                 ratings=batch["ratings"], **kwargs, **extra)
+
+  if len(table) == 1:
+    name, kwargs, _ = table[0]
+    return one(name, kwargs, batch["response_mask"])
+  kind = batch["kind"]
+  present = jnp.any(batch["response_mask"] > 0, axis=-1)
+  parts = []
+  for name, kwargs, idx in table:
+    mine = jnp.isin(kind, jnp.asarray(idx, kind.dtype)) & present
+    loss, m = one(name, kwargs, batch["response_mask"] * mine[:, None])
+    parts.append((name, jnp.sum(mine.astype(jnp.float32)), loss, m))
+  n_all = jnp.maximum(sum(w for _, w, _, _ in parts), 1.0)
+  total, metrics = 0.0, {}
+  for name, w, loss, m in parts:
+    total = total + w / n_all * loss
+    for k, v in m.items():
+      metrics[k] = metrics.get(k, 0.0) + w / n_all * v
+    metrics[f"loss/{name}"] = loss
+    metrics[f"share/{name}"] = w / n_all
+  return total, metrics
 
 
 # --- the step ---------------------------------------------------------------------------------
 
-def train_step(state, batch, *, graphdef, tx, loss_name, kwargs, accum_steps):
+def train_step(state, batch, *, graphdef, tx, table, accum_steps):
   """One optimizer update; the batch is split into `accum_steps` micro-batches scanned in order."""
   params = state["params"]
   grad_fn = jax.value_and_grad(
-      functools.partial(batch_loss, graphdef=graphdef, loss_name=loss_name, kwargs=kwargs,
+      functools.partial(batch_loss, graphdef=graphdef, table=table,
                         ref_params=state.get("ref_params")), has_aux=True)
   if accum_steps == 1:
     (loss, metrics), grads = grad_fn(params, batch)
@@ -77,9 +127,9 @@ def train_step(state, batch, *, graphdef, tx, loss_name, kwargs, accum_steps):
   return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
-def eval_step(state, batch, *, graphdef, loss_name, kwargs):
-  loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, loss_name=loss_name,
-                             kwargs=kwargs, ref_params=state.get("ref_params"))
+def eval_step(state, batch, *, graphdef, table):
+  loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, table=table,
+                             ref_params=state.get("ref_params"))
   return dict(metrics, loss=loss)
 
 
@@ -94,7 +144,8 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   previous run), first fills config.model (and a placeholder data.tokenizer) from it, in place;
   `explicit`: the
   keys the user set on the command line (see `checkpoints.fill_model_from_init`)."""
-  loss_kwargs(c.loss)  # an unknown loss or a bad loss.* value fails before any download
+  # An unknown loss (also in loss.by_kind) or a bad loss.* value fails before any download.
+  loss_table(c.loss, [""] + list(c.loss.get("by_kind") or {}))
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
@@ -156,11 +207,14 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                            num_responses=c.data.num_responses, seed=c.seed,
                            worker_count=c.data.worker_count,
                            prompt_format=c.data.get("prompt_format", "auto"))
-  loader = load(data.open_source(c.data, c.data.train_split, c.seed))
+  # Always a mixture (one entry without data.mixture), so every batch carries its `kind`.
+  loader = load(data.open_mixture(c.data, c.data.train_split, c.seed))
+  table = loss_table(c.loss, loader.stats["kinds"])
   # The eval split is opened once, on the first evaluation, and read from the start each time.
-  eval_source = functools.cache(lambda: data.open_source(c.data, c.data.eval_split, c.seed))
-  kept = loader.stats["kept"]
-  total = c.train.steps if c.train.steps > 0 else math.ceil(c.train.epochs * kept / c.data.batch_size)
+  eval_source = functools.cache(lambda: data.open_mixture(c.data, c.data.eval_split, c.seed))
+  epoch = loader.stats["epoch_examples"]
+  total = (c.train.steps if c.train.steps > 0
+           else math.ceil(c.train.epochs * epoch / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed))))
@@ -168,7 +222,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   opt_abstract = jax.eval_shape(tx.init, abstract)
   opt_sh = sharding.state_shardings(opt_abstract, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  needs_ref = losses.needs_reference(c.loss.name)
+  needs_ref = table_needs_reference(table)
   state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
   if needs_ref:
     state_sh["ref_params"] = param_sh
@@ -201,15 +255,25 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                loader.stats)
   print(f"[{c.checkpoint.dir}] params loaded from: {origin}", flush=True)
 
-  kwargs = loss_kwargs(c.loss)
+  print(f"[{c.checkpoint.dir}] losses by kind: "
+        + "; ".join(f"{name}: {[loader.stats['kinds'][i] for i in idx]}"
+                    for name, _, idx in table), flush=True)
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
-              (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2))}
+              (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2),
+               ("kind", 1))}
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, loss_name=c.loss.name,
-                        kwargs=kwargs, accum_steps=c.optim.accum_steps),
+      functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
+                        accum_steps=c.optim.accum_steps),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, loss_name=c.loss.name,
-                                      kwargs=kwargs), in_shardings=(state_sh, batch_sh))
+
+  @functools.cache
+  def eval_fn_for(kinds: tuple):  # the eval split's own kinds (the stage's data alone)
+    eval_table = loss_table(c.loss, list(kinds))
+    if table_needs_reference(eval_table) and not needs_ref:
+      raise ValueError(f"the eval split's kinds {kinds} take a loss with a reference model "
+                       "that the training kinds do not; set train.eval_every=0 or data.mixture")
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef, table=eval_table),
+                   in_shardings=(state_sh, batch_sh))
   logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             reference=needs_ref,
                             peak_flops_per_device=c.train.peak_flops_per_device)
@@ -244,8 +308,9 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
         t_log, step_log = now, done
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
-        logger.eval(done, evaluate(eval_source(), c.train.eval_batches, state, eval_fn, load,
-                                   mesh))
+        src = eval_source()
+        logger.eval(done, evaluate(src, c.train.eval_batches, state,
+                                   eval_fn_for(tuple(src.kinds)), load, mesh))
       if is_save:
         save(done)
   mgr.wait_until_finished()

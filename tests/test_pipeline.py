@@ -44,6 +44,7 @@ class Recorder:
     monkeypatch.setattr(p, "society_lm", step("society_lm", {"dir": p.path("society_lm")}))
     monkeypatch.setattr(p, "sandbox", step("sandbox", {"export": "e.jsonl"}))
     monkeypatch.setattr(p, "data", step("data", _card()))
+    monkeypatch.setattr(p, "rlhf", step("ppo", {"dir": p.path("ppo", "policy")}))
     monkeypatch.setattr(p, "evaluate", step("eval", {}))
     monkeypatch.setattr(p, "report", step("report", {"table": "t.md"}))
 
@@ -69,22 +70,32 @@ def test_steps_run_in_order_and_stages_chain(tmp_path, monkeypatch):
   rec.install(monkeypatch, p)
   out = p.run()
   names = [n for n, _ in rec.calls]
-  assert names == ["world", "society_lm", "sandbox", "data", "stage1", "stage2", "stage3", "sft",
-                   "eval", "report"]
-  cfgs = {n: a[0] for n, a in rec.calls if n.startswith(("stage", "sft"))}
+  assert names == ["world", "society_lm", "sandbox", "data", "stage1", "stage2", "stage3",
+                   "mixed", "sft", "ppo", "eval", "report"]
+  cfgs = {n: a[0] for n, a in rec.calls if n.startswith(("stage", "sft", "mixed"))}
   # Each stage starts from the previous one; Stage 1 and the baseline from the society LM.
   assert cfgs["stage1"].checkpoint.init_from == p.path("society_lm")
   assert cfgs["stage2"].checkpoint.init_from == p.path("stage1")
   assert cfgs["stage3"].checkpoint.init_from == p.path("stage2")
   assert cfgs["sft"].checkpoint.init_from == p.path("society_lm")
+  assert cfgs["mixed"].checkpoint.init_from == p.path("society_lm")
   kinds = {n: c.data.dataset for n, c in cfgs.items()}
   assert kinds == {"stage1": "sandbox_alignment/imitation", "stage2": "sandbox_alignment/self_critic",
-                   "stage3": "sandbox_alignment/realignment", "sft": "sandbox_alignment/imitation"}
+                   "stage3": "sandbox_alignment/realignment", "sft": "sandbox_alignment/imitation",
+                   "mixed": "sandbox_alignment/imitation"}
+  # The staged recipe replays the earlier kinds; the mixed run reads all three at 5:1:1.
+  mix = lambda n: {k: v.weight for k, v in cfgs[n].data.mixture.items()}
+  assert mix("stage1") == {"imitation": 1.0}
+  assert mix("stage2") == {"self_critic": 0.75, "imitation": 0.25}
+  assert mix("stage3") == {"realignment": 0.75, "imitation": 0.125, "self_critic": 0.125}
+  assert mix("mixed") == {"imitation": 5.0, "self_critic": 1.0, "realignment": 1.0}
+  ppo_args = dict(rec.calls)["ppo"]
+  assert ppo_args[1] == p.path("society_lm") and ppo_args[2] == "sp.model" 
   assert all(c.data.tokenizer == "sp.model" and c.data.data_dir == p.path("data")
              for c in cfgs.values())
   assert cfgs["stage3"].train.eval_every == 0  # the card says: no realignment validation data
   evaluated = dict(rec.calls)["eval"][0]
-  assert list(evaluated) == ["start", "stage1", "stage2", "stage3", "sft"]
+  assert list(evaluated) == ["start", "stage1", "stage2", "stage3", "mixed", "sft", "ppo"]
   assert set(out["seconds"]) == set(names)
 
 
@@ -101,9 +112,10 @@ def test_rerun_skips_finished_steps_and_resumes_after_a_failure(tmp_path, monkey
   rec2 = Recorder()
   rec2.install(monkeypatch, again)
   again.run()
-  assert [n for n, _ in rec2.calls] == ["stage2", "stage3", "sft", "eval", "report"]
+  assert [n for n, _ in rec2.calls] == ["stage2", "stage3", "mixed", "sft", "ppo", "eval",
+                                        "report"]
   assert again.run()["systems"]["stage3"] == again.path("stage3")  # a third run does nothing
-  assert len(rec2.calls) == 5
+  assert len(rec2.calls) == 7
 
 
 def test_no_training_data_for_a_stage_is_a_clear_error(tmp_path, monkeypatch):
@@ -117,12 +129,29 @@ def test_no_training_data_for_a_stage_is_a_clear_error(tmp_path, monkeypatch):
     p.run()
 
 
+def test_a_replayed_kind_the_export_left_empty_is_dropped_from_the_mixture(tmp_path, monkeypatch):
+  p = pipeline.Pipeline(_config(tmp_path))
+  rec = Recorder()
+  rec.install(monkeypatch, p)
+  card = _card()
+  card["datasets"]["self_critic"]["splits"]["train"]["examples"] = 0
+  p.c.skip_empty_stages = True
+  monkeypatch.setattr(p, "data", lambda export: card)
+  p.run()
+  cfgs = {n: a[0] for n, a in rec.calls if n.startswith(("stage", "mixed"))}
+  assert "stage2" not in cfgs  # no self-critic data: the stage is skipped, stage3 from stage1
+  assert cfgs["stage3"].checkpoint.init_from == p.path("stage1")
+  assert set(cfgs["stage3"].data.mixture) == {"realignment", "imitation"}
+  assert set(cfgs["mixed"].data.mixture) == {"realignment", "imitation"}
+
+
 def test_paper_config_describes_the_paper_run():
   c = pipeline_config.get_config()
   assert not c.world.enabled and c.sandbox.world.n_agents == 100
   assert c.sandbox.backends.server.kind == "openai"
   assert c.stages.stage3.model.preset == "llama2_7b" and c.stages.stage3.loss.name == "sa_cpo"
-  assert set(c.baselines) == {"sft", "dpo", "rrhf", "coh"}
+  assert set(c.baselines) == {"mixed", "sft", "dpo", "rrhf", "coh"}
+  assert c.rlhf.enabled and c.rlhf.ppo.ppo.rollout_batch == 512
   assert "hh" in c.eval.tasks
 
 

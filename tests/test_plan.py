@@ -54,8 +54,8 @@ def test_activation_estimate_is_near_the_compiled_step_temp_bytes():
   host = {"tokens": np.zeros((b, k, t), np.int32), "loss_mask": np.ones((b, k, t), np.float32),
           "ratings": np.ones((b, k), np.float32), "response_mask": np.ones((b, k), np.float32)}
   batch = {n: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for n, v in host.items()}
-  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, loss_name="sa_cpo",
-                                   kwargs=train.loss_kwargs(c.loss), accum_steps=1))
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+      table=train.loss_table(c.loss, []), accum_steps=1))
   with sharding.activate(mesh):
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   p = plan.plan(c, flops.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]

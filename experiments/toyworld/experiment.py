@@ -1,8 +1,10 @@
 """The toy-society experiment as pipeline steps (`experiments/toyworld/config.py` names this class).
 
-Order: world -> society_lm -> one SANDBOX per initial setting -> rater accuracy -> data (the
-settings' exports pooled) -> per seed: IL (stage1), IL+SC (stage2), IL+SC+RA (stage3), SFT (on
-the initial good answers), DPO, RRHF -> oracle eval per system -> report. Every step is in the
+Order: world -> society_lm -> per seed: one SANDBOX per initial setting run with that seed ->
+rater accuracy -> data (the settings' exports pooled) -> SFT (on the initial good answers), IL
+(stage1), IL+SC and IL+SC+RA without replay (the paper as written) and with replay (the default
+recipe), mixed (the authors' 5:1:1 run), PPO (reward model on the society's ratings) -> oracle
+eval per system -> report. Seed-major, so a partial run has whole seeds. Every step is in the
 pipeline's ledger, so a killed run resumes; the report is rewritten on every run from whatever
 has finished, and says which systems are missing.
 """
@@ -15,8 +17,9 @@ import numpy as np
 from stable_alignment_jax import pipeline
 from experiments.toyworld import grammar, report, world
 
-METHODS = {"stage1": "IL", "stage2": "IL+SC", "stage3": "IL+SC+RA", "sft": "SFT",
-           "dpo": "DPO", "rrhf": "RRHF"}
+METHODS = {"sft": "SFT", "stage1": "IL", "stage2_noreplay": "IL+SC (no replay)",
+           "stage3_noreplay": "IL+SC+RA (no replay)", "stage2": "IL+SC", "stage3": "IL+SC+RA",
+           "mixed": "mixed 5:1:1", "ppo": "PPO"}
 
 
 def rater_accuracy(records: list[dict]) -> dict:
@@ -94,8 +97,9 @@ class ToyPipeline(pipeline.Pipeline):
       json.dump(items, f)
     return paths
 
-  def society(self, world_paths: dict, setting: str) -> dict:
-    out = self.sandbox(world_paths, name=f"sandbox_{setting}", setting=setting)
+  def society(self, world_paths: dict, setting: str, seed: int) -> dict:
+    # The society itself is rerun per seed.
+    out = self.sandbox(world_paths, name=f"sandbox_{setting}_s{seed}", setting=setting, seed=seed)
     out["oracle_rounds"] = oracle_rounds(read_export(out["export"]))
     return out
 
@@ -105,17 +109,22 @@ class ToyPipeline(pipeline.Pipeline):
       items = json.load(f)
     return evaluate.evaluate(spec, world_paths["tokenizer"], items, **self.c.toy_eval)
 
-  def train_method(self, name: str, seed: int, card: dict, w: dict, start: str, prev: str):
-    kind = pipeline.KINDS.get(name, "imitation")
-    cfg = self.c.stages[name] if name in pipeline.KINDS else self.c.baselines[name]
-    init = prev if name in ("stage2", "stage3") else start
-    run = f"{name}_s{seed}"
+  def train_one(self, name: str, seed: int, card: dict, w: dict, init: str) -> str:
+    """One method's training run of seed `seed` from `init`, on that seed's data."""
+    base = name.replace("_noreplay", "")
+    run, data = f"{name}_s{seed}", f"data_s{seed}"
+    cfg = self.c.stages[base] if base in pipeline.KINDS else self.c.baselines[base]
     if name == "sft":  # the initial good answers, not the society's data
       s = pipeline.copy_config(cfg)
       s.data.data_dir, s.data.tokenizer = w["sft"], w["tokenizer"]
       s.checkpoint.dir, s.checkpoint.init_from = self.path(run), init
     else:
-      s = self._stage_cfg(cfg, kind, card, init, run, w["tokenizer"])
+      cfg = pipeline.copy_config(cfg)
+      if name.endswith("_noreplay"):
+        from configs import common
+        cfg.data.mixture = common.replay_mixture(pipeline.KINDS[base], 0.0)
+      kind = pipeline.KINDS.get(base, "imitation")
+      s = self._stage_cfg(cfg, kind, card, init, run, w["tokenizer"], data=data)
     s.seed = seed
     return self.steps.run(run, lambda: pipeline.train_stage(s))["dir"]
 
@@ -123,95 +132,32 @@ class ToyPipeline(pipeline.Pipeline):
     c = self.c
     w = self.steps.run("world", self.make_world)
     lm = self.steps.run("society_lm", lambda: self.society_lm(w))
-    societies = {}
-    for setting in c.settings:
-      societies[setting] = self.steps.run(f"sandbox_{setting}",
-                                          lambda s=setting: self.society(w, s))
-    exports = [societies[s]["export"] for s in c.train_setting_data]
-    self.steps.run("rater", lambda: rater_accuracy(
-        [r for e in exports for r in read_export(e)]))
-    card = self.steps.run("data", lambda: self.data(exports))
-    systems = {"start": lm["dir"]}
-    self.steps.run("eval_start", lambda: self.evaluate_one(lm["dir"], w))
+    start = lm["dir"]
+    self.steps.run("eval_start", lambda: self.evaluate_one(start, w))
     for seed in c.seeds:  # seed-major: a partial run has whole seeds
-      prev = lm["dir"]
+      societies = {}
+      for setting in c.settings:
+        societies[setting] = self.steps.run(
+            f"sandbox_{setting}_s{seed}", lambda st=setting: self.society(w, st, seed))
+      exports = [societies[st]["export"] for st in c.train_setting_data]
+      self.steps.run(f"rater_s{seed}", lambda: rater_accuracy(
+          [r for e in exports for r in read_export(e)]))
+      card = self.steps.run(f"data_s{seed}", lambda: self.data(exports, out=f"data_s{seed}"))
+      inits = {"stage2": "stage1", "stage3": "stage2", "stage2_noreplay": "stage1",
+               "stage3_noreplay": "stage2_noreplay"}
+      dirs = {}
       for name in METHODS:
-        d = self.train_method(name, seed, card, w, lm["dir"], prev)
-        if name in pipeline.KINDS:
-          prev = d
-        systems[f"{name}_s{seed}"] = d
-        self.steps.run(f"eval_{name}_s{seed}", lambda d=d: self.evaluate_one(d, w))
-    ablations = {"replay": lambda: self.replay_ablation(exports, w),
-                 "oracle_ratings": lambda: self.oracle_ratings_ablation(exports, w, lm["dir"]),
-                 "replay_long": lambda: self.replay_long_ablation(w)}
-    for ab in c.ablations:
-      if ab not in ablations:
-        raise ValueError(f"config.ablations: unknown {ab!r}; known: {sorted(ablations)}")
-      ablations[ab]()
+        run = f"{name}_s{seed}"
+        if name == "ppo":
+          d = self.steps.run(run, lambda: self.rlhf(card, start, w["tokenizer"],
+                                                     data=f"data_s{seed}", name=run,
+                                                     seed=seed))["dir"]
+        else:
+          init = dirs[inits[name]] if name in inits else start
+          d = self.train_one(name, seed, card, w, init)
+        dirs[name] = d
+        self.steps.run(f"eval_{run}", lambda d=d: self.evaluate_one(d, w))
     return self.write_report()
-
-  def replay_ablation(self, exports: list[str], w: dict) -> None:
-    """Stages 2 and 3 with the imitation data mixed into their data (from the same IL run):
-    tests whether each stage overwriting the answer format of the one before explains the
-    later stages' failure."""
-    def build():
-      from data_prep import alignment_examples as ae
-      examples, _ = ae.build_examples([r for e in exports for r in read_export(e)])
-      out = {}
-      for name, kind in (("stage2", "self_critic"), ("stage3", "realignment")):
-        mixed = examples["imitation"] + examples[kind]
-        d = self.path("data_replay", name)
-        os.makedirs(d, exist_ok=True)
-        for split, rows in (("train", mixed), ("validation", mixed[:4])):
-          with open(os.path.join(d, f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        out[name] = {"dir": d, "examples": len(mixed), "imitation": len(examples["imitation"])}
-      return out
-    mixes = self.steps.run("data_replay", build)
-    for seed in self.c.seeds:
-      prev = self.path(f"stage1_s{seed}")
-      for name in ("stage2", "stage3"):
-        run = f"{name}_replay_s{seed}"
-        s = pipeline.copy_config(self.c.stages[name])
-        s.data.source, s.data.data_dir, s.data.tokenizer = "jsonl", mixes[name]["dir"], w["tokenizer"]
-        s.checkpoint.dir, s.checkpoint.init_from, s.seed = self.path(run), prev, seed
-        prev = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
-        self.steps.run(f"eval_{run}", lambda d=prev: self.evaluate_one(d, w))
-
-  def replay_long_ablation(self, w: dict) -> None:
-    """Stage 3 of the replay ablation trained `long_steps` instead of `steps`: does the
-    realignment format (feedback, marker, revision) need more training to reach the revision?"""
-    for seed in self.c.seeds:
-      run = f"stage3_replay_long_s{seed}"
-      s = pipeline.copy_config(self.c.stages.stage3)
-      s.data.source, s.data.tokenizer = "jsonl", w["tokenizer"]
-      s.data.data_dir = self.path("data_replay", "stage3")
-      s.train.steps = s.checkpoint.save_every = self.c.long_steps
-      s.checkpoint.dir, s.seed = self.path(run), seed
-      s.checkpoint.init_from = self.path(f"stage2_replay_s{seed}")
-      d = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
-      self.steps.run(f"eval_{run}", lambda d=d: self.evaluate_one(d, w))
-
-  def oracle_ratings_ablation(self, exports: list[str], w: dict, start: str) -> None:
-    """IL -> IL+SC -> IL+SC+RA on the same episodes with the rater noise removed."""
-    def build():
-      from data_prep import build as build_lib
-      path = self.path("sandbox_oracle_ratings.jsonl")
-      with open(path, "w") as f:
-        for e in exports:
-          f.writelines(json.dumps(r) + "\n" for r in oracle_export(read_export(e)))
-      dp = self.c.data_prep
-      return build_lib.build([path], self.path("data_oracle"), ratio=dp.ratio or None,
-                             seed=dp.seed, validation_percent=dp.validation_percent)
-    card = self.steps.run("data_oracle", build)
-    for seed in self.c.seeds:
-      prev = start
-      for name, kind in pipeline.KINDS.items():
-        run = f"{name}_oracle_s{seed}"
-        s = self._stage_cfg(self.c.stages[name], kind, card, prev, run, w["tokenizer"])
-        s.data.data_dir, s.seed = self.path("data_oracle"), seed
-        prev = self.steps.run(run, lambda s=s: pipeline.train_stage(s))["dir"]
-        self.steps.run(f"eval_{run}", lambda d=prev: self.evaluate_one(d, w))
 
   def write_report(self) -> dict:
     out = report.write(self.steps.done, self.c, self.path("report"))

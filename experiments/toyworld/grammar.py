@@ -75,6 +75,19 @@ def compose(rng: np.random.Generator, t: str, level: str, engaging: bool) -> str
   return " ".join(parts)
 
 
+def one_detail_pair(rng: np.random.Generator, t: str) -> tuple[str, str]:
+  """Two engaging answers about `t` equal in every part but one: in the aligned one that part
+  is aligned, in the other misaligned (the core, the detail or the closer, at random). The rest
+  of the answer is aligned in both, so only that one detail tells them apart."""
+  pick = lambda options: options[int(rng.integers(len(options)))].format(t=t)
+  slots = ("core", "detail", "closer")
+  parts = {"opener": pick(PARTS["opener"][0]), **{s: pick(PARTS[s][1]) for s in slots}}
+  flip = slots[int(rng.integers(len(slots)))]
+  bad = dict(parts, **{flip: pick(PARTS[flip][-1])})
+  order = ("opener", "core", "detail", "closer")
+  return " ".join(parts[s] for s in order), " ".join(bad[s] for s in order)
+
+
 def _pattern(template: str) -> re.Pattern:
   return re.compile("^" + re.escape(template).replace(re.escape("{t}"), r"\S+") + "$")
 

@@ -146,7 +146,8 @@ def eval_items(n: int, seed: int = 1234) -> list[dict]:
 
   `good`/`bad` are the MC choices. Half the items are confounded: the aligned answer is dull
   and the misaligned one engaging, so a model that prefers lively text over aligned text fails.
-  The adversarial prompt attaches a further misaligned answer (HH-A style)."""
+  The adversarial prompt attaches a further misaligned answer (HH-A style). `hard_good` /
+  `hard_bad` are the harder MC pair: the same answer but for one part (`grammar.one_detail_pair`)."""
   from data_prep.alignment_examples import alpaca_prompt
   rng = np.random.default_rng(seed)
   out = []
@@ -158,8 +159,10 @@ def eval_items(n: int, seed: int = 1234) -> list[dict]:
     good = grammar.compose(rng, t, "good", engaging_good)
     bad = grammar.compose(rng, t, "bad", engaging_bad)
     attached = grammar.compose(rng, t, "bad", bool(rng.random() < 0.5))
+    hard_good, hard_bad = grammar.one_detail_pair(rng, t)
     out.append({"id": str(i), "question": q, "prompt": alpaca_prompt(q),
                 "adv_prompt": alpaca_prompt(q, grammar.adversarial_input(attached)),
                 "attached": attached, "good": " " + good, "bad": " " + bad,
+                "hard_good": " " + hard_good, "hard_bad": " " + hard_bad,
                 "confounded": confounded})
   return out
