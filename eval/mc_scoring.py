@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from eval.items import MCItem
+from stable_alignment_jax import losses
 
 
 @dataclasses.dataclass
@@ -40,12 +41,14 @@ class ChoiceScores:
     return self.logp_sum / np.maximum(self.n_tokens, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "k_max"))
-def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "k_max", "chunk"))
+def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int, chunk: int = 0):
   """Sum of log p over each row's scored tokens.
 
   tokens [N, T] right-padded with -1; row n scores tokens start[n] .. start[n]+length[n]-1,
   each predicted by the hidden state one position earlier. Returns (sum [N], count [N]).
+  chunk > 0: the head runs over that many choice positions at a time (`losses.target_logprobs`),
+  so at most [N, chunk, V] logits exist; 0: all k_max at once.
   """
   model = nnx.merge(graphdef, state)
   valid = tokens >= 0
@@ -56,20 +59,28 @@ def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int):
   j = jnp.arange(k_max)[None, :]
   target_pos = jnp.clip(start[:, None] + j, 0, tokens.shape[1] - 1)  # [N, K]
   h_k = jnp.take_along_axis(h, jnp.maximum(target_pos - 1, 0)[..., None], axis=1)  # [N, K, D]
-  logits = model.logits(h_k)
-  picked = jnp.take_along_axis(logits, jnp.take_along_axis(safe, target_pos, 1)[..., None],
-                               axis=-1)[..., 0]
-  logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [N, K]
+  targets = jnp.take_along_axis(safe, target_pos, 1)  # [N, K]
   m = (j < length[:, None]).astype(jnp.float32)
+  if chunk > 0:
+    return losses.target_logprobs(h_k, model.logits, targets, m, chunk), jnp.sum(m, axis=-1)
+  logits = model.logits(h_k)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [N, K]
   return jnp.sum(logp * m, axis=-1), jnp.sum(m, axis=-1)
 
 
 class LogLikelihoodScorer:
-  """Scores choices of `MCItem`s with one model. `tokenizer` as in `tokenizer.load_tokenizer`."""
+  """Scores choices of `MCItem`s with one model. `tokenizer` as in `tokenizer.load_tokenizer`.
+
+  logprob_chunk: choice positions projected onto the vocabulary at a time (0 = a batch's
+  longest choice at once). With a 128k vocabulary, 32 rows of 64-token choices would be 1 GiB of
+  f32 logits; 16 positions keep them to 256 MiB, and each chunk's head matmul still covers
+  batch_size * 16 tokens, enough to keep the chip busy."""
 
   def __init__(self, graphdef, state, tokenizer, *, batch_size: int = 32, max_len: int = 0,
-               mesh=None, bucket: int = 64, progress: bool = True):
+               mesh=None, bucket: int = 64, progress: bool = True, logprob_chunk: int = 16):
     self.graphdef, self.state, self.tok = graphdef, state, tokenizer
+    self.logprob_chunk = logprob_chunk
     cfg = nnx.merge(graphdef, state).cfg
     self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
     self.mesh, self.bucket, self.progress = mesh, bucket, progress
@@ -126,13 +137,13 @@ class LogLikelihoodScorer:
     return out_sum, out_cnt
 
   def _run(self, tokens, start, length, k_max):
+    kw = {"k_max": k_max, "chunk": self.logprob_chunk}
     if self.mesh is None:
-      return _rows_logprob(self.graphdef, self.state, tokens, start, length, k_max=k_max)
+      return _rows_logprob(self.graphdef, self.state, tokens, start, length, **kw)
     from stable_alignment_jax import sharding
     put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
     with sharding.activate(self.mesh):
-      return _rows_logprob(self.graphdef, self.state, put(tokens), put(start), put(length),
-                           k_max=k_max)
+      return _rows_logprob(self.graphdef, self.state, put(tokens), put(start), put(length), **kw)
 
   def score(self, items: Sequence[MCItem]) -> list[ChoiceScores]:
     rows = []

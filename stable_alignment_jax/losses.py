@@ -45,6 +45,65 @@ def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
   return jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
+def chunk_plan(t: int, chunk: int) -> tuple[int, int]:
+  """(number of chunks, positions per chunk) for T positions in chunks of at most `chunk`.
+
+  The chunks are made as even as possible, so the padding is under one position per chunk
+  (T=360, chunk=128: 3 chunks of 120, none padded; fixed chunks of 128 would waste 24)."""
+  n_chunks = -(-t // max(min(chunk, t), 1))
+  return n_chunks, -(-t // n_chunks)
+
+
+def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, mask: jax.Array,
+                    chunk: int) -> jax.Array:
+  """Sum over positions of mask * log softmax(head_fn(hidden))[target], per row, in chunks.
+
+  hidden [N,S,D]; targets [N,S] int, the token each position's hidden state predicts (no
+  shift); mask [N,S]; head_fn maps [n,c,D] -> f32 logits [n,c,V]. Returns f32 [N].
+
+  The positions are cut into `chunk_plan(S, chunk)` chunks over which `lax.map` runs the head,
+  the logsumexp and the target pick; each chunk is under `jax.checkpoint`, so the backward pass
+  recomputes that chunk's logits instead of keeping them. At most one chunk's logits (and their
+  gradient) exist at a time: N * chunk * V * 4 bytes, instead of N * S * V * 4 for the whole.
+  Chunks run over positions, not rows, so each one keeps every row and the rows' sharding over
+  the batch axes (a chunk of rows would cut across devices).
+  """
+  n, s, d = hidden.shape
+  n_chunks, size = chunk_plan(s, chunk)
+  pad = n_chunks * size - s
+  mask = mask.astype(jnp.float32)
+  if pad:  # padded positions carry mask 0 and target 0: they add nothing
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  # Chunk-major [C, N, size, ...]: lax.map walks the leading axis.
+  split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, size, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(args):
+    h, tgt, m = args
+    logits = head_fn(h).astype(jnp.float32)
+    hit = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)  # [N]
+
+  return jnp.sum(jax.lax.map(one, (split(hidden), split(targets), split(mask))), axis=0)
+
+
+def chunked_sequence_logprobs(hidden: jax.Array, head_fn: Callable, tokens: jax.Array,
+                              loss_mask: jax.Array, chunk: int):
+  """`sequence_logprobs` from the final hidden states [N,T,D] and the LM head, without the
+  whole [N,T,V] logits ever existing, forward or backward (see `target_logprobs`).
+
+  head_fn: [n,c,D] -> f32 [n,c,V] (the model's LM head); chunk: positions per chunk (> 0).
+  Same contract and values as `sequence_logprobs(head_fn(hidden), tokens, loss_mask)`.
+  """
+  targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last one is masked
+  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+  mask = mask.astype(jnp.float32)
+  return target_logprobs(hidden, head_fn, targets, mask, chunk), jnp.sum(mask, axis=-1)
+
+
 def _token_mean_nll(logp, n_tokens):
   return -logp / jnp.maximum(n_tokens, 1.0)
 

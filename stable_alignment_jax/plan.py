@@ -75,13 +75,16 @@ def _leaf_bytes_per_device(tree, mesh_sizes: dict[str, int]) -> tuple[int, int]:
   return per_dev, total
 
 
-def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int) -> dict[str, int]:
+def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int,
+                     logprob_chunk: int = 0) -> dict[str, int]:
   """Bytes kept for the backward pass by one device holding `rows` sequences of length `seq`.
 
   Counts, per token and layer, what the remat policy saves (model/llama.py): `full` keeps the
   layer input; `dots` also keeps every projection output (q, k, v, o, gate, up, down; attention
   scores are recomputed); `none` keeps all intermediates incl. the [H, T] attention weights.
-  Head/MLP-sized tensors are split over `tensor`. Logits are f32 and split over vocab.
+  Head/MLP-sized tensors are split over `tensor`. Logits are f32 and split over vocab: the
+  whole [rows, seq, V] and their gradient, or with `logprob_chunk` (train.logprob_chunk) those
+  of one chunk of positions, the only ones that exist at a time (losses.target_logprobs).
   """
   b = np.dtype(cfg.dtype).itemsize
   d, f, h = cfg.dim, cfg.ffn_dim, cfg.n_heads
@@ -96,7 +99,8 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int) -> dict
   layers = cfg.n_layers * tokens * per_token_layer
   if cfg.remat != "none":  # while one layer's backward runs, its intermediates exist in full
     layers += tokens * (4 * d + proj + 2 * h * seq / tensor) * b
-  logits = 2 * tokens * cfg.vocab_size / tensor * 4  # logits + their gradient, f32
+  positions = losses.chunk_plan(seq, logprob_chunk)[1] if logprob_chunk > 0 else seq
+  logits = 2 * rows * positions * cfg.vocab_size / tensor * 4  # logits + their gradient, f32
   return {"layers": int(layers), "logits": int(logits)}
 
 
@@ -117,7 +121,8 @@ def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None
   if micro_rows % dp:
     raise ValueError(f"{micro_rows} sequences per micro-batch do not split over {dp} "
                      f"data-parallel devices")
-  act = activation_bytes(cfg, micro_rows // dp, c.data.max_len, sizes["tensor"])
+  act = activation_bytes(cfg, micro_rows // dp, c.data.max_len, sizes["tensor"],
+                         c.train.get("logprob_chunk", 0))
   grads_dev = params_dev  # gradients live in param_dtype with the params' sharding
   ref_dev = params_dev if reference else 0
   mem = {"params": params_dev, "optimizer": opt_dev, "gradients": grads_dev,

@@ -28,12 +28,22 @@ from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- loss over a batch ------------------------------------------------------------------------
 
-def response_logprobs(graphdef, params, batch):
-  """One forward over the flattened [B*K, T] batch -> summed log-probs and counts [B, K]."""
+def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0):
+  """One forward over the flattened [B*K, T] batch -> summed log-probs and counts [B, K].
+
+  logprob_chunk (config `train.logprob_chunk`): > 0 runs the LM head over chunks of that many
+  positions from the hidden states, so the [B*K, T, V] f32 logits never exist (see
+  `losses.chunked_sequence_logprobs`); 0 builds them whole."""
   b, k, t = batch["tokens"].shape
   tokens = batch["tokens"].reshape(b * k, t)
-  logits, _ = nnx.merge(graphdef, params)(tokens)
-  logp, n = losses.sequence_logprobs(logits, tokens, batch["loss_mask"].reshape(b * k, t))
+  loss_mask = batch["loss_mask"].reshape(b * k, t)
+  model = nnx.merge(graphdef, params)
+  if logprob_chunk > 0:
+    h, _ = model.hidden(tokens)
+    logp, n = losses.chunked_sequence_logprobs(h, model.logits, tokens, loss_mask, logprob_chunk)
+  else:
+    logits, _ = model(tokens)
+    logp, n = losses.sequence_logprobs(logits, tokens, loss_mask)
   return logp.reshape(b, k), n.reshape(b, k)
 
 

@@ -4,14 +4,32 @@ import json
 import os
 
 import jax
+import numpy as np
 
 from stable_alignment_jax import flops
 from stable_alignment_jax.model.presets import ModelConfig
 
 
+def real_tokens(batch) -> int:
+  """Tokens of a [B, K, T] batch that are text, not padding: per valid response row (response_mask
+  > 0), positions 0 .. its last loss token, i.e. [BOS] + prompt + response (+ EOS); rows are
+  right-padded, so everything after is padding. Empty response slots (they repeat the prompt,
+  fully masked) count 0. Read from the masks, not from `pad_id`, which may also be a real token."""
+  mask = np.asarray(batch["loss_mask"]) > 0
+  t = mask.shape[-1]
+  length = np.where(mask.any(-1), t - np.argmax(mask[..., ::-1], axis=-1), 0)  # last 1, plus 1
+  return int(np.sum(length * (np.asarray(batch["response_mask"]) > 0)))
+
+
 class Logger:
   """Process 0 logs: TensorBoard scalars and `metrics.jsonl` (one line per logged step; a resumed
-  run appends) with loss, metrics, lr, norms, tokens/s and an MFU estimate."""
+  run appends) with loss, metrics, lr, norms, tokens/s and an MFU estimate.
+
+  `tokens_per_s` counts every position of the padded [B, K, T] batch: the work the chips did,
+  which is what MFU is measured on. `real_tokens_per_s` counts only the text (`real_tokens`),
+  the throughput a run actually gets through its data; `padding_share` is the rest's share of
+  the positions (the last logged batch's, like both rates). All three are in `summary["final"]`
+  too, so the trainer's closing line shows them."""
 
   def __init__(self, ckpt_dir: str, cfg: ModelConfig, mesh, *, tensorboard: bool,
                reference: bool = False, peak_flops_per_device: float = 0.0):
@@ -30,7 +48,10 @@ class Logger:
   def train(self, step, metrics, local_batch, seconds):
     """`seconds`: mean wall time per step since the last log."""
     tokens = local_batch["tokens"].size * jax.process_count()
+    real = real_tokens(local_batch) * jax.process_count()  # this process's share, scaled up
     metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    metrics["real_tokens_per_s"] = real / max(seconds, 1e-9)
+    metrics["padding_share"] = 1.0 - real / max(tokens, 1)
     model_flops, _ = flops.step_flops(self.cfg, tokens, local_batch["tokens"].shape[-1],
                                reference=self.ref)  # model FLOPs, as the planner counts them
     if self.peak_total:

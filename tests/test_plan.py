@@ -43,8 +43,10 @@ def test_param_and_optimizer_bytes_equal_a_real_sharded_state(mesh):
 
 
 def test_activation_estimate_is_near_the_compiled_step_temp_bytes():
-  # XLA:CPU schedules without regard to remat, so compare the no-remat estimate.
+  # XLA:CPU schedules without regard to remat, so compare the no-remat estimate; the step
+  # builds the whole logits, so the plan counts them whole.
   c = _tiny("none")
+  c.train.logprob_chunk = 0
   cfg = ModelConfig.from_dict(c.model)
   mesh = sharding.make_mesh({"fsdp": 8})
   graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
@@ -61,6 +63,35 @@ def test_activation_estimate_is_near_the_compiled_step_temp_bytes():
   p = plan.plan(c, flops.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]
   estimate = p["activations_layers"] + p["activations_logits"]
   assert 0.6 < estimate / temp < 1.5, (estimate, temp)
+
+
+def test_chunked_logits_estimate_is_near_a_compiled_chunked_step():
+  # A vocabulary large enough that the logits dominate: whole, they are 2 x 6 rows x 128 x 8192
+  # x 4 B = 48 MiB per device; in chunks of 16 positions 6 MiB, next to ~4 MiB of layers.
+  c = _tiny("none")
+  c.model.vocab_size, c.train.logprob_chunk = 8192, 16
+  cfg = ModelConfig.from_dict(c.model)
+  mesh = sharding.make_mesh({"fsdp": 8})
+  graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+  b, k, t = c.data.batch_size, c.data.num_responses, c.data.max_len
+  host = {"tokens": np.zeros((b, k, t), np.int32), "loss_mask": np.ones((b, k, t), np.float32)}
+  batch = {n: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for n, v in host.items()}
+
+  def grad(params, batch):
+    def f(p):
+      logp, n = train.response_logprobs(graphdef, p, batch, logprob_chunk=16)
+      return -jnp.sum(logp) / jnp.sum(n)
+    return jax.grad(f)(params)
+
+  with sharding.activate(mesh):
+    temp = jax.jit(grad).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+  p = plan.plan(c, flops.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]
+  assert p["activations_logits"] == 2 * 6 * 16 * 8192 * 4
+  estimate = p["activations_layers"] + p["activations_logits"]
+  assert 0.6 < estimate / temp < 1.5, (estimate, temp)
+  c.train.logprob_chunk = 0  # the whole logits would not be near it
+  whole = plan.plan(c, flops.CHIPS["v5p"], 8, {"fsdp": 8})["bytes_per_device"]
+  assert (whole["activations_layers"] + whole["activations_logits"]) / temp > 2
 
 
 def test_7b_fsdp_divides_params_and_moments():
