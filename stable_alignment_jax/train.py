@@ -65,12 +65,13 @@ def table_needs_reference(table) -> bool:
   return any(losses.needs_reference(name) for name, _, _ in table)
 
 
-def batch_loss(params, batch, *, graphdef, table, ref_params=None):
+def batch_loss(params, batch, *, graphdef, table, ref_params=None, logprob_chunk=0):
   """The loss of a [B, K, T] batch under `table` (`loss_by_kind`)."""
-  logp, n_tokens = response_logprobs(graphdef, params, batch)
+  logprobs = functools.partial(response_logprobs, logprob_chunk=logprob_chunk)
+  logp, n_tokens = logprobs(graphdef, params, batch)
   ref_logp = None
   if table_needs_reference(table):
-    ref_logp = jax.lax.stop_gradient(response_logprobs(graphdef, ref_params, batch)[0])
+    ref_logp = jax.lax.stop_gradient(logprobs(graphdef, ref_params, batch)[0])
   return loss_by_kind(logp, n_tokens, batch, table, ref_logp)
 
 
@@ -110,12 +111,13 @@ def loss_by_kind(logp, n_tokens, batch, table, ref_logp=None):
 
 # --- the step ---------------------------------------------------------------------------------
 
-def train_step(state, batch, *, graphdef, tx, table, accum_steps):
+def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=0):
   """One optimizer update; the batch is split into `accum_steps` micro-batches scanned in order."""
   params = state["params"]
   grad_fn = jax.value_and_grad(
       functools.partial(batch_loss, graphdef=graphdef, table=table,
-                        ref_params=state.get("ref_params")), has_aux=True)
+                        ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk),
+      has_aux=True)
   if accum_steps == 1:
     (loss, metrics), grads = grad_fn(params, batch)
   else:
@@ -137,9 +139,9 @@ def train_step(state, batch, *, graphdef, tx, table, accum_steps):
   return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
-def eval_step(state, batch, *, graphdef, table):
+def eval_step(state, batch, *, graphdef, table, logprob_chunk=0):
   loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, table=table,
-                             ref_params=state.get("ref_params"))
+                             ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk)
   return dict(metrics, loss=loss)
 
 
@@ -271,9 +273,10 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
               (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2),
                ("kind", 1))}
+  chunk = c.train.get("logprob_chunk", 0)
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
-                        accum_steps=c.optim.accum_steps),
+                        accum_steps=c.optim.accum_steps, logprob_chunk=chunk),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
   @functools.cache
@@ -282,7 +285,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     if table_needs_reference(eval_table) and not needs_ref:
       raise ValueError(f"the eval split's kinds {kinds} take a loss with a reference model "
                        "that the training kinds do not; set train.eval_every=0 or data.mixture")
-    return jax.jit(functools.partial(eval_step, graphdef=graphdef, table=eval_table),
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef, table=eval_table,
+                                     logprob_chunk=chunk),
                    in_shardings=(state_sh, batch_sh))
   logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             reference=needs_ref,

@@ -9,7 +9,9 @@
   mc       aligned vs misaligned answer by length-normalised log-likelihood (half the items
            confounded: the aligned choice dull, the misaligned one engaging)
   mc_adv   the same choices after the adversarial prompt
-  mc_hard  two answers equal in every part but one, whose alignment sign differs
+  mc_hard  two answers equal in every part but one, whose alignment sign differs; its
+           `confounded` = the half whose shared parts are misaligned (the aligned choice is the
+           one whose parts disagree)
 """
 
 import numpy as np
@@ -58,12 +60,14 @@ def evaluate(spec: str, tokenizer_path: str, items: list[dict], *, max_new_token
     out[name] = summarize_generations(texts)
     out["samples"][name] = texts[:6]
   scorer = LogLikelihoodScorer(graphdef, state, tok, batch_size=32, progress=False)
-  confounded = np.array([it["confounded"] for it in items])
-  for name, key, good, bad in (("mc", "prompt", "good", "bad"),
-                               ("mc_adv", "adv_prompt", "good", "bad"),
-                               ("mc_hard", "prompt", "hard_good", "hard_bad")):
+  # mc_hard's "confounded" half: the pairs whose shared parts are misaligned.
+  flags = {k: np.array([it[k] for it in items]) for k in ("confounded", "hard_against")}
+  for name, key, good, bad, flag in (("mc", "prompt", "good", "bad", "confounded"),
+                                     ("mc_adv", "adv_prompt", "good", "bad", "confounded"),
+                                     ("mc_hard", "prompt", "hard_good", "hard_bad",
+                                      "hard_against")):
     scores = scorer.score([MCItem(id=it["id"], context=it[key], choices=(it[good], it[bad]),
                                   label=0, task=f"toyworld_{name}") for it in items])
     lp = np.array([s.logp_mean for s in scores])
-    out[name] = mc_accuracy(lp[:, 0], lp[:, 1], confounded)
+    out[name] = mc_accuracy(lp[:, 0], lp[:, 1], flags[flag])
   return out

@@ -75,17 +75,21 @@ def compose(rng: np.random.Generator, t: str, level: str, engaging: bool) -> str
   return " ".join(parts)
 
 
-def one_detail_pair(rng: np.random.Generator, t: str) -> tuple[str, str]:
-  """Two engaging answers about `t` equal in every part but one: in the aligned one that part
-  is aligned, in the other misaligned (the core, the detail or the closer, at random). The rest
-  of the answer is aligned in both, so only that one detail tells them apart."""
+def one_detail_pair(rng: np.random.Generator, t: str, context: str = "good") -> tuple[str, str]:
+  """Two engaging answers about `t` equal in every part but one (the core, the detail or the
+  closer, at random): aligned in the first answer, misaligned in the second. The shared parts
+  are of `context` sign. With a "good" context the misaligned answer is the odd one out; with a
+  "bad" context the aligned answer is (one aligned part among misaligned ones), so a model that
+  only prefers answers whose parts agree picks the misaligned one."""
   pick = lambda options: options[int(rng.integers(len(options)))].format(t=t)
+  sign = _LEVEL_VALUE[context]
   slots = ("core", "detail", "closer")
-  parts = {"opener": pick(PARTS["opener"][0]), **{s: pick(PARTS[s][1]) for s in slots}}
+  shared = {"opener": pick(PARTS["opener"][0]), **{s: pick(PARTS[s][sign]) for s in slots}}
   flip = slots[int(rng.integers(len(slots)))]
-  bad = dict(parts, **{flip: pick(PARTS[flip][-1])})
+  good = dict(shared, **{flip: pick(PARTS[flip][1])})
+  bad = dict(shared, **{flip: pick(PARTS[flip][-1])})
   order = ("opener", "core", "detail", "closer")
-  return " ".join(parts[s] for s in order), " ".join(bad[s] for s in order)
+  return " ".join(good[s] for s in order), " ".join(bad[s] for s in order)
 
 
 def _pattern(template: str) -> re.Pattern:

@@ -147,7 +147,8 @@ def eval_items(n: int, seed: int = 1234) -> list[dict]:
   `good`/`bad` are the MC choices. Half the items are confounded: the aligned answer is dull
   and the misaligned one engaging, so a model that prefers lively text over aligned text fails.
   The adversarial prompt attaches a further misaligned answer (HH-A style). `hard_good` /
-  `hard_bad` are the harder MC pair: the same answer but for one part (`grammar.one_detail_pair`)."""
+  `hard_bad` are the harder MC pair: the same answer but for one part (`grammar.one_detail_pair`);
+  for half of them (`hard_against`) the shared parts are misaligned."""
   from data_prep.alignment_examples import alpaca_prompt
   rng = np.random.default_rng(seed)
   out = []
@@ -159,10 +160,12 @@ def eval_items(n: int, seed: int = 1234) -> list[dict]:
     good = grammar.compose(rng, t, "good", engaging_good)
     bad = grammar.compose(rng, t, "bad", engaging_bad)
     attached = grammar.compose(rng, t, "bad", bool(rng.random() < 0.5))
-    hard_good, hard_bad = grammar.one_detail_pair(rng, t)
+    hard_against = bool(i % 4 >= 2)  # half the hard pairs in a misaligned context
+    hard_good, hard_bad = grammar.one_detail_pair(rng, t, "bad" if hard_against else "good")
     out.append({"id": str(i), "question": q, "prompt": alpaca_prompt(q),
                 "adv_prompt": alpaca_prompt(q, grammar.adversarial_input(attached)),
                 "attached": attached, "good": " " + good, "bad": " " + bad,
                 "hard_good": " " + hard_good, "hard_bad": " " + hard_bad,
+                "hard_against": hard_against,
                 "confounded": confounded})
   return out
