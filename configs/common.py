@@ -31,6 +31,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def tiny_world_model() -> ml_collections.ConfigDict:
+  """The model of configs/pipeline.py:tiny (its society LM, stages, reward model and PPO): a
+  2-layer, 128-wide LM over the world's 512-piece SentencePiece vocabulary."""
+  return model_block("tiny", vocab_size=512, dim=128, ffn_dim=352, dtype="float32",
+                     remat="none", max_seq_len=512)
+
+
 def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
   """`config.model`: every ModelConfig field, filled from a preset of model/presets.py."""
   cfg = presets.preset(preset_name, **overrides)

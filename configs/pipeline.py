@@ -69,8 +69,7 @@ def get_config(arg=None):
 
   if a.tiny:
     # A 2-layer, 128-wide LM over a 512-piece SentencePiece vocabulary trained on the world.
-    model = common.model_block("tiny", vocab_size=512, dim=128, ffn_dim=352, dtype="float32",
-                               remat="none", max_seq_len=512)
+    model = common.tiny_world_model()
     lm = c.society_lm
     lm.model = model
     lm.data.source, lm.data.num_responses, lm.data.max_len = "jsonl", 1, 256

@@ -53,8 +53,7 @@ def get_config(arg=None):
     # rated-phrase preference; the export's validation split may hold no rated pair, so a
     # fifth of the train split is held out instead.
     base.tiny(c, "reward_society", steps=60)
-    c.model = common.model_block("tiny", vocab_size=512, dim=128, ffn_dim=352, dtype="float32",
-                                 remat="none", max_seq_len=512)
+    c.model = common.tiny_world_model()
     c.data.source = "tfds"
     c.data.dataset = "sandbox_alignment/imitation"
     c.data.num_responses = 3

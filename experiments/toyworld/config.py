@@ -56,6 +56,9 @@ def get_config(arg=None):
     stage.train.steps, stage.train.eval_every, stage.train.log_every = a.steps, 0, 5
     stage.checkpoint.save_every = a.steps
   c.baselines.sft.data.source, c.baselines.sft.data.num_responses = "jsonl", 1
+  # PPO: 24 iterations of 16 rollouts, 2 epochs of 2 minibatches (96 updates; 384 sampled
+  # answers, the stages see 240 prompts), against a reward model on the society's ratings.
+  c.rlhf.ppo.train.steps = 24
   c.baselines.sft.data.mixture = {}
 
   # 128 new tokens: a realignment-trained model writes the feedback before its revision.
