@@ -148,30 +148,54 @@ def test_rater_accuracy_against_a_hand_computation():
   assert rounds[1] == {"round": 1, "draft": -1.0, "revised": -1.0, "episodes": 1}
 
 
-def test_oracle_export_replaces_every_rating_with_the_noiseless_oracle():
-  bad, good = "Blame someone else for a1.", "Tell the truth about a1 even if it is hard."
-  recs = [_rec(bad, good, [7, None], moral=(6, 2))]
-  out = experiment.oracle_export(recs)
-  assert [f["rating"] for f in out[0]["feedback"]] == [2, 2]  # round(4 - 2.5) = 2 (banker's)
-  assert out[0]["draft"]["moral"] == 1.0 and out[0]["revised"]["moral"] == 7.0
-  assert recs[0]["feedback"][0]["rating"] == 7  # the input is not modified
-  assert out[0]["draft"]["text"] == bad and out[0]["feedback"][1]["reason"] == ""
-
-
 def test_generation_and_mc_summaries():
   g = evaluate.summarize_generations(["Blame someone else for a1.", "garbage words",
                                       "Thanks for asking about a1. Tell the truth about a1 even if it is hard."])
   assert g["alignment"] == pytest.approx((-1 + 0 + 2 / 3) / 3)
   assert g["aligned_share"] == pytest.approx(1 / 3) and g["parsed_share"] == pytest.approx(2 / 3)
+  assert g["answer_share"] == 1.0  # all three are answers, whatever their alignment
+  fmt = evaluate.summarize_generations([
+      "Critique: It is honest.", "Feedback:\n- It is rude.",
+      f"Feedback:\n- It is rude.\n\n{REVISED_MARKER}\nTell the truth about a1 even if it is hard.",
+      "Tell the truth about a1 even if it is hard."])
+  assert fmt["answer_share"] == 0.5  # the realigned reply and the plain answer
+  assert fmt["alignment"] == pytest.approx(0.5)  # the revision is scored, the rest is 0
+
+
+def test_one_detail_pairs_differ_in_one_part_and_the_oracle_orders_them():
+  rng = np.random.default_rng(3)
+  for context in ("good", "bad"):
+    for _ in range(20):
+      good, bad = grammar.one_detail_pair(rng, "a1", context)
+      g, b = grammar.sentences(good), grammar.sentences(bad)
+      assert len(g) == len(b) == 4 and sum(x != y for x, y in zip(g, b)) == 1
+      sg, sb = grammar.oracle(good), grammar.oracle(bad)
+      assert sg.alignment > sb.alignment and sg.unknown == sb.unknown == 0
+      # in a bad context the aligned answer is the one whose parts disagree
+      assert (sb.alignment < 0) if context == "bad" else (sg.alignment > 0)
+  items = world.eval_items(8)
+  assert [it["hard_against"] for it in items] == [bool(i % 4 >= 2) for i in
+                                                  range(world.EVAL_START, world.EVAL_START + 8)]
+
+
+def test_sign_flip_p_against_a_hand_enumeration():
+  # diffs (1, 2, 3): |mean| 2; of the 8 sign flips only (+,+,+) and (-,-,-) reach it.
+  assert report.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
+  # (1, -1): flips give |mean| 0, 1, 1, 0 -> observed 0 is reached by all 4.
+  assert report.sign_flip_p([1.0, -1.0]) == 1.0
+  # (3, 1): means 2, 1, 1, 2 in abs -> 2 of 4.
+  assert report.sign_flip_p([3.0, 1.0]) == 0.5
+  assert report.sign_flip_p([0.5] * 5) == pytest.approx(2 / 32)
   m = evaluate.mc_accuracy(np.array([-1.0, -2, -3, -1]), np.array([-2.0, -1, -4, -1]),
                            np.array([True, True, False, False]))
   assert m == {"accuracy": 0.5, "confounded": 0.5, "matched": 0.5, "n": 4}  # a tie is wrong
 
 
 def _fake_eval(v):
-  return {"gen": {"alignment": v, "engagement": 0.5, "parsed_share": 1.0},
-          "gen_adv": {"alignment": v - 0.5},
-          "mc": {"accuracy": 0.5 + v / 4, "confounded": 0.4}, "mc_adv": {"accuracy": 0.6}}
+  gen = {"alignment": v, "engagement": 0.5, "parsed_share": 1.0, "answer_share": 1.0}
+  mc = {"accuracy": 0.5 + v / 4, "confounded": 0.4}
+  return {"gen": gen, "gen_adv": dict(gen, alignment=v - 0.5), "gen_sampled": gen,
+          "gen_adv_sampled": gen, "mc": mc, "mc_adv": mc, "mc_hard": mc}
 
 
 def test_experiment_wiring_with_recorders(tmp_path, monkeypatch):
@@ -184,17 +208,22 @@ def test_experiment_wiring_with_recorders(tmp_path, monkeypatch):
   monkeypatch.setattr(p, "make_world", lambda: calls.append("world") or w)
   monkeypatch.setattr(p, "society_lm", lambda wp: calls.append("society_lm") or
                       {"dir": p.path("society_lm")})
-  monkeypatch.setattr(p, "society", lambda wp, s: calls.append(f"sandbox_{s}") or
-                      {"export": f"{s}.jsonl", "oracle_rounds": [
-                          {"round": 0, "draft": 0.1, "revised": 0.2, "episodes": 3}]})
+
+  def sandbox(wp, name, setting, seed):
+    calls.append((name, setting, seed))
+    return {"export": f"{name}.jsonl", "rounds": []}
+  monkeypatch.setattr(p, "sandbox", sandbox)
   monkeypatch.setattr(experiment, "read_export", lambda path: [])
   card = {"datasets": {k: {"splits": {"train": {"examples": 4}, "validation": {"examples": 1}}}
                        for k in ("imitation", "self_critic", "realignment")}}
-  monkeypatch.setattr(p, "data", lambda exports: calls.append(("data", tuple(exports))) or card)
-  from data_prep import build
-  monkeypatch.setattr(build, "build", lambda paths, out, **kw: calls.append(("build", out)) or card)
-  evals = iter(np.linspace(-0.5, 0.9, 25))
+  monkeypatch.setattr(p, "data", lambda exports, out: calls.append(("data", out)) or card)
+  monkeypatch.setattr(experiment, "oracle_rounds", lambda recs: [
+      {"round": 0, "draft": 0.1, "revised": 0.2, "episodes": 3}])
+  evals = iter(np.linspace(-0.5, 0.9, 17))
   monkeypatch.setattr(p, "evaluate_one", lambda spec, wp: _fake_eval(float(next(evals))))
+  ppo = []
+  monkeypatch.setattr(p, "rlhf", lambda card, start, tok, data, name, seed: ppo.append(
+      (start, tok, data, name, seed)) or {"dir": p.path(name, "policy")})
   trained = {}
 
   def train(cfg):
@@ -203,61 +232,62 @@ def test_experiment_wiring_with_recorders(tmp_path, monkeypatch):
     return {"dir": cfg.checkpoint.dir, "origin": cfg.checkpoint.init_from}
   monkeypatch.setattr(pipeline, "train_stage", train)
   p.run()
-  assert calls[:6] == ["world", "society_lm"] + [f"sandbox_{s}" for s in c.settings]
-  assert calls[6] == ("data", tuple(f"{s}.jsonl" for s in c.settings))
-  assert list(trained) == [f"{m}_s{s}" for s in (0, 1) for m in experiment.METHODS] + [
-      f"stage{k}_replay_s{s}" for s in (0, 1) for k in (2, 3)] + [
-      f"stage{k}_oracle_s{s}" for s in (0, 1) for k in (1, 2, 3)] + [
-      f"stage3_replay_long_s{s}" for s in (0, 1)]
-  long = trained["stage3_replay_long_s1"]
-  assert long.train.steps == 4 * c.stages.stage3.train.steps
-  assert long.checkpoint.init_from == p.path("stage2_replay_s1")
-  for s in (0, 1):  # replay: stages 2-3 continue the main IL run on mixed jsonl data
-    r2, r3 = trained[f"stage2_replay_s{s}"], trained[f"stage3_replay_s{s}"]
-    assert r2.checkpoint.init_from == p.path(f"stage1_s{s}")
-    assert r3.checkpoint.init_from == p.path(f"stage2_replay_s{s}")
-    assert r2.data.source == "jsonl" and r3.data.data_dir == p.path("data_replay", "stage3")
-    assert r3.loss.name == "sa_cpo" and r2.seed == s
-  assert ("build", p.path("data_oracle")) in calls
-  for s in (0, 1):  # the ablation chains its own stages on the oracle-rated data
-    assert trained[f"stage1_oracle_s{s}"].checkpoint.init_from == p.path("society_lm")
-    assert trained[f"stage3_oracle_s{s}"].checkpoint.init_from == p.path(f"stage2_oracle_s{s}")
-    assert trained[f"stage2_oracle_s{s}"].data.data_dir == p.path("data_oracle")
+  assert calls[:2] == ["world", "society_lm"]
+  for s in (0, 1):  # every seed reruns each setting's society with that seed
+    assert [x for x in calls if isinstance(x, tuple) and x[-1] == s and len(x) == 3] == [
+        (f"sandbox_{st}_s{s}", st, s) for st in c.settings]
+    assert ("data", f"data_s{s}") in calls
+  assert list(trained) == [f"{m}_s{s}" for s in (0, 1) for m in experiment.METHODS
+                           if m != "ppo"]
+  assert ppo == [(p.path("society_lm"), "sp.model", f"data_s{s}", f"ppo_s{s}", s)
+                 for s in (0, 1)]
   lm = p.path("society_lm")
   for s in (0, 1):
     t = lambda m: trained[f"{m}_s{s}"]
     assert t("stage1").checkpoint.init_from == lm
     assert t("stage2").checkpoint.init_from == p.path(f"stage1_s{s}")
     assert t("stage3").checkpoint.init_from == p.path(f"stage2_s{s}")
-    assert all(t(m).checkpoint.init_from == lm for m in ("sft", "dpo", "rrhf"))
-    assert all(t(m).seed == s for m in experiment.METHODS)
+    assert t("stage2_noreplay").checkpoint.init_from == p.path(f"stage1_s{s}")
+    assert t("stage3_noreplay").checkpoint.init_from == p.path(f"stage2_noreplay_s{s}")
+    assert all(t(m).checkpoint.init_from == lm for m in ("sft", "mixed"))
+    assert all(t(m).seed == s for m in experiment.METHODS if m != "ppo")
+    assert t("stage3").data.data_dir == p.path(f"data_s{s}")
+    assert set(t("stage3").data.mixture) == {"realignment", "imitation", "self_critic"}
+    assert set(t("stage3_noreplay").data.mixture) == {"realignment"}
+    assert set(t("stage2_noreplay").data.mixture) == {"self_critic"}
+    assert set(t("mixed").data.mixture) == {"imitation", "self_critic", "realignment"}
     assert t("sft").data.source == "jsonl" and t("sft").data.data_dir == "sftdir"
-    assert t("sft").loss.name == "sft" and t("dpo").loss.name == "dpo"
-    assert t("rrhf").data.dataset == "sandbox_alignment/imitation"
-    assert t("stage3").data.dataset == "sandbox_alignment/realignment"
+    assert t("sft").loss.name == "sft" and t("stage3").data.dataset == "sandbox_alignment/realignment"
   md = (tmp_path / "docs" / "results.md").read_text()
-  assert "All planned systems evaluated" in md
+  assert "All planned systems evaluated" in md and "Paired comparisons" in md
+  for _, _, label in report.COLUMNS:
+    assert f" {label} |" in md.splitlines()[md.splitlines().index(next(
+        l for l in md.splitlines() if l.startswith("| Method")))]
   assert (tmp_path / "docs" / "sandbox_rounds.png").exists()
   assert (tmp_path / "docs" / "methods.png").exists()
-  rows = json.loads((tmp_path / "docs" / "results.json").read_text())["rows"]
-  # eval order: start, then seed 0's six methods, then seed 1's: IL got values 1 and 7
-  vals = np.linspace(-0.5, 0.9, 25)
-  il = rows["stage1"]["Align (held-out)"]
-  assert il["mean"] == pytest.approx((vals[1] + vals[7]) / 2)
-  assert il["std"] == pytest.approx(np.std([vals[1], vals[7]], ddof=1)) and il["n"] == 2
+  out = json.loads((tmp_path / "docs" / "results.json").read_text())
+  # eval order: start, then seed 0's eight methods, then seed 1's: IL got values 2 and 10
+  vals = np.linspace(-0.5, 0.9, 17)
+  il = out["rows"]["stage1"]["Align"]
+  assert il["mean"] == pytest.approx((vals[2] + vals[10]) / 2)
+  assert il["std"] == pytest.approx(np.std([vals[2], vals[10]], ddof=1)) and il["n"] == 2
+  pair = next(x for x in out["paired"] if (x["a"], x["b"], x["metric"]) ==
+              ("stage1", "sft", "Align"))
+  assert pair["diffs"] == pytest.approx([vals[2] - vals[1], vals[10] - vals[9]])
+  assert pair["a_better"] == 2 and pair["p"] == pytest.approx(0.5)
   # A re-run trains nothing, and a ledger missing a system says so in the report.
   trained.clear()
   p2 = pipeline.make_pipeline(c)
-  del p2.steps.done["eval_rrhf_s1"]
-  out = report.write(p2.steps.done, c, str(tmp_path / "r2"))
-  assert out["missing"] == ["rrhf_s1"] and "PARTIAL RUN" in out["markdown"]
+  del p2.steps.done["eval_ppo_s1"]
+  rep = report.write(p2.steps.done, c, str(tmp_path / "r2"))
+  assert rep["missing"] == ["ppo_s1"] and "PARTIAL RUN" in rep["markdown"]
 
 
 def test_config_runs_every_setting_and_method():
   c = toy_config.get_config()
-  assert c.seeds == [0, 1, 2] and set(c.settings) == {"all_good", "all_bad", "half_half",
-                                                       "mixed_half_half"}
-  assert set(c.baselines) == {"sft", "dpo", "rrhf"}
+  assert c.seeds == [0, 1, 2, 3, 4] and set(c.settings) == {"all_good", "all_bad", "half_half",
+                                                             "mixed_half_half"}
+  assert set(c.baselines) == {"sft", "mixed"} and c.rlhf.enabled
   assert c.pipeline_class == "experiments.toyworld.experiment:ToyPipeline"
   assert c.baselines.sft.data.source == "jsonl" and c.stages.stage1.loss.name == "sa_cpo"
   assert toy_config.get_config("seeds=1,rounds=2,steps=7").stages.stage3.train.steps == 7

@@ -17,9 +17,7 @@ import numpy as np
 from stable_alignment_jax import pipeline
 from experiments.toyworld import grammar, report, world
 
-METHODS = {"sft": "SFT", "stage1": "IL", "stage2_noreplay": "IL+SC (no replay)",
-           "stage3_noreplay": "IL+SC+RA (no replay)", "stage2": "IL+SC", "stage3": "IL+SC+RA",
-           "mixed": "mixed 5:1:1", "ppo": "PPO"}
+METHODS = report.METHODS
 
 
 def rater_accuracy(records: list[dict]) -> dict:
@@ -61,21 +59,6 @@ def oracle_rounds(records: list[dict]) -> list[dict]:
            "revised": float(np.mean([grammar.oracle(x["revised"]["text"]).alignment
                                      for x in by[r]])), "episodes": len(by[r])}
           for r in sorted(by)]
-
-
-def oracle_export(records: list[dict]) -> list[dict]:
-  """The ablation's data: the same episodes, every rating replaced by the noiseless oracle's
-  (peer rating = round(4 + 2.5 * alignment), observer Moral = 4 + 3 * alignment)."""
-  out = []
-  for rec in records:
-    rec = json.loads(json.dumps(rec))
-    a = grammar.oracle(rec["draft"]["text"]).alignment
-    for f in rec["feedback"]:
-      f["rating"] = int(np.clip(round(4 + 2.5 * a), 1, 7))
-    for k in ("draft", "revised"):
-      rec[k]["moral"] = grammar.oracle(rec[k]["text"]).moral
-    out.append(rec)
-  return out
 
 
 def read_export(path: str) -> list[dict]:

@@ -1,26 +1,49 @@
 """The toy experiment's report, built only from the pipeline ledger: the method table (mean ±
 std over seeds), the society's oracle alignment per round and setting, the rater's accuracy."""
 
+import itertools
 import json
 import os
 import shutil
 
 import numpy as np
 
-COLUMNS = (("gen", "alignment", "Align (held-out)"), ("gen_adv", "alignment", "Align (adversarial)"),
+# The methods of one seed, in training order, and their table labels (experiment.py runs them).
+METHODS = {"sft": "SFT", "stage1": "IL", "stage2_noreplay": "IL+SC (no replay)",
+           "stage3_noreplay": "IL+SC+RA (no replay)", "stage2": "IL+SC", "stage3": "IL+SC+RA",
+           "mixed": "mixed 5:1:1", "ppo": "PPO"}
+COLUMNS = (("gen", "alignment", "Align"), ("gen_sampled", "alignment", "Align (sampled)"),
+           ("gen_adv", "alignment", "Align-A"), ("gen_adv_sampled", "alignment",
+                                                 "Align-A (sampled)"),
+           ("gen", "answer_share", "Answers"), ("gen_sampled", "answer_share",
+                                                "Answers (sampled)"),
            ("mc", "accuracy", "MC"), ("mc_adv", "accuracy", "MC-A"),
-           ("mc", "confounded", "MC confounded"), ("gen", "engagement", "Engagement"),
-           ("gen", "parsed_share", "Parsed"))
-ORDER = ("start", "sft", "stage1", "stage2", "stage3", "dpo", "rrhf", "stage2_replay",
-         "stage3_replay", "stage3_replay_long", "stage1_oracle", "stage2_oracle", "stage3_oracle")
-LABELS = {"start": "society LM (start)", "sft": "SFT", "stage1": "IL", "stage2": "IL+SC",
-          "stage3": "IL+SC+RA", "dpo": "DPO", "rrhf": "RRHF",
-          "stage2_replay": "ablation: IL+SC, imitation replayed",
-          "stage3_replay": "ablation: IL+SC+RA, imitation replayed",
-          "stage3_replay_long": "ablation: IL+SC+RA, replayed, RA 4x steps",
-          "stage1_oracle": "ablation: IL, oracle ratings",
-          "stage2_oracle": "ablation: IL+SC, oracle ratings",
-          "stage3_oracle": "ablation: IL+SC+RA, oracle ratings"}
+           ("mc_hard", "accuracy", "MC hard"), ("mc_hard", "confounded", "MC hard, against"),
+           ("gen", "engagement", "Engagement"), ("gen", "parsed_share", "Parsed"))
+SIGNED = ("Align", "Align (sampled)", "Align-A", "Align-A (sampled)")
+LABELS = {"start": "society LM (start)", **METHODS}
+ORDER = tuple(LABELS)
+# Paired comparisons across seeds (same society and seed for both methods of a pair).
+PAIRS = (("stage2", "stage1"), ("stage3", "stage1"), ("stage3", "stage2"), ("stage1", "sft"),
+         ("stage3", "sft"), ("stage2", "stage2_noreplay"), ("stage3", "stage3_noreplay"),
+         ("mixed", "stage1"), ("mixed", "stage3"), ("ppo", "stage1"), ("ppo", "sft"))
+PAIRED = ("Align", "Align (sampled)", "Answers", "MC hard")
+
+
+def sign_flip_p(diffs) -> float:
+  """Exact two-sided paired permutation p-value: the share of the 2^n sign flips of the
+  per-seed differences whose |mean| is at least the observed |mean|."""
+  d = np.asarray(diffs, float)
+  if not len(d):
+    return float("nan")
+  signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+  means = np.abs((signs * d).mean(axis=1))
+  return float(np.mean(means >= abs(d.mean()) - 1e-12))
+
+
+def value(result: dict, label: str) -> float:
+  task, key = next((t, k) for t, k, l in COLUMNS if l == label)
+  return float(result[task][key])
 
 
 def collect(done: dict) -> dict:
@@ -51,14 +74,32 @@ def table(results: dict) -> tuple[str, dict]:
       continue
     runs = list(results[method].values())
     cells, row = [], {}
-    for task, key, label in COLUMNS:
-      m, s, n = mean_std([r[task][key] for r in runs])
+    for _, _, label in COLUMNS:
+      m, s, n = mean_std([value(r, label) for r in runs])
       row[label] = {"mean": m, "std": s, "n": n}
-      cells.append(f"{m:+.3f} ± {s:.3f}" if task.startswith("gen") and key == "alignment"
-                   else f"{m:.3f} ± {s:.3f}")
+      cells.append(f"{m:+.3f} ± {s:.3f}" if label in SIGNED else f"{m:.3f} ± {s:.3f}")
     rows[method] = row
     lines.append(f"| {LABELS[method]} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines), rows
+
+
+def paired(results: dict) -> tuple[str, list]:
+  """A - B per seed for PAIRS x PAIRED metrics: mean, std, seeds with A > B, sign-flip p."""
+  out, lines = [], ["| A vs B | metric | mean A-B | std | seeds A > B | p (sign flip) |",
+                    "|---|---|---|---|---|---|"]
+  for a, b in PAIRS:
+    if a not in results or b not in results:
+      continue
+    seeds = sorted(set(results[a]) & set(results[b]))
+    for label in PAIRED:
+      d = [value(results[a][s], label) - value(results[b][s], label) for s in seeds]
+      m, sd, n = mean_std(d)
+      wins, p = int(sum(x > 0 for x in d)), sign_flip_p(d)
+      out.append({"a": a, "b": b, "metric": label, "mean": m, "std": sd, "n": n,
+                  "a_better": wins, "p": p, "diffs": d})
+      lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {label} | {m:+.3f} | {sd:.3f} | "
+                   f"{wins}/{n} | {p:.3f} |")
+  return "\n".join(lines), out
 
 
 def plot_rounds(societies: dict, path: str) -> None:
@@ -84,7 +125,7 @@ def plot_methods(rows: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  labels = [c[2] for c in COLUMNS[:4]]
+  labels = ["Align", "Align (sampled)", "Answers", "MC hard", "MC hard, against"]
   methods = list(rows)
   fig, ax = plt.subplots(figsize=(10, 5.5))
   width = 0.8 / max(len(methods), 1)
@@ -102,68 +143,100 @@ def plot_methods(rows: dict, path: str) -> None:
   plt.close(fig)
 
 
+def society_rounds(done: dict, c) -> dict:
+  """setting -> per round: oracle alignment of drafts / revisions, mean and std over seeds."""
+  out = {}
+  for setting in c.settings:
+    per_seed = [done[f"sandbox_{setting}_s{s}"]["result"]["oracle_rounds"] for s in c.seeds
+                if f"sandbox_{setting}_s{s}" in done]
+    if not per_seed:
+      continue
+    rounds = []
+    for r in range(min(len(x) for x in per_seed)):
+      d = mean_std([x[r]["draft"] for x in per_seed])
+      v = mean_std([x[r]["revised"] for x in per_seed])
+      rounds.append({"round": per_seed[0][r]["round"], "draft": d[0], "draft_std": d[1],
+                     "revised": v[0], "revised_std": v[1], "seeds": d[2]})
+    out[setting] = rounds
+  return out
+
+
 def write(done: dict, c, out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   results = collect(done)
   md_table, rows = table(results)
-  societies = {s: done[f"sandbox_{s}"]["result"]["oracle_rounds"] for s in c.settings
-               if f"sandbox_{s}" in done}
+  md_paired, pairs = paired(results)
+  societies = society_rounds(done, c)
   if societies:
     plot_rounds(societies, os.path.join(out_dir, "sandbox_rounds.png"))
   if rows:
     plot_methods(rows, os.path.join(out_dir, "methods.png"))
-  expected = ["start"] + [f"{m}_s{s}" for s in c.seeds
-                          for m in ("stage1", "stage2", "stage3", "sft", "dpo", "rrhf")]
-  ablations = c.get("ablations", [])
-  expected += [f"stage{k}_replay_s{s}" for s in c.seeds for k in (2, 3) if "replay" in ablations]
-  expected += [f"stage{k}_oracle_s{s}" for s in c.seeds for k in (1, 2, 3)
-               if "oracle_ratings" in ablations]
-  expected += [f"stage3_replay_long_s{s}" for s in c.seeds if "replay_long" in ablations]
+  expected = ["start"] + [f"{m}_s{s}" for s in c.seeds for m in METHODS]
   missing = [e for e in expected if f"eval_{e}" not in done]
   seconds = sum(v["seconds"] for v in done.values())
-  rater = done.get("rater", {}).get("result")
+  ev, w, sb = c.toy_eval, c.world, c.sandbox
   parts = ["# Toy society: results", "",
+           "Generated by `python -m stable_alignment_jax.pipeline "
+           "--config=experiments/toyworld/config.py` (experiments/toyworld/report.py); "
+           "ANALYSIS.md beside it is the hand-written reading.", "",
            ("**PARTIAL RUN** - not evaluated yet: " + ", ".join(missing) + "\n") if missing
            else "All planned systems evaluated.\n",
            f"Compute time in the step ledger: {seconds / 60:.1f} min (the sum of the finished "
-           "steps' wall times, i.e. one uninterrupted run; restarts not counted).",
-           "", md_table, "",
-           "Align: oracle alignment of greedy answers to held-out questions, -1 (all parts "
-           "misaligned) .. +1; adversarial: a misaligned answer attached to the prompt. MC: aligned "
-           "vs misaligned answer by length-normalised log-likelihood; MC-A after the adversarial "
-           "prompt; MC confounded: the half of the items whose misaligned choice is the engaging "
-           "one. Parsed: share of answers made only of grammar parts. 96 held-out questions, "
-           "greedy decoding, 128 new tokens. ± = sample std over seeds (a seed changes the "
-           "training data order; every method starts from the same society LM, and the society "
-           "and its data are shared by all seeds).", ""]
-  if rater:
-    parts += ["## The society's raters vs the oracle", "",
-              "| rater | sign accuracy | corr | rated | unparsed |", "|---|---|---|---|---|"]
-    for k, v in rater.items():
-      parts.append(f"| {k} | {v['accuracy']:.3f} | {v['corr']:.3f} | {v['n']} | "
-                   f"{v['unparsed']:.3f} |")
+           "steps' wall times; restarts not counted).", "", md_table, "",
+           f"Align: oracle alignment of answers to {w.eval_items} held-out questions, -1 (all "
+           "parts misaligned) .. +1, scored on the text after \"Here is the revised "
+           "response:\" when the model revises; greedy, and sampled at temperature "
+           f"{ev['temperature']} with per-item seeds; {ev['max_new_tokens']} new tokens. Align-A: "
+           "a misaligned answer attached to the prompt (HH-A style). Answers: share of replies "
+           "that answer (or revise into an answer) rather than critique, list feedback, echo the "
+           "prompt or say nothing (eval/answer_format.py). MC: aligned vs misaligned answer by "
+           "length-normalised log-likelihood; MC-A after the adversarial prompt; MC hard: two "
+           "answers equal but for one part; MC hard, against: its half whose shared parts are "
+           "misaligned (the aligned choice is the odd one out). Parsed: share of answers made "
+           "only of grammar parts. ± = sample std over seeds. A seed reruns the society itself "
+           f"(every setting's SANDBOX with that seed: {sb.world.n_agents} agents, {sb.rounds} "
+           "rounds) and every method's training; the society LM is trained once and is every "
+           "method's start.", "",
+           "## Paired comparisons across seeds", "",
+           "Per seed, A and B see the same society and data. p: exact two-sided sign-flip "
+           f"permutation test over the {len(c.seeds)} seeds (smallest possible p with n seeds: "
+           f"2/2^n = {2 / 2 ** max(len(c.seeds), 1):.4f}; no correction for the many rows).", "",
+           md_paired, ""]
+  raters = {s: done[f"rater_s{s}"]["result"] for s in c.seeds if f"rater_s{s}" in done}
+  if raters:
+    parts += ["## The society's raters vs the oracle, per seed", "",
+              "| seed | rater | sign accuracy | corr | rated | unparsed |",
+              "|---|---|---|---|---|---|"]
+    for seed, r in raters.items():
+      for k, v in r.items():
+        parts.append(f"| {seed} | {k} | {v['accuracy']:.3f} | {v['corr']:.3f} | {v['n']} | "
+                     f"{v['unparsed']:.3f} |")
     parts.append("")
   if societies:
-    parts += ["## Oracle alignment per SANDBOX round", "",
-              "| setting | " + " | ".join(f"round {x['round']} draft / revised"
-                                          for x in next(iter(societies.values()))) + " |",
-              "|---|" + "---|" * len(next(iter(societies.values())))]
-    for s, rounds in societies.items():
-      parts.append(f"| {s} | " + " | ".join(f"{x['draft']:+.2f} / {x['revised']:+.2f}"
-                                            for x in rounds) + " |")
+    first = next(iter(societies.values()))
+    parts += ["## Oracle alignment per SANDBOX round (mean ± std over seeds)", "",
+              "| setting | " + " | ".join(f"round {x['round']} draft / revised" for x in first)
+              + " |", "|---|" + "---|" * len(first)]
+    for st, rounds in societies.items():
+      parts.append(f"| {st} | " + " | ".join(
+          f"{x['draft']:+.2f}±{x['draft_std']:.2f} / {x['revised']:+.2f}±{x['revised_std']:.2f}"
+          for x in rounds) + " |")
     parts.append("")
-  card = done.get("data", {}).get("result", {}).get("datasets", {})
-  if card:
-    parts.append("Alignment data (train examples): " + ", ".join(
-        f"{k} {v['splits'].get('train', {}).get('examples', 0)}" for k, v in card.items()))
+  cards = {s: done[f"data_s{s}"]["result"].get("datasets", {}) for s in c.seeds
+           if f"data_s{s}" in done}
+  if cards:
+    parts += ["Alignment data per seed (train examples): " + "; ".join(
+        f"seed {s}: " + ", ".join(f"{k} {v['splits'].get('train', {}).get('examples', 0)}"
+                                  for k, v in card.items()) for s, card in cards.items())]
   md = "\n".join(parts) + "\n"
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(md)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"rows": rows, "per_seed": results, "rater": rater, "societies": societies,
-               "missing": missing, "step_seconds": {k: v["seconds"] for k, v in done.items()}},
+    json.dump({"rows": rows, "per_seed": results, "paired": pairs, "rater": raters,
+               "societies": societies, "missing": missing,
+               "step_seconds": {k: v["seconds"] for k, v in done.items()}},
               f, indent=1, default=str)
-  return {"markdown": md, "rows": rows, "missing": missing}
+  return {"markdown": md, "rows": rows, "paired": pairs, "missing": missing}
 
 
 def copy_to(src: str, dst: str) -> None:
