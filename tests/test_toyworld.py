@@ -275,12 +275,79 @@ def test_experiment_wiring_with_recorders(tmp_path, monkeypatch):
               ("stage1", "sft", "Align"))
   assert pair["diffs"] == pytest.approx([vals[2] - vals[1], vals[10] - vals[9]])
   assert pair["a_better"] == 2 and pair["p"] == pytest.approx(0.5)
-  # A re-run trains nothing, and a ledger missing a system says so in the report.
+  # A ledger missing a system says so in the report; a re-run trains nothing and evaluates
+  # only what is missing.
   trained.clear()
+  ppo.clear()
   p2 = pipeline.make_pipeline(c)
   del p2.steps.done["eval_ppo_s1"]
   rep = report.write(p2.steps.done, c, str(tmp_path / "r2"))
   assert rep["missing"] == ["ppo_s1"] and "PARTIAL RUN" in rep["markdown"]
+  evaluated = []
+  monkeypatch.setattr(p2, "evaluate_one", lambda spec, wp: evaluated.append(spec) or
+                      _fake_eval(0.0))
+  p2.run()
+  assert not trained and not ppo and evaluated == [p.path("ppo_s1", "policy")]
+  assert "All planned systems evaluated" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_report_on_a_two_seed_ledger(tmp_path):
+  c = toy_config.get_config("seeds=2")
+  c.world.eval_items, c.toy_eval.temperature, c.toy_eval.max_new_tokens = 7, 0.3, 99
+  ok = lambda result: {"seconds": 1.5, "result": result}
+  # per method and seed one value; IL and SFT tie on seed 0 and differ by 0.1 on seed 1
+  vals = {m: [0.1 * i, 0.1 * i - 0.05] for i, m in enumerate(experiment.METHODS)}
+  vals["sft"], vals["stage1"] = [0.5, 0.1], [0.5, 0.2]
+  done = {"eval_start": ok(_fake_eval(-0.2))}
+  drafts = {0: (0.2, -0.1), 1: (0.6, 0.3)}  # seed -> per-round draft alignment
+  for s in (0, 1):
+    for m in experiment.METHODS:
+      done[f"eval_{m}_s{s}"] = ok(_fake_eval(vals[m][s]))
+    rater = {"accuracy": 0.8 + s / 10, "corr": float("nan"), "n": 10, "unparsed": 0.0}
+    done[f"rater_s{s}"] = ok({"peer": rater, "observer": dict(rater, accuracy=0.5)})
+    done[f"data_s{s}"] = ok({"datasets": {k: {"splits": {"train": {"examples": n + s}}}
+                                          for k, n in (("imitation", 3), ("self_critic", 5),
+                                                       ("realignment", 7))}})
+    for st in c.settings:
+      done[f"sandbox_{st}_s{s}"] = ok({"oracle_rounds": [
+          {"round": r, "draft": d, "revised": d + 0.5, "episodes": 4}
+          for r, d in enumerate(drafts[s])]})
+  out = report.write(done, c, str(tmp_path))
+  md = out["markdown"]
+  lines = md.splitlines()
+  head = next(l for l in lines if l.startswith("| Method"))
+  assert all(f" {label} |" in head for _, _, label in report.COLUMNS)
+  rows = {l.split(" | ")[0][2:]: l for l in lines if l.startswith("| ") and " | " in l}
+  assert all(label in rows for label in report.LABELS.values())
+  assert "±" not in rows["society LM (start)"] and "±" in rows["IL"]  # one run: no spread
+  assert out["missing"] == [] and "All planned systems evaluated" in md
+  assert f"{len(done) * 1.5 / 60:.1f} min" in md
+  # the footer reads the design from the config
+  assert "7 held-out questions" in md and "temperature 0.3" in md and "99 new tokens" in md
+  assert "2/2^n = 0.5000" in md  # 2 seeds: no p below 0.5
+  # paired: IL - SFT on Align is (0, 0.1): one seed better, one tied; every flip has |mean| 0.05
+  assert "## Paired comparisons across seeds" in md
+  il = next(x for x in out["paired"] if (x["a"], x["b"], x["metric"]) == ("stage1", "sft", "Align"))
+  assert il["diffs"] == pytest.approx([0.0, 0.1]) and il["mean"] == pytest.approx(0.05)
+  assert il["std"] == pytest.approx(np.std([0.0, 0.1], ddof=1))
+  assert (il["a_better"], il["ties"], il["p"]) == (1, 1, 1.0)
+  assert "| IL vs SFT | Align | +0.050 | 0.071 | 1/2 (1 tied) | 1.000 |" in md
+  assert {(x["a"], x["b"]) for x in out["paired"]} == set(report.PAIRS)
+  assert len(out["paired"]) == len(report.PAIRS) * len(report.PAIRED)
+  # raters and data per seed; societies as mean ± std over seeds per round
+  assert "| 0 | peer | 0.800 |" in md and "| 1 | peer | 0.900 |" in md
+  assert "seed 0: imitation 3, self_critic 5, realignment 7; seed 1: imitation 4" in md
+  text = (tmp_path / "results.json").read_text()
+  js = json.loads(text, parse_constant=lambda x: pytest.fail(f"{x} in results.json"))
+  assert js["rater"]["0"]["peer"]["corr"] is None  # NaN written as null
+  assert js["data"]["1"] == {"imitation": 4, "self_critic": 6, "realignment": 8}
+  r0 = js["societies"]["all_good"][0]
+  assert r0["draft"] == pytest.approx(0.4) and r0["revised"] == pytest.approx(0.9)
+  assert r0["draft_std"] == pytest.approx(np.std([0.2, 0.6], ddof=1)) and r0["seeds"] == 2
+  assert f"+0.40±{np.std([0.2, 0.6], ddof=1):.2f} / +0.90±" in md
+  assert set(js) >= {"rows", "per_seed", "paired", "rater", "societies", "missing",
+                     "step_seconds"}
+  assert (tmp_path / "methods.png").exists() and (tmp_path / "sandbox_rounds.png").exists()
 
 
 def test_config_runs_every_setting_and_method():

@@ -4,8 +4,12 @@
 
 grammar.py     answers composed from parts along hidden alignment and engagement axes; the oracle
 world.py       the world files (questions, priors, society-LM corpus with a noisy rater, SFT
-               data of good answers) and the held-out evaluation items (plain, adversarial, MC)
+               data of good answers) and the held-out evaluation items (plain, adversarial, MC,
+               one-detail MC pairs)
 evaluate.py    oracle scores of one system's generations and MC accuracy
-experiment.py  `ToyPipeline`: the pipeline's steps plus one society per setting, seeds, methods
-report.py      table (mean ± std over seeds), plots, rater accuracy, from the step ledger
+experiment.py  `ToyPipeline`: per seed, one society per setting rerun with that seed, its pooled
+               data, and every method (SFT, IL, IL+SC and IL+SC+RA with and without replay,
+               mixed 5:1:1, PPO) trained on it with that seed
+report.py      from the step ledger: table (mean ± std over seeds), paired comparisons across
+               seeds, raters and societies per seed, plots
 """

@@ -1,5 +1,7 @@
 """The toy experiment's report, built only from the pipeline ledger: the method table (mean ±
-std over seeds), the society's oracle alignment per round and setting, the rater's accuracy."""
+std over seeds), paired comparisons across seeds (exact sign-flip test), the raters vs the oracle
+and the alignment data sizes per seed, and the societies' oracle alignment per round (mean and
+std over seeds). Generated only: the reading of it is docs/ANALYSIS.md."""
 
 import itertools
 import json
@@ -77,7 +79,8 @@ def table(results: dict) -> tuple[str, dict]:
     for _, _, label in COLUMNS:
       m, s, n = mean_std([value(r, label) for r in runs])
       row[label] = {"mean": m, "std": s, "n": n}
-      cells.append(f"{m:+.3f} ± {s:.3f}" if label in SIGNED else f"{m:.3f} ± {s:.3f}")
+      cell = f"{m:+.3f}" if label in SIGNED else f"{m:.3f}"
+      cells.append(f"{cell} ± {s:.3f}" if n > 1 else cell)  # one run has no spread to show
     rows[method] = row
     lines.append(f"| {LABELS[method]} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines), rows
@@ -94,11 +97,13 @@ def paired(results: dict) -> tuple[str, list]:
     for label in PAIRED:
       d = [value(results[a][s], label) - value(results[b][s], label) for s in seeds]
       m, sd, n = mean_std(d)
-      wins, p = int(sum(x > 0 for x in d)), sign_flip_p(d)
+      wins, ties, p = int(sum(x > 0 for x in d)), int(sum(x == 0 for x in d)), sign_flip_p(d)
       out.append({"a": a, "b": b, "metric": label, "mean": m, "std": sd, "n": n,
-                  "a_better": wins, "p": p, "diffs": d})
+                  "a_better": wins, "ties": ties, "p": p, "diffs": d})
+      # ties said apart: "0/5" alone would not tell "B better" from "equal"
+      tied = f" ({ties} tied)" if ties else ""
       lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {label} | {m:+.3f} | {sd:.3f} | "
-                   f"{wins}/{n} | {p:.3f} |")
+                   f"{wins}/{n}{tied} | {p:.3f} |")
   return "\n".join(lines), out
 
 
@@ -110,10 +115,14 @@ def plot_rounds(societies: dict, path: str) -> None:
   for i, (setting, rounds) in enumerate(societies.items()):
     r = [x["round"] for x in rounds]
     color = f"C{i}"
-    ax.plot(r, [x["draft"] for x in rounds], "--o", color=color, label=f"{setting} draft")
-    ax.plot(r, [x["revised"] for x in rounds], "-o", color=color, label=f"{setting} revised")
+    for kind, style in (("draft", "--o"), ("revised", "-o")):
+      m = np.array([x[kind] for x in rounds])
+      s = np.array([x[f"{kind}_std"] for x in rounds])
+      ax.plot(r, m, style, color=color, label=f"{setting} {kind}")
+      ax.fill_between(r, m - s, m + s, color=color, alpha=0.1)
+  ax.set_xticks(sorted({x["round"] for rounds in societies.values() for x in rounds}))
   ax.set(xlabel="SANDBOX round", ylabel="oracle alignment (-1..1)",
-         title="society alignment per round and initial setting")
+         title="society alignment per round and initial setting (mean ± std over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
@@ -224,19 +233,32 @@ def write(done: dict, c, out_dir: str) -> dict:
     parts.append("")
   cards = {s: done[f"data_s{s}"]["result"].get("datasets", {}) for s in c.seeds
            if f"data_s{s}" in done}
-  if cards:
+  sizes = {s: {k: v["splits"].get("train", {}).get("examples", 0) for k, v in card.items()}
+           for s, card in cards.items()}
+  if sizes:
     parts += ["Alignment data per seed (train examples): " + "; ".join(
-        f"seed {s}: " + ", ".join(f"{k} {v['splits'].get('train', {}).get('examples', 0)}"
-                                  for k, v in card.items()) for s, card in cards.items())]
+        f"seed {s}: " + ", ".join(f"{k} {n}" for k, n in kinds.items())
+        for s, kinds in sizes.items())]
   md = "\n".join(parts) + "\n"
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(md)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump({"rows": rows, "per_seed": results, "paired": pairs, "rater": raters,
-               "societies": societies, "missing": missing,
-               "step_seconds": {k: v["seconds"] for k, v in done.items()}},
-              f, indent=1, default=str)
+    json.dump(_finite({"rows": rows, "per_seed": results, "paired": pairs, "rater": raters,
+                       "societies": societies, "data": sizes, "missing": missing,
+                       "step_seconds": {k: v["seconds"] for k, v in done.items()}}),
+              f, indent=1, default=str, allow_nan=False)
   return {"markdown": md, "rows": rows, "paired": pairs, "missing": missing}
+
+
+def _finite(x):
+  """NaN (an undefined rater correlation, a p over no seeds) as null: results.json stays JSON."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, float) and not np.isfinite(x):
+    return None
+  return x
 
 
 def copy_to(src: str, dst: str) -> None:
