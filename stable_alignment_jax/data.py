@@ -45,6 +45,7 @@ save it as an item with `grain.checkpoint.CheckpointSave(it)` and restore into a
 CheckpointHandler`), or store `json.dumps(it.get_state())` yourself and call `it.set_state`.
 """
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -324,7 +325,8 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   stats = {"examples": sum(e["examples"] for e in per_entry),
            "kept": sum(e["kept"] for e in per_entry),
-           "dropped": _sum_counts(e["dropped"] for e in per_entry),
+           "dropped": dict(sum((collections.Counter(e["dropped"]) for e in per_entry),
+                               collections.Counter())),
            "prompt_format": fmt.name, "examples_per_epoch": per_epoch, "batch_size": batch,
            "batches_per_epoch": per_epoch / batch}
   # Examples an epoch holds over all processes (train.epochs counts these).
@@ -333,14 +335,6 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
     stats["kinds"] = kinds
     stats["mixture"] = per_entry
   return AlignmentLoader(ds, stats)
-
-
-def _sum_counts(dicts) -> dict:
-  out: dict = {}
-  for d in dicts:
-    for k, v in d.items():
-      out[k] = out.get(k, 0) + v
-  return out
 
 
 class TfdsSource:
@@ -430,7 +424,7 @@ def kind_of(dc) -> str:
   (`sandbox_alignment/self_critic:1.1.0` -> `self_critic`), else the source name."""
   if dc.source == "tfds" and "/" in dc.dataset:
     return dc.dataset.split("/")[-1].split(":")[0]
-  return dc.get("kind", "") or dc.source
+  return dc.source
 
 
 def open_mixture(dc, split: str, seed: int) -> Mixture:
@@ -443,9 +437,10 @@ def open_mixture(dc, split: str, seed: int) -> Mixture:
   mix = dc.get("mixture") or {}
   if not mix or split != dc.train_split:
     return Mixture(((kind_of(dc), open_source(dc, split, seed), 1.0),))
+  same = lambda x: (x.source, x.dataset, x.data_dir, x.train_split)
   entries, epoch_entry = [], None
   for name in sorted(mix):
-    e = mix[name].to_dict() if hasattr(mix[name], "to_dict") else dict(mix[name])
+    e = dict(mix[name])
     unknown = set(e) - {"weight", "dataset", "split", "source", "data_dir", "kind"}
     if unknown:
       raise ValueError(f"config.data.mixture.{name}: unknown keys {sorted(unknown)}")
@@ -454,13 +449,12 @@ def open_mixture(dc, split: str, seed: int) -> Mixture:
       raise ValueError(f"config.data.mixture.{name}.weight={weight}: must be >= 0")
     if weight == 0:
       continue
-    sub = ml_collections.ConfigDict(dc.to_dict() if hasattr(dc, "to_dict") else dict(dc))
+    sub = ml_collections.ConfigDict(dc.to_dict())
     sub.mixture = {}
     sub.train_split = e.pop("split", dc.train_split)
     kind = e.pop("kind", name)
     for k, v in e.items():
       sub[k] = v
-    same = lambda x: (x.source, x.dataset, x.data_dir, x.train_split)
     if epoch_entry is None and same(sub) == same(dc):
       epoch_entry = len(entries)
     try:
