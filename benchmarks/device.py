@@ -135,8 +135,7 @@ def bench_train(s, cfg, block, mesh) -> dict:
 def _decode(state, cache, start, *, graphdef, n):
   """n greedy cached decode steps from slot `start` (what the sampler's loop body runs)."""
   model = nnx.merge(graphdef, state)
-  leaf = jax.tree.leaves(cache)[0]
-  b, slots = leaf.shape[-4], leaf.shape[-2]
+  b, slots = jax.tree.leaves(cache)[0].shape[-4], llama.cache_len(cache)
 
   def body(i, carry):
     tok, cache = carry

@@ -265,15 +265,19 @@ def test_bf16_cache_is_read_without_a_widened_copy(cfg):
              cache_index=jnp.int32(5))
 
   hlo = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).as_text()
-  kv = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"
-  assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
-  dots = [line for line in hlo.splitlines() if "dot_general" in line and kv in line]
-  assert len(dots) == 2 * c.n_layers and all(f"{kv}xbf16" in d for d in dots), dots
-  compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile()
-  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled.as_text()
+  vs = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"  # values [B,K,S,E]
+  ks = f"2x{c.n_kv_heads}x{c.head_dim}x{s}"  # keys [B,K,E,S]
+  for kv in (ks, vs):
+    assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
+  dots = [line for line in hlo.splitlines() if "dot_general" in line and (ks in line or vs in line)]
+  assert len(dots) == 2 * c.n_layers, dots
+  assert all(f"{ks}xbf16" in d or f"{vs}xbf16" in d for d in dots), dots
+  compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile().as_text()
+  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled
+  assert f"f32[2,{c.n_kv_heads},{c.head_dim},{s}]" not in compiled
   # The f32 cache keeps f32 dots (the default path is unchanged).
   hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
-  assert f"{kv}xbf16" not in hlo32
+  assert f"{vs}xbf16" not in hlo32 and f"{ks}xbf16" not in hlo32
 
 
 def test_grow_cache_keeps_the_filled_slots(cfg):
@@ -282,10 +286,14 @@ def test_grow_cache_keeps_the_filled_slots(cfg):
     c = dataclasses.replace(cfg, scan_layers=scan)
     cache = jax.tree.map(lambda x: x + 1.0, llama.init_cache(c, 2, 8))
     grown = llama.grow_cache(cache, 12)
-    for old, new in zip(jax.tree.leaves(cache), jax.tree.leaves(grown)):
-      assert new.shape[-2] == 12 and new.shape[:-2] == old.shape[:-2]
-      np.testing.assert_array_equal(new[..., :8, :], old)
-      assert not np.any(np.asarray(new[..., 8:, :]))
+    assert llama.cache_len(cache) == 8 and llama.cache_len(grown) == 12
+    # Keys hold their slots on the last axis ([B,K,E,S]), values on the one before ([B,K,S,E]).
+    for axis, olds, news in ((-1, cache.k, grown.k), (-2, cache.v, grown.v)):
+      for old, new in zip(jax.tree.leaves(olds), jax.tree.leaves(news)):
+        old, new = np.moveaxis(np.asarray(old), axis, -1), np.moveaxis(np.asarray(new), axis, -1)
+        assert new.shape == old.shape[:-1] + (12,)
+        np.testing.assert_array_equal(new[..., :8], old)
+        assert not np.any(new[..., 8:])
 
 
 def test_hidden_then_logits_is_the_forward(model, cfg):
