@@ -2,8 +2,9 @@
 
 On the same tiny LLaMA weights and the same data (every side starts from the same weights and
 is stepped on its own copy):
-  * `train.train_step` (one jit, [B*K, T] in one forward), at the default config and with
-    `optim.accum_steps = B`;
+  * `train.train_step` at the default config: micro-batches chosen by `budget.py` from this
+    CPU's cache (`optim.accum_steps = 0`), log-probs in chunks of `train.logprob_chunk`
+    positions; and the whole [B*K, T] batch in one forward (`accum_steps = 1`) beside it;
   * torch, the authors' style (`AlignmentTrainer`: HF `LlamaForCausalLM`, one prompt at a time,
     a separate forward per response, the CPO loss in torch, backward, AdamW step);
   * torch, batched as TRL's trainers run it: the concatenated [B*K, T] batch in one forward
@@ -24,6 +25,7 @@ alone (no autograd) plus its optimizer update. First-step losses of all sides mu
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import statistics
@@ -45,7 +47,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import base  # noqa: E402
-from stable_alignment_jax import losses, optim, train  # noqa: E402
+from stable_alignment_jax import budget, losses, optim, train  # noqa: E402
 from stable_alignment_jax.model import convert  # noqa: E402
 from stable_alignment_jax.model.presets import preset  # noqa: E402
 
@@ -225,13 +227,15 @@ def main():
 
   def jax_step(accum):
     return jax.jit(functools.partial(
-        train.train_step, graphdef=graphdef, tx=tx,
-      table=train.loss_table(lc, []), accum_steps=accum), donate_argnums=0)
+        train.train_step, graphdef=graphdef, tx=tx, table=train.loss_table(lc, []),
+        accum_steps=accum, logprob_chunk=c.train.logprob_chunk), donate_argnums=0)
 
-  # Two settings of the same jitted step: the whole [B*K, T] batch in one forward (the default
-  # config), and `optim.accum_steps = B` (one prompt's K responses per scanned micro-batch: the
-  # same update, but activations small enough to stay in the CPU caches).
-  variants = {"jax": jax_step(1), f"jax accum={b}": jax_step(b)}
+  # The default config chooses its micro-batches as the trainer does (budget.auto_accum_steps
+  # on this shape and device); the whole batch in one forward is timed beside it.
+  c.model = dataclasses.asdict(cfg)
+  c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
+  auto, why = budget.auto_accum_steps(c, jax.make_mesh((1,), ("data",)))
+  variants = {f"jax default (accum={auto})": jax_step(auto), "jax accum=1": jax_step(1)}
   states = {name: {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
                    "step": jnp.int32(0)} for name in variants}
   jbatch = jax.tree.map(jnp.asarray, batch)
@@ -292,6 +296,7 @@ def main():
     peak, pm = max(peaks), statistics.median(peaks)
     best = {name: min(v) for name, v in times.items()}
     med = {name: statistics.median(v) for name, v in times.items()}
+    run.row("default micro-batches", f"{auto} ({why}); logprob_chunk {c.train.logprob_chunk}")
     run.row("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
             f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)")
     run.row("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads "

@@ -66,7 +66,9 @@ def get_config(arg=None):
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0  # global-norm clipping
-  c.optim.accum_steps = 1  # micro-batches per step (gradient accumulation inside the step)
+  # Micro-batches per step (gradient accumulation inside the step); 0: the fewest whose
+  # activations fit the devices' memory (the CPU's cache on CPU), see budget.py.
+  c.optim.accum_steps = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 7.0  # paper: 7 epochs on each stage's data

@@ -151,7 +151,7 @@ def load(directory: str, *, mesh, dtype: str | None = None):
 
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains a reward model as configured; returns a summary with held-out pairwise accuracy."""
-  if c.optim.accum_steps != 1:
+  if c.optim.accum_steps not in (0, 1):  # 0, the automatic choice, is one micro-batch here
     raise ValueError(f"optim.accum_steps={c.optim.accum_steps}: the reward trainer takes one "
                      "micro-batch per step; lower data.batch_size instead")
   c = ml_collections.ConfigDict(c.to_dict())  # filled below; the caller's config stays as given

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train_log
+from stable_alignment_jax import budget, checkpoints, data, losses, optim, sharding, train_log
 from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
@@ -170,6 +170,9 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   ModelConfig.from_dict(c.model)
   if c.loss.name == "dpo" and not c.checkpoint.init_from:
     logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
+  if c.optim.accum_steps < 0:
+    raise ValueError(f"optim.accum_steps={c.optim.accum_steps}: give a positive count, or 0 to "
+                     "choose it from the devices' memory (budget.py)")
   if c.data.batch_size % max(c.optim.accum_steps, 1):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
                      f"optim.accum_steps={c.optim.accum_steps}")
@@ -274,9 +277,11 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
               (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2),
                ("kind", 1))}
   chunk = c.train.get("logprob_chunk", 0)
+  accum, why = budget.auto_accum_steps(c, mesh)
+  print(f"[{c.checkpoint.dir}] {accum} micro-batch(es) a step ({why})", flush=True)
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
-                        accum_steps=c.optim.accum_steps, logprob_chunk=chunk),
+                        accum_steps=accum, logprob_chunk=chunk),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
   @functools.cache
