@@ -54,12 +54,12 @@ def chunk_plan(t: int, chunk: int) -> tuple[int, int]:
   return n_chunks, -(-t // n_chunks)
 
 
-def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, mask: jax.Array,
-                    chunk: int) -> jax.Array:
-  """Sum over positions of mask * log softmax(head_fn(hidden))[target], per row, in chunks.
+def token_target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array,
+                          chunk: int) -> jax.Array:
+  """log softmax(head_fn(hidden))[target] at every position, in chunks: f32 [N,S].
 
   hidden [N,S,D]; targets [N,S] int, the token each position's hidden state predicts (no
-  shift); mask [N,S]; head_fn maps [n,c,D] -> f32 logits [n,c,V]. Returns f32 [N].
+  shift); head_fn maps [n,c,D] -> f32 logits [n,c,V].
 
   The positions are cut into `chunk_plan(S, chunk)` chunks over which `lax.map` runs the head,
   the logsumexp and the target pick; each chunk is under `jax.checkpoint`, so the backward pass
@@ -71,23 +71,30 @@ def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, ma
   n, s, d = hidden.shape
   n_chunks, size = chunk_plan(s, chunk)
   pad = n_chunks * size - s
-  mask = mask.astype(jnp.float32)
-  if pad:  # padded positions carry mask 0 and target 0: they add nothing
+  if pad:  # padded positions (target 0) are cut off below
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
   # Chunk-major [C, N, size, ...]: lax.map walks the leading axis.
   split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, size, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint
   def one(args):
-    h, tgt, m = args
+    h, tgt = args
     logits = head_fn(h).astype(jnp.float32)
     hit = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
     picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)  # [N]
+    return picked - jax.nn.logsumexp(logits, axis=-1)  # [N, size]
 
-  return jnp.sum(jax.lax.map(one, (split(hidden), split(targets), split(mask))), axis=0)
+  out = jax.lax.map(one, (split(hidden), split(targets)))  # [C, N, size]
+  return jnp.moveaxis(out, 0, 1).reshape(n, n_chunks * size)[:, :s]
+
+
+def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, mask: jax.Array,
+                    chunk: int) -> jax.Array:
+  """Sum over positions of mask * log softmax(head_fn(hidden))[target], per row, in chunks
+  (`token_target_logprobs`). mask [N,S]. Returns f32 [N]."""
+  logp = token_target_logprobs(hidden, head_fn, targets, chunk)
+  return jnp.sum(logp * mask.astype(jnp.float32), axis=-1)
 
 
 def chunked_sequence_logprobs(hidden: jax.Array, head_fn: Callable, tokens: jax.Array,

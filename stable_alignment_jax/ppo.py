@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, optim, reward, sharding
+from stable_alignment_jax import checkpoints, data, losses, optim, reward, sharding
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.presets import ModelConfig
@@ -50,11 +50,20 @@ PROGRAMS: dict[str, Callable] = {"token_count": token_count_reward}
 
 # --- the jitted pieces ------------------------------------------------------------------------
 
-def policy_forward(graphdef, params, tokens):
+def token_logprobs(model, h, tokens, logprob_chunk: int):
+  """log p(tokens[:, 1:]) from hidden states h [N, T, D]: [N, T-1]. With logprob_chunk > 0 the
+  LM head runs over that many positions at a time (losses.token_target_logprobs), so the whole
+  [N, T, V] logits never exist."""
+  if logprob_chunk > 0:
+    return losses.token_target_logprobs(h[:, :-1], model.logits, tokens[:, 1:], logprob_chunk)
+  return pl.token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:])
+
+
+def policy_forward(graphdef, params, tokens, logprob_chunk: int = 0):
   """Log-probs of tokens[:, 1:] and the values of the states before them: [N, T-1] each."""
   model = nnx.merge(graphdef, params["policy"])
   h, _ = model.hidden(tokens)
-  logp = pl.token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:])
+  logp = token_logprobs(model, h, tokens, logprob_chunk)
   return logp, reward.apply_head(params["value_head"], h[:, :-1])
 
 
@@ -69,13 +78,13 @@ def in_chunks(fn, xs, chunk: int):
 
 
 def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, gamma, lam,
-               cliprange_reward, chunk):
+               cliprange_reward, chunk, logprob_chunk=0):
   """A sampled batch -> the rollout PPO trains on. tokens [N, T]; mask [N, T-1] on sampled
   tokens (action frame); scores [N]. The forwards run `chunk` rows at a time."""
   def forwards(tok):
-    logp, values = policy_forward(graphdef, params, tok)
-    ref_logits = nnx.merge(graphdef, ref_policy)(tok)[0]
-    return logp, values, pl.token_logprobs(ref_logits[:, :-1], tok[:, 1:])
+    logp, values = policy_forward(graphdef, params, tok, logprob_chunk)
+    ref = nnx.merge(graphdef, ref_policy)
+    return logp, values, token_logprobs(ref, ref.hidden(tok)[0], tok, logprob_chunk)
 
   logp, values, ref_logp = in_chunks(forwards, tokens, chunk)
   scores = jnp.clip(scores, -cliprange_reward, cliprange_reward)
@@ -93,8 +102,8 @@ def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, g
   return rollout, metrics
 
 
-def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef):
-  logp, values = policy_forward(graphdef, params, mb["tokens"])
+def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef, logprob_chunk=0):
+  logp, values = policy_forward(graphdef, params, mb["tokens"], logprob_chunk)
   pg, pg_m = pl.policy_loss(logp=logp, old_logp=mb["old_logp"], advantages=mb["advantages"],
                             mask=mb["mask"], cliprange=cliprange)
   vf, vf_m = pl.value_loss(values=values, old_values=mb["old_values"], returns=mb["returns"],
@@ -241,16 +250,19 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   print(f"[{c.checkpoint.dir}] policy from: {origin}; {c.train.steps} iterations", flush=True)
 
   length = p.max_prompt_len + p.max_new_tokens
+  logprob_chunk = c.train.get("logprob_chunk", 0)  # as the stages: no whole [N, T, V] logits
   row = lambda n: sharding.batch_sharding(mesh, n)
   roll_sh = {"tokens": row(2), "mask": row(2), "old_logp": row(2), "old_values": row(2),
              "advantages": row(2), "returns": row(2)}
   exp_fn = jax.jit(functools.partial(experience, graphdef=graphdef, gamma=p.gamma, lam=p.lam,
-                                     cliprange_reward=p.cliprange_reward, chunk=p.minibatch),
+                                     cliprange_reward=p.cliprange_reward, chunk=p.minibatch,
+                                     logprob_chunk=logprob_chunk),
                    in_shardings=(param_sh, param_sh["policy"], row(2), row(2), row(1), rep),
                    out_shardings=(roll_sh, None))
   upd_fn = jax.jit(functools.partial(
       update, graphdef=graphdef, tx=tx, epochs=p.epochs, minibatch=p.minibatch,
-      loss_kw=dict(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef)),
+      loss_kw=dict(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                   logprob_chunk=logprob_chunk)),
       in_shardings=(state_sh, roll_sh, rep), out_shardings=(state_sh, None), donate_argnums=0)
 
   def save(step):

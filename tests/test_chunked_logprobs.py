@@ -57,6 +57,28 @@ def test_chunked_values_equal_whole_logits(chunk):
   assert float(logp[0]) == 0.0 and float(n[1]) == 36
 
 
+@pytest.mark.parametrize("chunk", [1, 8, 37])
+def test_per_token_chunked_log_probs_equal_numpy_and_their_gradient(chunk):
+  """PPO's per-token form: every position's log-prob, and the gradient of a weighted sum of
+  them, as the whole logits give."""
+  hidden, w, tokens, _ = _problem()
+  head = lambda h: jnp.einsum("...d,dv->...v", h, w)
+  targets = jnp.roll(tokens, -1, axis=1)
+  got = losses.token_target_logprobs(hidden, head, targets, chunk)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(w, np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - logz
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  whole = lambda h, w_: jnp.sum(weights * jnp.take_along_axis(
+      jax.nn.log_softmax(jnp.einsum("...d,dv->...v", h, w_)), targets[..., None], -1)[..., 0])
+  chunked = lambda h, w_: jnp.sum(weights * losses.token_target_logprobs(
+      h, lambda x: jnp.einsum("...d,dv->...v", x, w_), targets, chunk))
+  for a, b in zip(jax.grad(chunked, (0, 1))(hidden, w), jax.grad(whole, (0, 1))(hidden, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_chunk_plan_is_even_and_covers_every_position():
   assert losses.chunk_plan(360, 64) == (6, 60)
   assert losses.chunk_plan(37, 8) == (5, 8)

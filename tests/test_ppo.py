@@ -189,6 +189,39 @@ def test_experience_in_chunks_equals_one_forward():
   assert float(m1["kl"]) > 0 and abs(float(m1["kl"]) - float(m2["kl"])) < 1e-5
 
 
+def test_chunked_log_probs_give_the_same_rollout_and_loss():
+  """train.logprob_chunk in PPO: the rollout (policy and reference log-probs) and the PPO loss
+  and its gradient equal the whole-logits path."""
+  import functools
+  import jax
+  cfg = preset("tiny", vocab_size=64, dtype="float32")
+  graphdef, policy = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  ref = nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(1)))[1]
+  params = {"policy": policy, "value_head": {"w": jnp.linspace(-1.0, 1.0, cfg.dim),
+                                             "b": jnp.zeros(())}}
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(3, 64, int(rng.integers(1, 6))).tolist() for _ in range(8)]
+  responses = [rng.integers(3, 64, int(rng.integers(1, 8))).tolist() for _ in range(8)]
+  tokens, mask = ppo.layout(prompts, responses, 14, pad_id=0)
+  scores = rng.normal(size=8).astype(np.float32)
+  out = {}
+  for lc in (0, 5):  # 13 scored positions: chunks of 5 leave a ragged end
+    rollout, _ = jax.jit(functools.partial(
+        ppo.experience, graphdef=graphdef, gamma=1.0, lam=0.95, cliprange_reward=10.0, chunk=8,
+        logprob_chunk=lc))(params, ref, tokens, mask, scores, jnp.float32(0.1))
+    loss = functools.partial(ppo.ppo_loss, graphdef=graphdef, cliprange=0.2,
+                             cliprange_value=0.2, vf_coef=0.1, logprob_chunk=lc)
+    shifted = dict(rollout, old_logp=rollout["old_logp"] - 0.05)  # a ratio away from 1
+    (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, shifted)
+    out[lc] = rollout, value, grads
+  (r0, v0, g0), (r5, v5, g5) = out[0], out[5]
+  for k in r0:
+    np.testing.assert_allclose(np.asarray(r5[k]), np.asarray(r0[k]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v5, v0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g5), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_token_count_reward():
   got = ppo.token_count_reward([[1], [1]], [[5, 6, 5, 2], []], tokens=(5,), length_cost=0.25)
   np.testing.assert_allclose(got, [2 - 1.0, 0.0])
