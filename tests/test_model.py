@@ -265,35 +265,38 @@ def test_bf16_cache_is_read_without_a_widened_copy(cfg):
              cache_index=jnp.int32(5))
 
   hlo = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).as_text()
-  vs = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"  # values [B,K,S,E]
-  ks = f"2x{c.n_kv_heads}x{c.head_dim}x{s}"  # keys [B,K,E,S]
-  for kv in (ks, vs):
-    assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
-  dots = [line for line in hlo.splitlines() if "dot_general" in line and (ks in line or vs in line)]
-  assert len(dots) == 2 * c.n_layers, dots
-  assert all(f"{ks}xbf16" in d or f"{vs}xbf16" in d for d in dots), dots
-  compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile().as_text()
-  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled
-  assert f"f32[2,{c.n_kv_heads},{c.head_dim},{s}]" not in compiled
-  # The f32 cache keeps f32 dots (the default path is unchanged).
+  kv = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"  # a 16-bit cache holds keys and values [B,K,S,E]
+  assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
+  dots = [line for line in hlo.splitlines() if "dot_general" in line and kv in line]
+  assert len(dots) == 2 * c.n_layers and all(f"{kv}xbf16" in d for d in dots), dots
+  compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile()
+  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled.as_text()
+  # The f32 cache keeps f32 dots, over keys stored [B,K,E,S] and values [B,K,S,E].
   hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
-  assert f"{vs}xbf16" not in hlo32 and f"{ks}xbf16" not in hlo32
+  kt = f"2x{c.n_kv_heads}x{c.head_dim}x{s}"
+  dots32 = [line for line in hlo32.splitlines() if "dot_general" in line]
+  assert sum(f"{kt}xf32" in d for d in dots32) == c.n_layers, dots32
+  assert sum(f"{kv}xf32" in d for d in dots32) == c.n_layers, dots32
 
 
 def test_grow_cache_keeps_the_filled_slots(cfg):
   from stable_alignment_jax.model import llama
   for scan in (True, False):
     c = dataclasses.replace(cfg, scan_layers=scan)
-    cache = jax.tree.map(lambda x: x + 1.0, llama.init_cache(c, 2, 8))
-    grown = llama.grow_cache(cache, 12)
-    assert llama.cache_len(cache) == 8 and llama.cache_len(grown) == 12
-    # Keys hold their slots on the last axis ([B,K,E,S]), values on the one before ([B,K,S,E]).
-    for axis, olds, news in ((-1, cache.k, grown.k), (-2, cache.v, grown.v)):
-      for old, new in zip(jax.tree.leaves(olds), jax.tree.leaves(news)):
-        old, new = np.moveaxis(np.asarray(old), axis, -1), np.moveaxis(np.asarray(new), axis, -1)
-        assert new.shape == old.shape[:-1] + (12,)
-        np.testing.assert_array_equal(new[..., :8], old)
-        assert not np.any(new[..., 8:])
+    # f32 keys hold their slots on the last axis ([B,K,E,S]), values (and 16-bit keys) on the
+    # one before ([B,K,S,E]).
+    for dtype in ("float32", "bfloat16"):
+      cache = jax.tree.map(lambda x: x + 1, llama.init_cache(c, 2, 8, dtype))
+      grown = llama.grow_cache(cache, 12)
+      assert llama.cache_len(cache) == 8 and llama.cache_len(grown) == 12
+      k_axis = -1 if dtype == "float32" else -2
+      for axis, olds, news in ((k_axis, cache.k, grown.k), (-2, cache.v, grown.v)):
+        for old, new in zip(jax.tree.leaves(olds), jax.tree.leaves(news)):
+          old = np.moveaxis(np.asarray(old, np.float32), axis, -1)
+          new = np.moveaxis(np.asarray(new, np.float32), axis, -1)
+          assert new.shape == old.shape[:-1] + (12,)
+          np.testing.assert_array_equal(new[..., :8], old)
+          assert not np.any(new[..., 8:])
 
 
 def test_hidden_then_logits_is_the_forward(model, cfg):

@@ -7,10 +7,11 @@ attached at creation (`_param`); activations are pinned by logical names at bloc
 load without permuting q/k (see `convert.py`). The decoder layers are either a Python list or, with
 `cfg.scan_layers`, ONE layer module whose weights carry a leading [L] axis, run under `lax.scan`:
 compile time then does not grow with depth. The model owns its KV cache (`init_cache`), stored
-heads-first so a decode step's two attention dots read it in place: values [B,K,S,E], keys
-transposed [B,K,E,S], so both dots contract over a row-major operand's leading dim (on CPU the
-[S,E] key layout made the score dot repack the whole cache each step: 1.5x slower decode at
-position 1024, batch 16).
+heads-first so a decode step's two attention dots read it in place: values [B,K,S,E], and keys
+of an f32 cache transposed, [B,K,E,S], so both dots contract a row-major operand's leading dim
+(on CPU the [S,E] key layout made the score dot repack the whole cache each step: 1.5x slower
+decode at position 1024, batch 16). A 16-bit cache keeps keys [B,K,S,E]: its slot is written
+through the bits, which XLA's CPU backend does in place for a row but not for a column.
 
 Everything that runs the model calls it: training (`__call__` / `hidden`), the sampler (prefill and
 decode through `__call__` with a cache) and the MC scorer (`hidden`, then `logits` at the few
@@ -32,9 +33,9 @@ from stable_alignment_jax.model import axes
 from stable_alignment_jax.model.presets import ModelConfig
 
 class KVCache(NamedTuple):
-  """Keys [B, K, E, S] and values [B, K, S, E] per layer: stacked with a leading [L] when the
-  layers are scanned, tuples of L arrays otherwise. Made by `init_cache`; callers treat it as
-  opaque (`cache_len` reads its length)."""
+  """Keys [B, K, E, S] (f32; [B, K, S, E] when 16-bit) and values [B, K, S, E] per layer: stacked
+  with a leading [L] when the layers are scanned, tuples of L arrays otherwise. Made by
+  `init_cache`; callers treat it as opaque (`cache_len` reads its length)."""
   k: Any
   v: Any
 
@@ -99,7 +100,12 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
 
 
 _V_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # one layer's values [B,K,S,E]
-_K_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, None, axes.LENGTH)  # and keys [B,K,E,S]
+_KT_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, None, axes.LENGTH)  # and transposed keys [B,K,E,S]
+
+
+def _keys_transposed(dtype) -> bool:
+  """Whether a cache of this dtype stores its keys [B,K,E,S] (see the module docstring)."""
+  return jnp.dtype(dtype).itemsize != 2
 
 
 def _write(cache: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
@@ -130,8 +136,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x, positions, mask, cache_kv, cache_index):
-    """x: [B,T,D]; mask: [B,1,T,S] bool; cache_kv: this layer's (k [B,K,E,S], v [B,K,S,E]) or
-    None.
+    """x: [B,T,D]; mask: [B,1,T,S] bool; cache_kv: this layer's (k, v) as `KVCache` lays them
+    out, or None.
 
     Without a cache (training, scoring) attention runs in the library kernel (cuDNN flash
     attention on GPU, XLA elsewhere) over the chunk itself. With one, the chunk's keys/values are
@@ -149,7 +155,10 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
-      ck = axes.constrain(_write(ck, k.transpose(0, 2, 3, 1), cache_index, 3), _K_NAMES)
+      if _keys_transposed(ck.dtype):
+        ck = axes.constrain(_write(ck, k.transpose(0, 2, 3, 1), cache_index, 3), _KT_NAMES)
+      else:
+        ck = axes.constrain(_write(ck, k.transpose(0, 2, 1, 3), cache_index, 2), _V_NAMES)
       cv = axes.constrain(_write(cv, v.transpose(0, 2, 1, 3), cache_index, 2), _V_NAMES)
       cache_kv = (ck, cv)
     if cache_kv is None or prefill:
@@ -170,7 +179,8 @@ class Attention(nnx.Module):
       # widened copy of the cache is made each step (the error is that of the cache's rounding).
       rd = ck.dtype if jnp.finfo(ck.dtype).bits < jnp.finfo(dt).bits else dt
       qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
-      scores = jnp.einsum("bkqe,bkes->bkqs", qg.astype(rd), ck.astype(rd),
+      keys = "bkes" if _keys_transposed(ck.dtype) else "bkse"
+      scores = jnp.einsum(f"bkqe,{keys}->bkqs", qg.astype(rd), ck.astype(rd),
                           preferred_element_type=jnp.float32) * e**-0.5
       m = jnp.broadcast_to(mask[:, :, :, None], (mask.shape[0], 1, t, g, mask.shape[-1]))
       scores = jnp.where(m.reshape(m.shape[0], 1, t * g, -1), scores, -1e30)
@@ -361,7 +371,9 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
     return axes.constrain(jnp.pad(x, pad), (None,) * (x.ndim - 4) + names)
-  return KVCache(jax.tree.map(lambda x: grow(x, -1, _K_NAMES), cache.k),
+  grow_k = lambda x: (grow(x, -1, _KT_NAMES) if _keys_transposed(x.dtype)
+                      else grow(x, -2, _V_NAMES))
+  return KVCache(jax.tree.map(grow_k, cache.k),
                  jax.tree.map(lambda x: grow(x, -2, _V_NAMES), cache.v))
 
 
@@ -374,4 +386,5 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
     if cfg.scan_layers:
       return axes.constrain(jnp.zeros((cfg.n_layers,) + shape, dt), (None,) + names)
     return tuple(axes.constrain(jnp.zeros(shape, dt), names) for _ in range(cfg.n_layers))
-  return KVCache(zeros((b, k, e, length), _K_NAMES), zeros((b, k, length, e), _V_NAMES))
+  keys = ((b, k, e, length), _KT_NAMES) if _keys_transposed(dt) else ((b, k, length, e), _V_NAMES)
+  return KVCache(zeros(*keys), zeros((b, k, length, e), _V_NAMES))
