@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
 from configs import common as config_common  # noqa: E402
-from stable_alignment_jax import plan, sharding, train  # noqa: E402
+from stable_alignment_jax import budget, plan, sharding, train  # noqa: E402
 from stable_alignment_jax.generate import Sampler, SamplingParams  # noqa: E402
 from stable_alignment_jax.model import llama  # noqa: E402
 from stable_alignment_jax.model.hf_config import config_to_hf  # noqa: E402
@@ -99,14 +99,21 @@ def sync(x):
 
 
 def bench_train(s, cfg, block, mesh) -> dict:
+  """The training step as the default config runs it: micro-batches chosen for this device's
+  memory (optim.accum_steps = 0, budget.py) and log-probs in chunks of train.logprob_chunk."""
   c = base.get_config()
   lc, oc = c.loss, c.optim
+  b, k, t = s["prompts"], s["responses"], s["seq"]
+  c.model = block
+  c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
+  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+  accum, why = budget.auto_accum_steps(c, mesh)
   graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
   tx = make_optimizer(oc, 100)[0]
-  b, k, t = s["prompts"], s["responses"], s["seq"]
   batch = jax.tree.map(jnp.asarray, make_batch(b, k, t, s["prompt_len"], cfg.vocab_size))
   step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-      table=train.loss_table(lc, []), accum_steps=1),
+                                   table=train.loss_table(lc, []), accum_steps=accum,
+                                   logprob_chunk=c.train.logprob_chunk),
                  donate_argnums=0)
   with sharding.activate(mesh):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
@@ -122,13 +129,11 @@ def bench_train(s, cfg, block, mesh) -> dict:
   del state
   tokens = b * k * t
   model_flops = step_flops(cfg, tokens, t, reference=False)[0]
-  # The planner on the same config, one chip of this kind.
-  c.model = block
-  c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
-  c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  c.optim.accum_steps = 1
+  # The planner on the same config, one chip of this kind, with the micro-batches timed here.
+  c.optim.accum_steps = accum
   return {"tokens": tokens, "compile_s": compile_s, "first_loss": loss, "times": times,
-          "model_flops": model_flops, "plan_config": c}
+          "model_flops": model_flops, "plan_config": c, "accum_steps": accum,
+          "accum_why": why}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
@@ -250,6 +255,8 @@ def main():
       r = bench_train(s, cfg, block, mesh)
       st = common.stats(r["times"])
       run.row("(a) train step s", common.summary(r["times"]) + f"; compile {r['compile_s']:.1f} s")
+      run.row("(a) micro-batches", f"{r['accum_steps']} ({r['accum_why']}), logprob_chunk "
+              f"{base.get_config().train.logprob_chunk}")
       tps = r["tokens"] / st["min"]
       mfu = r["model_flops"] / st["min"] / chip.peak_bf16 if chip else None
       run.row("(a) train tokens/s", f"{tps:,.0f} (median {r['tokens'] / st['median']:,.0f}); "
@@ -259,7 +266,8 @@ def main():
               f"({r['model_flops'] / 1e12:.2f} TFLOP model per step)" if chip else
               "n/a: this chip has no peak in stable_alignment_jax/flops.py")
       run.data["train"] = {"times": r["times"], "tokens": r["tokens"], "tokens_per_s": tps,
-                           "mfu": mfu, "compile_s": r["compile_s"], "loss": r["first_loss"]}
+                           "mfu": mfu, "compile_s": r["compile_s"], "loss": r["first_loss"],
+                           "accum_steps": r["accum_steps"]}
       p = plan.plan(r["plan_config"], chip or dataclasses.replace(
           CHIPS["h100"], name="(H100 peak, as a stand-in)"), 1)
       run.row("(d) planner step s", f"predicted {p['step_s']:.4g} s (compute "
