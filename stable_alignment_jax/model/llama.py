@@ -99,8 +99,8 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-_V_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # one layer's values [B,K,S,E]
-_KT_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, None, axes.LENGTH)  # and transposed keys [B,K,E,S]
+_SE_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # [B,K,S,E]: values, 16-bit keys
+_ES_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, None, axes.LENGTH)  # [B,K,E,S]: f32 keys
 
 
 def _keys_transposed(dtype) -> bool:
@@ -156,10 +156,10 @@ class Attention(nnx.Module):
     if cache_kv is not None:
       ck, cv = cache_kv
       if _keys_transposed(ck.dtype):
-        ck = axes.constrain(_write(ck, k.transpose(0, 2, 3, 1), cache_index, 3), _KT_NAMES)
+        ck = axes.constrain(_write(ck, k.transpose(0, 2, 3, 1), cache_index, 3), _ES_NAMES)
       else:
-        ck = axes.constrain(_write(ck, k.transpose(0, 2, 1, 3), cache_index, 2), _V_NAMES)
-      cv = axes.constrain(_write(cv, v.transpose(0, 2, 1, 3), cache_index, 2), _V_NAMES)
+        ck = axes.constrain(_write(ck, k.transpose(0, 2, 1, 3), cache_index, 2), _SE_NAMES)
+      cv = axes.constrain(_write(cv, v.transpose(0, 2, 1, 3), cache_index, 2), _SE_NAMES)
       cache_kv = (ck, cv)
     if cache_kv is None or prefill:
       t = x.shape[1]
@@ -371,10 +371,10 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
     return axes.constrain(jnp.pad(x, pad), (None,) * (x.ndim - 4) + names)
-  grow_k = lambda x: (grow(x, -1, _KT_NAMES) if _keys_transposed(x.dtype)
-                      else grow(x, -2, _V_NAMES))
+  grow_k = lambda x: (grow(x, -1, _ES_NAMES) if _keys_transposed(x.dtype)
+                      else grow(x, -2, _SE_NAMES))
   return KVCache(jax.tree.map(grow_k, cache.k),
-                 jax.tree.map(lambda x: grow(x, -2, _V_NAMES), cache.v))
+                 jax.tree.map(lambda x: grow(x, -2, _SE_NAMES), cache.v))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -386,5 +386,5 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
     if cfg.scan_layers:
       return axes.constrain(jnp.zeros((cfg.n_layers,) + shape, dt), (None,) + names)
     return tuple(axes.constrain(jnp.zeros(shape, dt), names) for _ in range(cfg.n_layers))
-  keys = ((b, k, e, length), _KT_NAMES) if _keys_transposed(dt) else ((b, k, length, e), _V_NAMES)
-  return KVCache(zeros(*keys), zeros((b, k, length, e), _V_NAMES))
+  keys = ((b, k, e, length), _ES_NAMES) if _keys_transposed(dt) else ((b, k, length, e), _SE_NAMES)
+  return KVCache(zeros(*keys), zeros((b, k, length, e), _SE_NAMES))
