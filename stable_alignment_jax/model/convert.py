@@ -148,6 +148,16 @@ def _weight_map(directory: str) -> tuple[dict[str, str], str]:
   return weight_map, os.path.join(directory, files[0] if len(files) == 1 else "*.safetensors")
 
 
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """An uninitialised host array whose data starts on an `align`-byte boundary: XLA's CPU client
+  adopts such a buffer as the device array, and copies one that numpy happened to place off the
+  boundary (a second parameter-sized host buffer, depending on where malloc put the first)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "float32",
             shardings: Callable | None = None, **overrides):
   """Reads a HF LLaMA directory into (graphdef, state) of `llama.Llama`.
@@ -212,11 +222,10 @@ def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "flo
       if tuple(want.shape) != shape:
         raise ValueError(f"parameter {'/'.join(map(str, path))}: the model has shape "
                          f"{tuple(want.shape)}, the checkpoint layout gives {shape}")
+      host = _aligned_empty(shape, param_dtype)
       if group[0].layer is None:  # one copy: the layout change and the cast happen together
-        host = np.ascontiguousarray(group[0].to_ours(read(group[0].hf_name, group[0].hf_shape)),
-                                    dtype=param_dtype)
+        host[...] = group[0].to_ours(read(group[0].hf_name, group[0].hf_shape))
       else:  # the stacked parameter, filled row by row
-        host = np.empty(shape, dtype=param_dtype)
         for en in group:
           host[en.layer] = en.to_ours(read(en.hf_name, en.hf_shape))
       if shardings is None:
@@ -225,6 +234,9 @@ def load_hf(directory: str, *, dtype: str | None = None, param_dtype: str = "flo
         sh = _lookup(shardings, path)
         sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
         values[path] = jax.make_array_from_callback(host.shape, sh, lambda i, a=host: a[i])
+      # The copy to the device is asynchronous and keeps `host` alive until it is done; waiting
+      # for it keeps one parameter on the host at a time (else the next one is staged beside it).
+      jax.block_until_ready(values[path])
       del host
   state = jax.tree.map_with_path(
       lambda p, var: var.replace(values[tuple(_key(x) for x in p)]), abstract_state,
