@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stable_alignment_jax.generate import Sampler, SamplingParams  # noqa: E402
+from stable_alignment_jax.generate import Sampler, SamplingParams, greedy_tokens  # noqa: E402
 from stable_alignment_jax.model import convert, llama  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
 
@@ -88,7 +88,7 @@ def decode_loop(state, cache, start, *, graphdef, n: int):
     key_mask = key_mask.at[:, start + i].set(True)
     logits, cache = model(tok[:, None], positions=jnp.full((b, 1), start + i), key_mask=key_mask,
                           cache=cache, cache_index=start + i)
-    return i + 1, jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache, key_mask
+    return i + 1, greedy_tokens(logits[:, 0]), cache, key_mask
 
   init = (jnp.int32(0), jnp.zeros((b,), jnp.int32), cache, key_mask)
   return jax.lax.while_loop(lambda c: c[0] < n, body, init)[1]

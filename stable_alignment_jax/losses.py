@@ -55,11 +55,12 @@ def chunk_plan(t: int, chunk: int) -> tuple[int, int]:
 
 
 def token_target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array,
-                          chunk: int) -> jax.Array:
+                          chunk: int, mask: jax.Array | None = None) -> jax.Array:
   """log softmax(head_fn(hidden))[target] at every position, in chunks: f32 [N,S].
 
   hidden [N,S,D]; targets [N,S] int, the token each position's hidden state predicts (no
-  shift); head_fn maps [n,c,D] -> f32 logits [n,c,V].
+  shift); head_fn maps [n,c,D] -> f32 logits [n,c,V]. mask [N,S], optional: a chunk where it is
+  zero for every row (all prompt, or all padding, across the batch) skips the head and gives 0.
 
   The positions are cut into `chunk_plan(S, chunk)` chunks over which `lax.map` runs the head,
   the logsumexp and the target pick; each chunk is under `jax.checkpoint`, so the backward pass
@@ -71,21 +72,29 @@ def token_target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Arr
   n, s, d = hidden.shape
   n_chunks, size = chunk_plan(s, chunk)
   pad = n_chunks * size - s
+  live = jnp.ones((n, s), bool) if mask is None else mask != 0
   if pad:  # padded positions (target 0) are cut off below
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    live = jnp.pad(live, ((0, 0), (0, pad)))
   # Chunk-major [C, N, size, ...]: lax.map walks the leading axis.
   split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, size, *x.shape[2:]), 1, 0)
 
-  @jax.checkpoint
-  def one(args):
-    h, tgt = args
+  def head(h, tgt):
     logits = head_fn(h).astype(jnp.float32)
     hit = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
     picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return picked - jax.nn.logsumexp(logits, axis=-1)  # [N, size]
 
-  out = jax.lax.map(one, (split(hidden), split(targets)))  # [C, N, size]
+  @jax.checkpoint
+  def one(args):
+    h, tgt, any_live = args
+    if mask is None:
+      return head(h, tgt)
+    return jax.lax.cond(any_live, head, lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32), h, tgt)
+
+  chunk_live = jnp.any(split(live), axis=(1, 2))  # [C]
+  out = jax.lax.map(one, (split(hidden), split(targets), chunk_live))  # [C, N, size]
   return jnp.moveaxis(out, 0, 1).reshape(n, n_chunks * size)[:, :s]
 
 
@@ -93,7 +102,7 @@ def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, ma
                     chunk: int) -> jax.Array:
   """Sum over positions of mask * log softmax(head_fn(hidden))[target], per row, in chunks
   (`token_target_logprobs`). mask [N,S]. Returns f32 [N]."""
-  logp = token_target_logprobs(hidden, head_fn, targets, chunk)
+  logp = token_target_logprobs(hidden, head_fn, targets, chunk, mask)
   return jnp.sum(logp * mask.astype(jnp.float32), axis=-1)
 
 
@@ -105,10 +114,12 @@ def chunked_sequence_logprobs(hidden: jax.Array, head_fn: Callable, tokens: jax.
   head_fn: [n,c,D] -> f32 [n,c,V] (the model's LM head); chunk: positions per chunk (> 0).
   Same contract and values as `sequence_logprobs(head_fn(hidden), tokens, loss_mask)`.
   """
-  targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last one is masked
-  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-  mask = mask.astype(jnp.float32)
-  return target_logprobs(hidden, head_fn, targets, mask, chunk), jnp.sum(mask, axis=-1)
+  # Position t's log-prob is that of token t, predicted by the hidden state before it: the
+  # hidden states move one right (token 0 has none; its mask entry is dropped), so chunks start
+  # on token boundaries and a prompt of a chunk's length leaves its chunk skipped whole.
+  hidden = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
+  mask = jnp.asarray(loss_mask, jnp.float32).at[:, 0].set(0.0)
+  return target_logprobs(hidden, head_fn, tokens, mask, chunk), jnp.sum(mask, axis=-1)
 
 
 def _token_mean_nll(logp, n_tokens):

@@ -79,6 +79,33 @@ def test_per_token_chunked_log_probs_equal_numpy_and_their_gradient(chunk):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_chunks_without_a_loss_token_skip_the_head():
+  """Chunks start on token boundaries: with a 16-token prompt and chunks of 16, the first chunk
+  holds no loss token in any row and the head never runs on it (NaN hidden states there reach
+  neither the values nor the gradients), and so does a chunk that is padding in every row."""
+  hidden, w, tokens, _ = _problem(n=3, t=64, seed=1)
+  mask = np.zeros((3, 64), np.float32)
+  mask[:, 16:40] = 1.0  # the prompt is tokens 0-15, padding 40-63: chunks 0 and 3 skip
+  mask[2, 33:] = 0.0
+  mask = jnp.asarray(mask)
+  head = lambda h: jnp.einsum("...d,dv->...v", h, w)
+  np_logp, _ = _numpy_logprobs(hidden, w, tokens, mask)
+  # hidden state p predicts token p + 1: states 0-14 fall in chunk 0, 47-62 in chunk 3
+  poisoned = hidden.at[:, :15].set(jnp.nan).at[:, 47:].set(jnp.nan)
+
+  def total(h):
+    return jnp.sum(losses.chunked_sequence_logprobs(h, head, tokens, mask, 16)[0])
+
+  logp, _ = losses.chunked_sequence_logprobs(poisoned, head, tokens, mask, 16)
+  np.testing.assert_allclose(logp, np_logp, rtol=1e-5, atol=1e-4)
+  grad = jax.grad(total)(poisoned)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, jax.grad(total)(hidden), atol=1e-6)
+  # The unchunked path has no skip: the poison shows, so this test can fail.
+  assert not np.all(np.isfinite(losses.chunked_sequence_logprobs(poisoned, head, tokens, mask,
+                                                                 64)[0]))
+
+
 def test_chunk_plan_is_even_and_covers_every_position():
   assert losses.chunk_plan(360, 64) == (6, 60)
   assert losses.chunk_plan(37, 8) == (5, 8)

@@ -123,6 +123,20 @@ def numpy_filter(logits, top_k, top_p):
   return keep
 
 
+def test_greedy_tokens_match_numpy_argmax_with_ties():
+  from stable_alignment_jax.generate import greedy_tokens
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(6, 50)).astype(np.float32)
+  logits[1, [4, 9, 30]] = 9.0  # tied maxima: the first wins, as np.argmax
+  logits[2] = 1.5  # all tied
+  logits[3, 49] = 99.0  # the last id
+  logits[4, :] = -np.inf
+  logits[4, 17] = 0.0
+  got = np.asarray(greedy_tokens(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+  assert got.dtype == np.int32
+
+
 def test_filter_logits_matches_numpy():
   rng = np.random.default_rng(0)
   logits = (rng.normal(size=(6, 50)) * 3).astype(np.float32)
