@@ -2,7 +2,8 @@
 
 On the same tiny LLaMA weights and the same data (every side starts from the same weights and
 is stepped on its own copy):
-  * `train.train_step` at the default config: micro-batches chosen by `budget.py` from this
+  * `train.train_step` at the default config (its remat policy and layer scan, f32 like torch):
+    micro-batches chosen by `budget.py` from this
     CPU's cache (`optim.accum_steps = 0`), log-probs in chunks of `train.logprob_chunk`
     positions; and the whole [B*K, T] batch in one forward (`accum_steps = 1`) beside it;
   * torch, the authors' style (`AlignmentTrainer`: HF `LlamaForCausalLM`, one prompt at a time,
@@ -219,7 +220,10 @@ def main():
   hf = hf_model(cfg)
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
-    graphdef, params = convert.load_hf(d, dtype="float32")
+    # As the trainer loads it at the default config: the run's remat and layer layout (the
+    # config's own fields, applied over the checkpoint's), in f32 like the torch sides.
+    graphdef, params = convert.load_hf(d, dtype="float32", remat=c.model.remat,
+                                       scan_layers=c.model.scan_layers)
     hf_batched = transformers.LlamaForCausalLM.from_pretrained(
         d, dtype=torch.float32, attn_implementation="sdpa").train()
 
@@ -232,7 +236,8 @@ def main():
 
   # The default config chooses its micro-batches as the trainer does (budget.auto_accum_steps
   # on this shape and device); the whole batch in one forward is timed beside it.
-  c.model = dataclasses.asdict(cfg)
+  c.model = dataclasses.asdict(dataclasses.replace(cfg, remat=c.model.remat,
+                                                   scan_layers=c.model.scan_layers))
   c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
   auto, why = budget.auto_accum_steps(c, jax.make_mesh((1,), ("data",)))
   variants = {f"jax default (accum={auto})": jax_step(auto), "jax accum=1": jax_step(1)}
@@ -296,7 +301,8 @@ def main():
     peak, pm = max(peaks), statistics.median(peaks)
     best = {name: min(v) for name, v in times.items()}
     med = {name: statistics.median(v) for name, v in times.items()}
-    run.row("default micro-batches", f"{auto} ({why}); logprob_chunk {c.train.logprob_chunk}")
+    run.row("default micro-batches", f"{auto} ({why}); logprob_chunk {c.train.logprob_chunk}; "
+            f"remat {c.model.remat}, scan_layers {c.model.scan_layers} (configs/base.py)")
     run.row("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
             f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)")
     run.row("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads "
