@@ -28,20 +28,3 @@ def enable_compilation_cache():
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser("~/.cache/stable_alignment_jax/jax"))
-
-
-# XLA:CPU flags the programs here are written and measured for. Region analysis lets copy
-# insertion see that a decode step reads the KV cache before writing its new slot in place;
-# without it XLA's CPU backend copies every layer's cache each step (2.4x slower decode at
-# position 1024, batch 16, on benchmarks/generate.py's model). Other backends ignore it.
-CPU_XLA_FLAGS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
-
-
-def set_xla_flags(env=os.environ):
-  """Adds CPU_XLA_FLAGS to $XLA_FLAGS, keeping any value the user gave the same flag. Takes
-  effect if jax has not yet started a backend (importing the package does this first)."""
-  have = env.get("XLA_FLAGS", "").split()
-  names = {f.split("=")[0] for f in have}
-  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in names]
-  if extra:
-    env["XLA_FLAGS"] = " ".join(have + extra)

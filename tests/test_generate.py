@@ -315,3 +315,26 @@ def test_a_training_runs_remat_policy_does_not_reach_the_sampler(model, prompts,
   s = Sampler(graphdef, nnx.state(model), eos_id=NO_EOS)
   assert s.cfg.remat == "none" and not s.cfg.scan_layers
   assert s.generate(prompts, SamplingParams(max_new_tokens=32)) == greedy32
+
+
+def test_the_compiled_decode_loop_writes_the_cache_in_place(model, monkeypatch):
+  """The sampler's decode program, compiled as it runs (batch 4), holds no cache-sized copy: each
+  step's write into a layer's donated cache is done in place."""
+  seen = []
+  decode = generate._decode
+
+  def spy(*args, **kw):
+    seen.append((jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args), kw))
+    return decode(*args, **kw)
+
+  monkeypatch.setattr(generate, "_decode", spy)
+  s = Sampler.from_module(model, eos_id=NO_EOS, min_prompt=8, min_window=0)
+  s.generate([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=29))  # 8 + 32 = 40 slots
+  (args, kw), = seen
+  hlo = decode.lower(*args, **kw).compile().as_text()
+  c = model.cfg
+  shapes = (f"f32[4,{c.n_kv_heads},{c.head_dim},40]", f"f32[4,{c.n_kv_heads},40,{c.head_dim}]")
+  assert sum(f"= {x}" in line for line in hlo.splitlines() for x in shapes) >= 2 * c.n_layers
+  copies = [line for line in hlo.splitlines()
+            if any(f"= {x}" in line for x in shapes) and " copy(" in line]
+  assert copies == [], copies

@@ -176,8 +176,6 @@ class Attention(nnx.Module):
     k = rope(k, positions, inv_freq)
     q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
     prefill = isinstance(cache_index, int) and cache_index == 0
-    if cache_kv is not None and not prefill:
-      out = self._attend_cache(q, k, v, mask, cache_kv, cache_index)
     if cache_kv is not None:
       ck, cv = cache_kv
       if _keys_transposed(ck.dtype):
@@ -195,56 +193,28 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[..., :t])
       else:
         out = causal_attention(q, k, v, mask[..., :t])
+    else:
+      b, t, h, e = q.shape
+      kh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
+      # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
+      # The T queries of a kv head share one [T*G, S] score matrix, so each dot is a plain
+      # batched matmul over the cache as it lies (no transpose of the cache).
+      # A cache narrower than the compute dtype (bf16 under f32) is read as it lies: the query
+      # and the probabilities are rounded to its dtype and the dots accumulate in f32, so no
+      # widened copy of the cache is made each step (the error is that of the cache's rounding).
+      rd = ck.dtype if jnp.finfo(ck.dtype).bits < jnp.finfo(dt).bits else dt
+      qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
+      keys = "bkes" if _keys_transposed(ck.dtype) else "bkse"
+      scores = jnp.einsum(f"bkqe,{keys}->bkqs", qg.astype(rd), ck.astype(rd),
+                          preferred_element_type=jnp.float32) * e**-0.5
+      m = jnp.broadcast_to(mask[:, :, :, None], (mask.shape[0], 1, t, g, mask.shape[-1]))
+      scores = jnp.where(m.reshape(m.shape[0], 1, t * g, -1), scores, -1e30)
+      probs = jax.nn.softmax(scores, axis=-1).astype(rd)
+      out = jnp.einsum("bkqs,bkse->bkqe", probs, cv.astype(rd),
+                       preferred_element_type=jnp.float32).astype(dt)
+      out = out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
     out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
     return out, cache_kv
-
-  def _attend_cache(self, q, k, v, mask, cache_kv, cache_index):
-    """A decode step's attention: the T new queries over the cache as it was before this step
-    (slots < cache_index) and over the T new keys, one softmax across both.
-
-    The old cache is read before the new keys are written into it, so the write's only user is
-    the updated cache and XLA updates it in place; attending over the written cache made XLA's
-    CPU backend copy the whole cache several times a step at batch 1 (the write was fused twice).
-    """
-    cfg, dt = self.cfg, self.cfg.dtype
-    ck, cv = cache_kv
-    b, t, h, e = q.shape
-    kh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
-    # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
-    # The T queries of a kv head share one [T*G, S] score matrix, so each dot is a plain
-    # batched matmul over the cache as it lies (no transpose of the cache).
-    # A cache narrower than the compute dtype (bf16 under f32) is read as it lies: the query
-    # and the probabilities are rounded to its dtype and the dots accumulate in f32, so no
-    # widened copy of the cache is made each step (the error is that of the cache's rounding).
-    # The new keys/values are rounded to the cache's dtype too, as they will be read later.
-    rd = ck.dtype if jnp.finfo(ck.dtype).bits < jnp.finfo(dt).bits else dt
-    qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e).astype(rd)
-    kn = k.astype(ck.dtype).astype(rd).transpose(0, 2, 1, 3)  # [B,K,T,E]
-    vn = v.astype(cv.dtype).astype(rd).transpose(0, 2, 1, 3)
-    keys = "bkes" if _keys_transposed(ck.dtype) else "bkse"
-    s_old = jnp.einsum(f"bkqe,{keys}->bkqs", qg, ck.astype(rd), preferred_element_type=jnp.float32)
-    s_new = jnp.einsum("bkqe,bkse->bkqs", qg, kn, preferred_element_type=jnp.float32)
-    slots = mask.shape[-1]
-    m_old = mask & (jnp.arange(slots) < cache_index)  # the slots this step writes are stale
-    m_new = jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=-1)  # [B,1,T,T]
-
-    def grouped(m):  # [B,1,T,X] -> [B,1,T*G,X], the rows of `scores`
-      m = jnp.broadcast_to(m[:, :, :, None], (m.shape[0], 1, t, g, m.shape[-1]))
-      return m.reshape(m.shape[0], 1, t * g, -1)
-
-    # One softmax over both parts without joining them (a join copies the scores): shared max,
-    # unnormalised weights, and the sum divided out after the dots.
-    s_old = jnp.where(grouped(m_old), s_old * e**-0.5, -1e30)
-    s_new = jnp.where(grouped(m_new), s_new * e**-0.5, -1e30)
-    top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
-    p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
-    total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-    out = (jnp.einsum("bkqs,bkse->bkqe", p_old.astype(rd), cv.astype(rd),
-                      preferred_element_type=jnp.float32) +
-           jnp.einsum("bkqs,bkse->bkqe", p_new.astype(rd), vn,
-                      preferred_element_type=jnp.float32))
-    out = (out / total).astype(dt)
-    return out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 
 
 class MLP(nnx.Module):
