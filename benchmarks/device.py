@@ -140,7 +140,7 @@ def bench_train(s, cfg, block, mesh) -> dict:
 def _decode(state, cache, start, *, graphdef, n):
   """n greedy cached decode steps from slot `start` (what the sampler's loop body runs)."""
   model = nnx.merge(graphdef, state)
-  b, slots = jax.tree.leaves(cache)[0].shape[-4], llama.cache_len(cache)
+  b, slots = jax.tree.leaves(cache)[0].shape[-3] // model.cfg.n_kv_heads, llama.cache_len(cache)
 
   def body(i, carry):
     tok, cache = carry

@@ -83,7 +83,7 @@ def decode_loop(state, cache, start, *, graphdef, n: int):
   """n greedy decode steps through the model (as the sampler's loop body runs them), writing
   slots start..start+n-1."""
   model = nnx.merge(graphdef, state)
-  b, s = jax.tree.leaves(cache)[0].shape[-4], llama.cache_len(cache)
+  b, s = jax.tree.leaves(cache)[0].shape[-3] // model.cfg.n_kv_heads, llama.cache_len(cache)
   key_mask = jnp.broadcast_to(jnp.arange(s)[None, :] < start, (b, s))
 
   def body(carry):

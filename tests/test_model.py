@@ -286,15 +286,16 @@ def test_bf16_cache_is_read_without_a_widened_copy(cfg):
              cache_index=jnp.int32(5))
 
   hlo = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).as_text()
-  kv = f"2x{c.n_kv_heads}x{s}x{c.head_dim}"  # a 16-bit cache holds keys and values [B,K,S,E]
+  n = 2 * c.n_kv_heads
+  kv = f"{n}x{s}x{c.head_dim}"  # a 16-bit cache holds keys and values [B*K,S,E]
   assert f"tensor<{kv}xbf16>) -> tensor<{kv}xf32>" not in hlo  # no widening convert
   dots = [line for line in hlo.splitlines() if "dot_general" in line and kv in line]
   assert len(dots) == 2 * c.n_layers and all(f"{kv}xbf16" in d for d in dots), dots
   compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile()
-  assert f"f32[2,{c.n_kv_heads},{s},{c.head_dim}]" not in compiled.as_text()
-  # The f32 cache keeps f32 dots, over keys stored [B,K,E,S] and values [B,K,S,E].
+  assert f"f32[{n},{s},{c.head_dim}]" not in compiled.as_text()
+  # The f32 cache keeps f32 dots, over keys stored [B*K,E,S] and values [B*K,S,E].
   hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
-  kt = f"2x{c.n_kv_heads}x{c.head_dim}x{s}"
+  kt = f"{n}x{c.head_dim}x{s}"
   dots32 = [line for line in hlo32.splitlines() if "dot_general" in line]
   assert sum(f"{kt}xf32" in d for d in dots32) == c.n_layers, dots32
   assert sum(f"{kv}xf32" in d for d in dots32) == c.n_layers, dots32
@@ -304,8 +305,8 @@ def test_grow_cache_keeps_the_filled_slots(cfg):
   from stable_alignment_jax.model import llama
   for scan in (True, False):
     c = dataclasses.replace(cfg, scan_layers=scan)
-    # f32 keys hold their slots on the last axis ([B,K,E,S]), values (and 16-bit keys) on the
-    # one before ([B,K,S,E]).
+    # f32 keys hold their slots on the last axis ([B*K,E,S]), values (and 16-bit keys) on the
+    # one before ([B*K,S,E]).
     for dtype in ("float32", "bfloat16"):
       cache = jax.tree.map(lambda x: x + 1, llama.init_cache(c, 2, 8, dtype))
       grown = llama.grow_cache(cache, 12)

@@ -160,6 +160,20 @@ def test_constrain_under_mesh_and_without(mesh222):
   assert y.sharding.spec == P(("data", "fsdp"), "tensor")
 
 
+def test_a_joined_axis_is_split_as_its_parts(mesh222):
+  """The KV cache's [B*K, ...] axis (b major) named (batch, kv heads): each device holds exactly
+  the rows it holds of the [B, K, ...] array split by both names."""
+  x = jnp.arange(4 * 2 * 3, dtype=jnp.float32).reshape(4, 2, 3)
+  with sharding.activate(mesh222):
+    split = jax.jit(lambda a: axes.constrain(a, (axes.BATCH, axes.ACT_KV_HEADS, None)))(x)
+    joined = jax.jit(lambda a: axes.constrain(a.reshape(8, 3), (
+        (axes.BATCH, axes.ACT_KV_HEADS), None)))(x)
+  assert joined.sharding.spec[0] == ("data", "fsdp", "tensor")
+  by_device = {sh.device: np.asarray(sh.data) for sh in split.addressable_shards}
+  for sh in joined.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(sh.data), by_device[sh.device].reshape(-1, 3))
+
+
 # ---------------------------------------------------------------- born-sharded models
 
 def test_fsdp8_shards_every_matrix_and_divides_the_bytes(cfg, one_device_state):

@@ -33,7 +33,7 @@ PARAM_NAMES = (VOCAB, VOCAB_IN, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, NORM, LAY
 ACTIVATION_NAMES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str | tuple[str, ...] | None, ...]) -> jax.Array:
   """Pins an activation's sharding by logical names, under the active mesh and rule table.
 
   Without a mesh in context (plain single-device use) this is the identity. With a mesh, every
@@ -45,8 +45,16 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   rules = dict(spmd.get_logical_axis_rules())
   if len(names) != x.ndim:
     raise ValueError(f"logical names {names} do not match an activation of shape {x.shape}")
-  missing = [n for n in names if n is not None and n not in rules]
+  flat = [n for x in names for n in (x if isinstance(x, tuple) else (x,))]
+  missing = [n for n in flat if n is not None and n not in rules]
   if missing:
     raise KeyError(f"no sharding rule for logical axes {missing}; known: {sorted(rules)}")
-  spec = jax.sharding.PartitionSpec(*(rules[n] if n is not None else None for n in names))
+
+  def mesh_axes(name):  # a tuple of logical names: one axis, split by all their mesh axes
+    if not isinstance(name, tuple):
+      return rules[name] if name is not None else None
+    parts = [rules[n] for n in name]
+    out = tuple(a for p in parts if p is not None for a in (p if isinstance(p, tuple) else (p,)))
+    return out or None
+  spec = jax.sharding.PartitionSpec(*(mesh_axes(n) for n in names))
   return jax.lax.with_sharding_constraint(x, spec)

@@ -7,11 +7,14 @@ attached at creation (`_param`); activations are pinned by logical names at bloc
 load without permuting q/k (see `convert.py`). The decoder layers are either a Python list or, with
 `cfg.scan_layers`, ONE layer module whose weights carry a leading [L] axis, run under `lax.scan`:
 compile time then does not grow with depth. The model owns its KV cache (`init_cache`), stored
-heads-first so a decode step's two attention dots read it in place: values [B,K,S,E], and keys
-of an f32 cache transposed, [B,K,E,S], so both dots contract a row-major operand's leading dim
-(on CPU the [S,E] key layout made the score dot repack the whole cache each step: 1.5x slower
-decode at position 1024, batch 16). A 16-bit cache keeps keys [B,K,S,E]: its slot is written
-through the bits, which XLA's CPU backend does in place for a row but not for a column.
+heads-first so a decode step's two attention dots read it in place: values [N,S,E] with batch
+and kv head joined in one leading axis N = B*K, and keys of an f32 cache transposed, [N,E,S], so
+both dots contract a row-major operand's leading dim (on CPU the [S,E] key layout made the score
+dot repack the whole cache each step: 1.5x slower decode at position 1024, batch 16). The joined
+axis is the dots' only batch axis, so the cache the loop carries is the array the dots read and
+the step writes; split [B,K,...] at batch 1, XLA's CPU backend copied every cache 4x a step to
+reshape away the unit axis. A 16-bit cache keeps keys [N,S,E]: its slot is written through the
+bits, which XLA's CPU backend does in place for a row but not for a column.
 
 Everything that runs the model calls it: training (`__call__` / `hidden`), the sampler (prefill and
 decode through `__call__` with a cache) and the MC scorer (`hidden`, then `logits` at the few
@@ -33,7 +36,7 @@ from stable_alignment_jax.model import axes
 from stable_alignment_jax.model.presets import ModelConfig
 
 class KVCache(NamedTuple):
-  """Keys [B, K, E, S] (f32; [B, K, S, E] when 16-bit) and values [B, K, S, E] per layer: stacked
+  """Keys [B*K, E, S] (f32; [B*K, S, E] when 16-bit) and values [B*K, S, E] per layer: stacked
   with a leading [L] when the layers are scanned, tuples of L arrays otherwise. Made by
   `init_cache`; callers treat it as opaque (`cache_len` reads its length)."""
   k: Any
@@ -99,22 +102,23 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-_SE_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)  # [B,K,S,E]: values, 16-bit keys
-_ES_NAMES = (axes.BATCH, axes.ACT_KV_HEADS, None, axes.LENGTH)  # [B,K,E,S]: f32 keys
+# A cache array's first axis is batch and kv head in one, B*K (b major), split as both are.
+_SE_NAMES = ((axes.BATCH, axes.ACT_KV_HEADS), axes.LENGTH, None)  # [B*K,S,E]: values, 16-bit keys
+_ES_NAMES = ((axes.BATCH, axes.ACT_KV_HEADS), None, axes.LENGTH)  # [B*K,E,S]: f32 keys
 
 
 def _keys_transposed(dtype) -> bool:
-  """Whether a cache of this dtype stores its keys [B,K,E,S] (see the module docstring)."""
+  """Whether a cache of this dtype stores its keys [N,E,S] (see the module docstring)."""
   return jnp.dtype(dtype).itemsize != 2
 
 
 def _write(cache: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
-  """cache with `new` at slots index.. along `axis` (2: values [B,K,S,E] <- [B,K,T,E]; 3: keys
-  [B,K,E,S] <- [B,K,E,T]), in place under a loop's donation.
+  """cache with `new` at slots index.. along `axis` (1: values [N,S,E] <- [N,T,E]; 2: keys
+  [N,E,S] <- [N,E,T], N = B*K), in place under a loop's donation.
 
   A 16-bit float cache is written through its bits: XLA's CPU backend widens a bf16
   dynamic-update-slice to f32 and back, a copy of the whole cache every decode step."""
-  at = (0, 0, index, 0) if axis == 2 else (0, 0, 0, index)
+  at = (0, index, 0) if axis == 1 else (0, 0, index)
   new = new.astype(cache.dtype)
   if cache.dtype.itemsize != 2:
     return jax.lax.dynamic_update_slice(cache, new, at)
@@ -178,11 +182,13 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
+      heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(-1, *x.shape[1:2], x.shape[3])
       if _keys_transposed(ck.dtype):
-        ck = axes.constrain(_write(ck, k.transpose(0, 2, 3, 1), cache_index, 3), _ES_NAMES)
+        kt = heads_first(k).transpose(0, 2, 1)
+        ck = axes.constrain(_write(ck, kt, cache_index, 2), _ES_NAMES)
       else:
-        ck = axes.constrain(_write(ck, k.transpose(0, 2, 1, 3), cache_index, 2), _SE_NAMES)
-      cv = axes.constrain(_write(cv, v.transpose(0, 2, 1, 3), cache_index, 2), _SE_NAMES)
+        ck = axes.constrain(_write(ck, heads_first(k), cache_index, 1), _SE_NAMES)
+      cv = axes.constrain(_write(cv, heads_first(v), cache_index, 1), _SE_NAMES)
       cache_kv = (ck, cv)
     if cache_kv is None or prefill:
       t = x.shape[1]
@@ -203,14 +209,15 @@ class Attention(nnx.Module):
       # and the probabilities are rounded to its dtype and the dots accumulate in f32, so no
       # widened copy of the cache is made each step (the error is that of the cache's rounding).
       rd = ck.dtype if jnp.finfo(ck.dtype).bits < jnp.finfo(dt).bits else dt
-      qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, e)
-      keys = "bkes" if _keys_transposed(ck.dtype) else "bkse"
-      scores = jnp.einsum(f"bkqe,{keys}->bkqs", qg.astype(rd), ck.astype(rd),
+      qg = q.reshape(b, t, kh, g, e).transpose(0, 2, 1, 3, 4).reshape(b * kh, t * g, e)
+      keys = "nes" if _keys_transposed(ck.dtype) else "nse"
+      scores = jnp.einsum(f"nqe,{keys}->nqs", qg.astype(rd), ck.astype(rd),
                           preferred_element_type=jnp.float32) * e**-0.5
-      m = jnp.broadcast_to(mask[:, :, :, None], (mask.shape[0], 1, t, g, mask.shape[-1]))
-      scores = jnp.where(m.reshape(m.shape[0], 1, t * g, -1), scores, -1e30)
+      s = mask.shape[-1]
+      m = jnp.broadcast_to(mask[:, :, :, None], (b, kh, t, g, s)).reshape(b * kh, t * g, s)
+      scores = jnp.where(m, scores, -1e30)
       probs = jax.nn.softmax(scores, axis=-1).astype(rd)
-      out = jnp.einsum("bkqs,bkse->bkqe", probs, cv.astype(rd),
+      out = jnp.einsum("nqs,nse->nqe", probs, cv.astype(rd),
                        preferred_element_type=jnp.float32).astype(dt)
       out = out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
     out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
@@ -395,7 +402,7 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
   def grow(x, axis, names):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, length - x.shape[axis])
-    return axes.constrain(jnp.pad(x, pad), (None,) * (x.ndim - 4) + names)
+    return axes.constrain(jnp.pad(x, pad), (None,) * (x.ndim - 3) + names)
   grow_k = lambda x: (grow(x, -1, _ES_NAMES) if _keys_transposed(x.dtype)
                       else grow(x, -2, _SE_NAMES))
   return KVCache(jax.tree.map(grow_k, cache.k),
@@ -405,11 +412,11 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
   """A zeroed KV cache of `length` slots, in the compute dtype unless told otherwise."""
   dt = dtype or cfg.dtype
-  b, k, e = batch, cfg.n_kv_heads, cfg.head_dim
+  n, e = batch * cfg.n_kv_heads, cfg.head_dim
 
   def zeros(shape, names):
     if cfg.scan_layers:
       return axes.constrain(jnp.zeros((cfg.n_layers,) + shape, dt), (None,) + names)
     return tuple(axes.constrain(jnp.zeros(shape, dt), names) for _ in range(cfg.n_layers))
-  keys = ((b, k, e, length), _ES_NAMES) if _keys_transposed(dt) else ((b, k, length, e), _SE_NAMES)
-  return KVCache(zeros(*keys), zeros((b, k, length, e), _SE_NAMES))
+  keys = ((n, e, length), _ES_NAMES) if _keys_transposed(dt) else ((n, length, e), _SE_NAMES)
+  return KVCache(zeros(*keys), zeros((n, length, e), _SE_NAMES))
