@@ -72,3 +72,16 @@ def smollm2_dir():
   if not hf_models.SMOLLM2_GGUF.exists():
     pytest.skip(f"real model not found at {hf_models.SMOLLM2_GGUF}")
   return hf_models.smollm2_dir()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees each test module's compiled programs when it ends. XLA:CPU maps every executable's
+  code and data into the process (about 3 memory maps a kernel); the whole suite in one process
+  passed Linux's vm.max_map_count (65530) near its end, and XLA then crashed compiling or
+  serialising the next program (a segfault or abort, at a different test each run)."""
+  yield
+  import gc
+  import jax
+  jax.clear_caches()
+  gc.collect()
