@@ -1,0 +1,1 @@
+"""Stable Alignment in JAX: SANDBOX simulation, SA-CPO training, and the paper's evaluations."""

@@ -45,7 +45,7 @@ def constrain(x: jax.Array, names: tuple[str | tuple[str, ...] | None, ...]) -> 
   rules = dict(spmd.get_logical_axis_rules())
   if len(names) != x.ndim:
     raise ValueError(f"logical names {names} do not match an activation of shape {x.shape}")
-  flat = [n for x in names for n in (x if isinstance(x, tuple) else (x,))]
+  flat = [n for name in names for n in (name if isinstance(name, tuple) else (name,))]
   missing = [n for n in flat if n is not None and n not in rules]
   if missing:
     raise KeyError(f"no sharding rule for logical axes {missing}; known: {sorted(rules)}")

@@ -182,7 +182,8 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
-      heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(-1, *x.shape[1:2], x.shape[3])
+      # [B,T,K,E] -> [B*K,T,E], the cache's row layout
+      heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
       if _keys_transposed(ck.dtype):
         kt = heads_first(k).transpose(0, 2, 1)
         ck = axes.constrain(_write(ck, kt, cache_index, 2), _ES_NAMES)
