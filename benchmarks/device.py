@@ -100,7 +100,8 @@ def sync(x):
 
 def bench_train(s, cfg, block, mesh) -> dict:
   """The training step as the default config runs it: micro-batches chosen for this device's
-  memory (optim.accum_steps = 0, budget.py) and log-probs in chunks of train.logprob_chunk."""
+  memory (optim.accum_steps = 0, budget.py), log-probs in chunks of train.logprob_chunk, and
+  each example's prompt run once (train.shared_prefix = -1: every prompt is prompt_len)."""
   c = base.get_config()
   lc, oc = c.loss, c.optim
   b, k, t = s["prompts"], s["responses"], s["seq"]
@@ -108,12 +109,14 @@ def bench_train(s, cfg, block, mesh) -> dict:
   c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
   c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
   accum, why = budget.auto_accum_steps(c, mesh)
+  prefix = train.shared_prefix_for(c.train.shared_prefix, s["prompt_len"], t)[0]
   graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
   tx = make_optimizer(oc, 100)[0]
   batch = jax.tree.map(jnp.asarray, make_batch(b, k, t, s["prompt_len"], cfg.vocab_size))
   step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
                                    table=train.loss_table(lc, []), accum_steps=accum,
-                                   logprob_chunk=c.train.logprob_chunk),
+                                   logprob_chunk=c.train.logprob_chunk,
+                                   shared_prefix=prefix),
                  donate_argnums=0)
   with sharding.activate(mesh):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
@@ -128,12 +131,14 @@ def bench_train(s, cfg, block, mesh) -> dict:
       times.append(time.perf_counter() - t0)
   del state
   tokens = b * k * t
-  model_flops = step_flops(cfg, tokens, t, reference=False)[0]
-  # The planner on the same config, one chip of this kind, with the micro-batches timed here.
-  c.optim.accum_steps = accum
+  # MFU on the positions the step runs: each prompt once, each response's tail K times.
+  model_flops = step_flops(cfg, b * (prefix + k * (t - prefix)), t, reference=False)[0]
+  # The planner on the same config, one chip of this kind, with the micro-batches and the
+  # shared prefix timed here.
+  c.optim.accum_steps, c.train.shared_prefix = accum, prefix
   return {"tokens": tokens, "compile_s": compile_s, "first_loss": loss, "times": times,
           "model_flops": model_flops, "plan_config": c, "accum_steps": accum,
-          "accum_why": why}
+          "accum_why": why, "shared_prefix": prefix}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
@@ -256,7 +261,7 @@ def main():
       st = common.stats(r["times"])
       run.row("(a) train step s", common.summary(r["times"]) + f"; compile {r['compile_s']:.1f} s")
       run.row("(a) micro-batches", f"{r['accum_steps']} ({r['accum_why']}), logprob_chunk "
-              f"{base.get_config().train.logprob_chunk}")
+              f"{base.get_config().train.logprob_chunk}, shared prefix {r['shared_prefix']}")
       tps = r["tokens"] / st["min"]
       mfu = r["model_flops"] / st["min"] / chip.peak_bf16 if chip else None
       run.row("(a) train tokens/s", f"{tps:,.0f} (median {r['tokens'] / st['median']:,.0f}); "
@@ -267,7 +272,7 @@ def main():
               "n/a: this chip has no peak in stable_alignment_jax/flops.py")
       run.data["train"] = {"times": r["times"], "tokens": r["tokens"], "tokens_per_s": tps,
                            "mfu": mfu, "compile_s": r["compile_s"], "loss": r["first_loss"],
-                           "accum_steps": r["accum_steps"]}
+                           "accum_steps": r["accum_steps"], "shared_prefix": r["shared_prefix"]}
       p = plan.plan(r["plan_config"], chip or dataclasses.replace(
           CHIPS["h100"], name="(H100 peak, as a stand-in)"), 1)
       run.row("(d) planner step s", f"predicted {p['step_s']:.4g} s (compute "

@@ -3,9 +3,10 @@
 On the same tiny LLaMA weights and the same data (every side starts from the same weights and
 is stepped on its own copy):
   * `train.train_step` at the default config (its remat policy and layer scan, f32 like torch):
-    micro-batches chosen by `budget.py` from this
-    CPU's cache (`optim.accum_steps = 0`), log-probs in chunks of `train.logprob_chunk`
-    positions; and the whole [B*K, T] batch in one forward (`accum_steps = 1`) beside it;
+    micro-batches chosen by `budget.py` from this CPU's cache (`optim.accum_steps = 0`),
+    log-probs in chunks of `train.logprob_chunk` positions, and the prompt run once per example
+    (`train.shared_prefix = -1`: the data's shortest prompt, here every prompt's PROMPT_LEN);
+    and the same step without the shared prompt (`shared_prefix = 0`) beside it;
   * torch, the authors' style (`AlignmentTrainer`: HF `LlamaForCausalLM`, one prompt at a time,
     a separate forward per response, the CPO loss in torch, backward, AdamW step);
   * torch, batched as TRL's trainers run it: the concatenated [B*K, T] batch in one forward
@@ -20,6 +21,8 @@ average before, between and after; the run is flagged when it was above 1.0). Ea
 checked against an independent figure from the same process, taken each round: 3x its forwards
 alone (no autograd) plus its optimizer update. First-step losses of all sides must agree.
 "6N convention" counts all parameters (the embedding gather too) as the trainer's MFU log does.
+Every side's MFU counts the FLOPs of all B*K*T positions, the job the torch sides run; the
+shared-prefix side runs fewer positions, so its figure is the job's rate, not its chips' work.
 
   python benchmarks/train_step.py [--steps 5] [--seq 256] [--json out.json]
 """
@@ -229,10 +232,11 @@ def main():
 
   tx = optim.make_optimizer(oc, 100)[0]
 
-  def jax_step(accum):
+  def jax_step(accum, prefix):
     return jax.jit(functools.partial(
         train.train_step, graphdef=graphdef, tx=tx, table=train.loss_table(lc, []),
-        accum_steps=accum, logprob_chunk=c.train.logprob_chunk), donate_argnums=0)
+        accum_steps=accum, logprob_chunk=c.train.logprob_chunk, shared_prefix=prefix),
+        donate_argnums=0)
 
   # The default config chooses its micro-batches as the trainer does (budget.auto_accum_steps
   # on this shape and device); the whole batch in one forward is timed beside it.
@@ -240,7 +244,10 @@ def main():
                                                    scan_layers=c.model.scan_layers))
   c.data.batch_size, c.data.num_responses, c.data.max_len = b, k, t
   auto, why = budget.auto_accum_steps(c, jax.make_mesh((1,), ("data",)))
-  variants = {f"jax default (accum={auto})": jax_step(auto), "jax accum=1": jax_step(1)}
+  # As the trainer resolves it from the loader's shortest prompt (every prompt is PROMPT_LEN).
+  prefix, prefix_why = train.shared_prefix_for(c.train.shared_prefix, PROMPT_LEN, t)
+  variants = {f"jax default (accum={auto}, prefix={prefix})": jax_step(auto, prefix),
+              f"jax no shared prefix (accum={auto})": jax_step(auto, 0)}
   states = {name: {"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
                    "step": jnp.int32(0)} for name in variants}
   jbatch = jax.tree.map(jnp.asarray, batch)
@@ -303,6 +310,8 @@ def main():
     med = {name: statistics.median(v) for name, v in times.items()}
     run.row("default micro-batches", f"{auto} ({why}); logprob_chunk {c.train.logprob_chunk}; "
             f"remat {c.model.remat}, scan_layers {c.model.scan_layers} (configs/base.py)")
+    run.row("default shared prefix", f"{prefix} tokens ({prefix_why}): {b * (prefix + k * (t - prefix))} "
+            f"of {b * k * t} positions through the layers")
     run.row("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
             f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)")
     run.row("devices", f"jax {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads "

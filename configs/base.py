@@ -85,6 +85,10 @@ def get_config(arg=None):
   # padded), and each chunk's head matmul still covers 60 x the rows of a device, enough tokens
   # to stay compute-bound. The tiny configs keep it on, so every CPU run tests the paper's path.
   c.train.logprob_chunk = 64
+  # Prompt tokens run through the layers once per example, not once per response: the K rows of
+  # an example are packed as [prompt | K response tails] (train.response_logprobs); the values
+  # are those of the K separate rows. -1 = the data's shortest prompt; 0 = off; P = P tokens.
+  c.train.shared_prefix = -1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.dir = "runs/stage"

@@ -70,15 +70,21 @@ DROP_NO_CHAT_TURNS = "no_chat_turns"
 def drop_reason(ex: dict, tokenizer, *, max_len: int,
                 prompt_format: "str | PromptFormat" = "alpaca") -> str | None:
   """Why `encode_example` would drop `ex` (one of the DROP_* names), or None if it keeps it."""
+  return _screen(ex, as_format(tokenizer, prompt_format), max_len)[0]
+
+
+def _screen(ex: dict, fmt: PromptFormat, max_len: int) -> tuple[str | None, int]:
+  """(drop reason or None, prompt tokens): every row `encode_example` makes of a kept example
+  starts with those prompt tokens, empty slots included."""
   if len(ex["responses"]) == 0:
-    return DROP_NO_RESPONSES
-  prompt = as_format(tokenizer, prompt_format).prompt_ids(ex)
+    return DROP_NO_RESPONSES, 0
+  prompt = fmt.prompt_ids(ex)
   if prompt is None:
-    return DROP_NO_CHAT_TURNS
+    return DROP_NO_CHAT_TURNS, 0
   # BOS + prompt must leave at least one position for a response token.
   if len(prompt) + 1 > max_len:
-    return DROP_PROMPT_TOO_LONG
-  return None
+    return DROP_PROMPT_TOO_LONG, len(prompt)
+  return None, len(prompt)
 
 
 def select_responses(ratings: Sequence[float], k: int) -> list[int]:
@@ -246,17 +252,19 @@ class Mixture:
     return list(dict.fromkeys(kind for kind, _, _ in self.entries))
 
 
-def _kept_examples(source, tokenizer, max_len: int, fmt) -> tuple[np.ndarray, dict]:
-  """The pre-pass: indices of the examples `encode_example` keeps, and the drops by reason."""
+def _kept_examples(source, max_len: int, fmt) -> tuple[np.ndarray, dict, int]:
+  """The pre-pass: indices of the examples `encode_example` keeps, the drops by reason, and the
+  shortest kept prompt in tokens (0 when none is kept)."""
   dropped: dict[str, int] = {}
-  kept = []
+  kept, shortest = [], None
   for i, ex in enumerate(_iter_source(source)):
-    reason = drop_reason(ex, tokenizer, max_len=max_len, prompt_format=fmt)
+    reason, n = _screen(ex, fmt, max_len)
     if reason is None:
       kept.append(i)
+      shortest = n if shortest is None else min(shortest, n)
     else:
       dropped[reason] = dropped.get(reason, 0) + 1
-  return np.asarray(kept, np.int64), dropped
+  return np.asarray(kept, np.int64), dropped, shortest or 0
 
 
 def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_responses: int,
@@ -287,7 +295,7 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
   fmt = PromptFormat(tokenizer, resolve_prompt_format(prompt_format, tokenizer, first))
   parts, per_entry = [], []
   for j, (kind, src, weight) in enumerate(entries):
-    kept, dropped = _kept_examples(src, tokenizer, max_len, fmt)
+    kept, dropped, shortest = _kept_examples(src, max_len, fmt)
     where = f"mixture entry {kind!r}: " if mixture else ""
     if len(kept) < shard_count:
       raise ValueError(f"{where}only {len(kept)} of {len(src)} examples fit max_len={max_len} "
@@ -303,7 +311,7 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
         src, kept, tokenizer, max_len, num_responses, fmt,
         kinds.index(kind) if mixture else None)))
     per_entry.append({"kind": kind, "weight": float(weight), "examples": len(src),
-                      "kept": int(len(kept)), "dropped": dropped,
+                      "kept": int(len(kept)), "dropped": dropped, "min_prompt_len": shortest,
                       "examples_per_epoch": positions.per_epoch})
   if mixture:
     # Positional and deterministic: index i of the mix is a fixed (entry, position) pair, so
@@ -328,6 +336,9 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
            "dropped": dict(sum((collections.Counter(e["dropped"]) for e in per_entry),
                                collections.Counter())),
            "prompt_format": fmt.name, "examples_per_epoch": per_epoch, "batch_size": batch,
+           # every row of every batch starts with at least this many prompt tokens, the same
+           # in all K rows of an example (train.shared_prefix = -1 shares them)
+           "min_prompt_len": min(e["min_prompt_len"] for e in per_entry),
            "batches_per_epoch": per_epoch / batch}
   # Examples an epoch holds over all processes (train.epochs counts these).
   stats["epoch_examples"] = (per_epoch * shard_count if mixture else stats["kept"])

@@ -68,7 +68,11 @@ def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None
   mem["total"] = sum(mem.values())
 
   tokens = rows_total * c.data.max_len
-  model_flops, hw_flops = step_flops(cfg, tokens, c.data.max_len, reference=reference)
+  # A set train.shared_prefix runs that many prompt tokens once per example, not once per row;
+  # the automatic one (-1) depends on the data, so the plan counts every position then.
+  pre = max(c.train.get("shared_prefix", 0), 0) if c.data.num_responses > 1 else 0
+  computed = c.data.batch_size * (pre + c.data.num_responses * (c.data.max_len - pre))
+  model_flops, hw_flops = step_flops(cfg, computed, c.data.max_len, reference=reference)
   compute = hw_flops / n_devices / (chip.peak_bf16 * ACHIEVABLE)
   # FSDP: all-gather bf16 weights for forward and backward, reduce-scatter the gradients.
   gather = sizes["fsdp"]

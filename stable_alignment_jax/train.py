@@ -28,23 +28,53 @@ from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- loss over a batch ------------------------------------------------------------------------
 
-def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0):
-  """One forward over the flattened [B*K, T] batch -> summed log-probs and counts [B, K].
+def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0, shared_prefix: int = 0):
+  """Summed log-probs and counts [B, K] of a [B, K, T] batch: one forward over all its rows.
 
   logprob_chunk (config `train.logprob_chunk`): > 0 runs the LM head over chunks of that many
   positions from the hidden states, so the [B*K, T, V] f32 logits never exist (see
-  `losses.chunked_sequence_logprobs`); 0 builds them whole."""
+  `losses.chunked_sequence_logprobs`); 0 builds them whole.
+  shared_prefix (config `train.shared_prefix`): P > 0 runs the first P tokens, which the K
+  responses of an example share (the prompt), once per example instead of K times: each
+  example is one packed row [prompt P | K response tails of T-P] (`Llama.hidden(segments=)`),
+  B*(P + K*(T-P)) tokens through the layers instead of B*K*T. A batch where some example's
+  rows differ within the first P tokens (other than its empty slots) takes the unpacked forward
+  instead (`lax.cond`), so the values never depend on P."""
   b, k, t = batch["tokens"].shape
   tokens = batch["tokens"].reshape(b * k, t)
   loss_mask = batch["loss_mask"].reshape(b * k, t)
   model = nnx.merge(graphdef, params)
+
+  # Each branch merges its own model: NNX refuses a module from outside a cond's trace.
+  def unpacked(params):
+    return nnx.merge(graphdef, params).hidden(tokens)[0]
+
+  def packed(params):
+    p, x = shared_prefix, batch["tokens"]
+    rows = jnp.concatenate([x[:, 0, :p], x[:, :, p:].reshape(b, k * (t - p))], axis=1)
+    positions = jnp.concatenate([jnp.arange(p), jnp.tile(jnp.arange(p, t), k)]).astype(jnp.int32)
+    h = nnx.merge(graphdef, params).hidden(
+        rows, positions=jnp.broadcast_to(positions, rows.shape), segments=(p, k))[0]
+    d = h.shape[-1]
+    prompt = jnp.broadcast_to(h[:, None, :p], (b, k, p, d))
+    return jnp.concatenate([prompt, h[:, p:].reshape(b, k, t - p, d)], axis=2).reshape(-1, t, d)
+
+  if 0 < shared_prefix < t and k > 1:
+    h = jax.lax.cond(shares_prefix(batch, shared_prefix), packed, unpacked, params)
+  else:
+    h = unpacked(params)
   if logprob_chunk > 0:
-    h, _ = model.hidden(tokens)
     logp, n = losses.chunked_sequence_logprobs(h, model.logits, tokens, loss_mask, logprob_chunk)
   else:
-    logits, _ = model(tokens)
-    logp, n = losses.sequence_logprobs(logits, tokens, loss_mask)
+    logp, n = losses.sequence_logprobs(model.logits(h), tokens, loss_mask)
   return logp.reshape(b, k), n.reshape(b, k)
+
+
+def shares_prefix(batch, p: int) -> jax.Array:
+  """Whether every example's rows agree on their first p tokens (empty slots excepted)."""
+  head = batch["tokens"][:, :, :p]
+  same = jnp.all(head == head[:, :1], axis=-1) | (batch["response_mask"] == 0)
+  return jnp.all(same)
 
 
 def loss_table(lc, kinds: list[str]) -> tuple:
@@ -65,9 +95,11 @@ def table_needs_reference(table) -> bool:
   return any(losses.needs_reference(name) for name, _, _ in table)
 
 
-def batch_loss(params, batch, *, graphdef, table, ref_params=None, logprob_chunk=0):
+def batch_loss(params, batch, *, graphdef, table, ref_params=None, logprob_chunk=0,
+               shared_prefix=0):
   """The loss of a [B, K, T] batch under `table` (`loss_by_kind`)."""
-  logprobs = functools.partial(response_logprobs, logprob_chunk=logprob_chunk)
+  logprobs = functools.partial(response_logprobs, logprob_chunk=logprob_chunk,
+                               shared_prefix=shared_prefix)
   logp, n_tokens = logprobs(graphdef, params, batch)
   ref_logp = None
   if table_needs_reference(table):
@@ -109,14 +141,30 @@ def loss_by_kind(logp, n_tokens, batch, table, ref_logp=None):
   return total, metrics
 
 
+def shared_prefix_for(setting: int, min_prompt_len: int, max_len: int) -> tuple[int, str]:
+  """The `shared_prefix` a run's step takes, and why. setting (config `train.shared_prefix`):
+  -1 = the data's shortest prompt (the loader's `min_prompt_len`: every row of every batch
+  starts with that many tokens of its example's prompt); 0 = none; P > 0 = P (a batch that does
+  not share them takes the unpacked forward: slower, same values)."""
+  if setting == -1:
+    p = min(min_prompt_len, max_len - 1)
+    return p, f"auto: the shortest prompt of the data is {min_prompt_len} tokens"
+  if setting < -1 or setting >= max_len:
+    raise ValueError(f"train.shared_prefix={setting}: give -1 (auto), 0 (off) or a length below "
+                     f"data.max_len={max_len}")
+  return setting, "set by train.shared_prefix" if setting else "off (train.shared_prefix=0)"
+
+
 # --- the step ---------------------------------------------------------------------------------
 
-def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=0):
+def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=0,
+               shared_prefix=0):
   """One optimizer update; the batch is split into `accum_steps` micro-batches scanned in order."""
   params = state["params"]
   grad_fn = jax.value_and_grad(
       functools.partial(batch_loss, graphdef=graphdef, table=table,
-                        ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk),
+                        ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk,
+                        shared_prefix=shared_prefix),
       has_aux=True)
   if accum_steps == 1:
     (loss, metrics), grads = grad_fn(params, batch)
@@ -139,9 +187,10 @@ def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=
   return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
 
-def eval_step(state, batch, *, graphdef, table, logprob_chunk=0):
+def eval_step(state, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0):
   loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, table=table,
-                             ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk)
+                             ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk,
+                             shared_prefix=shared_prefix)
   return dict(metrics, loss=loss)
 
 
@@ -176,6 +225,7 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   if c.data.batch_size % max(c.optim.accum_steps, 1):
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
                      f"optim.accum_steps={c.optim.accum_steps}")
+  shared_prefix_for(c.train.get("shared_prefix", 0), 0, c.data.max_len)
 
 
 def _init_params(c, cfg, graphdef, abstract, shardings, mesh):
@@ -279,9 +329,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   chunk = c.train.get("logprob_chunk", 0)
   accum, why = budget.auto_accum_steps(c, mesh)
   print(f"[{c.checkpoint.dir}] {accum} micro-batch(es) a step ({why})", flush=True)
+  prefix, why = shared_prefix_for(c.train.get("shared_prefix", 0), loader.stats["min_prompt_len"],
+                                  c.data.max_len)
+  print(f"[{c.checkpoint.dir}] shared prefix {prefix} tokens ({why})", flush=True)
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
-                        accum_steps=accum, logprob_chunk=chunk),
+                        accum_steps=accum, logprob_chunk=chunk, shared_prefix=prefix),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
   @functools.cache
@@ -291,11 +344,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
       raise ValueError(f"the eval split's kinds {kinds} take a loss with a reference model "
                        "that the training kinds do not; set train.eval_every=0 or data.mixture")
     return jax.jit(functools.partial(eval_step, graphdef=graphdef, table=eval_table,
-                                     logprob_chunk=chunk),
+                                     logprob_chunk=chunk, shared_prefix=prefix),
                    in_shardings=(state_sh, batch_sh))
   logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             reference=needs_ref,
-                            peak_flops_per_device=c.train.peak_flops_per_device)
+                            peak_flops_per_device=c.train.peak_flops_per_device,
+                            shared_prefix=prefix)
 
   def save(step):
     checkpoints.save_train_state(

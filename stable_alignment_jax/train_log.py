@@ -29,12 +29,15 @@ class Logger:
   which is what MFU is measured on. `real_tokens_per_s` counts only the text (`real_tokens`),
   the throughput a run actually gets through its data; `padding_share` is the rest's share of
   the positions (the last logged batch's, like both rates). All three are in `summary["final"]`
-  too, so the trainer's closing line shows them."""
+  too, so the trainer's closing line shows them. With a shared prefix of P tokens each example
+  runs P + K*(T-P) positions through the model, not K*T: MFU counts those."""
 
   def __init__(self, ckpt_dir: str, cfg: ModelConfig, mesh, *, tensorboard: bool,
-               reference: bool = False, peak_flops_per_device: float = 0.0):
+               reference: bool = False, peak_flops_per_device: float = 0.0,
+               shared_prefix: int = 0):
     """reference: the step also runs a frozen reference forward (counted in MFU);
-    peak_flops_per_device: 0 = the chip table's peak for this device kind."""
+    peak_flops_per_device: 0 = the chip table's peak for this device kind;
+    shared_prefix: the step's (`train.shared_prefix_for`)."""
     self.writer = self.jsonl = None
     if jax.process_index() == 0:
       self.jsonl = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a")
@@ -43,7 +46,7 @@ class Logger:
         self.writer = SummaryWriter(os.path.join(ckpt_dir, "tensorboard"))
     peak = peak_flops_per_device or flops.peak_flops(jax.devices()[0].device_kind)
     self.peak_total = peak * mesh.size
-    self.cfg, self.ref = cfg, reference
+    self.cfg, self.ref, self.shared_prefix = cfg, reference, shared_prefix
 
   def train(self, step, metrics, local_batch, seconds):
     """`seconds`: mean wall time per step since the last log."""
@@ -52,8 +55,11 @@ class Logger:
     metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
     metrics["real_tokens_per_s"] = real / max(seconds, 1e-9)
     metrics["padding_share"] = 1.0 - real / max(tokens, 1)
-    model_flops, _ = flops.step_flops(self.cfg, tokens, local_batch["tokens"].shape[-1],
-                               reference=self.ref)  # model FLOPs, as the planner counts them
+    b, k, t = local_batch["tokens"].shape
+    p = self.shared_prefix if k > 1 else 0
+    computed = b * (p + k * (t - p)) * jax.process_count()
+    model_flops, _ = flops.step_flops(self.cfg, computed, t,
+                                      reference=self.ref)  # model FLOPs, as the planner counts
     if self.peak_total:
       metrics["mfu"] = model_flops / max(seconds, 1e-9) / self.peak_total
     self._write("train", step, metrics)

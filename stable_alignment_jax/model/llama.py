@@ -128,8 +128,9 @@ def _write(cache: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
 
 
 def causal_attention(q, k, v, mask, blocks: int = 8):
-  """Causal self-attention of a chunk: q [B,T,H,E], k/v [B,T,K,E] (GQA: H a multiple of K),
-  mask [B,1,T,T] bool (causal, and-ed with the key mask) -> [B,T,H,E].
+  """Causal self-attention of a chunk: q [B,T,H,E], k/v [B,S,K,E] (GQA: H a multiple of K; S >= T,
+  the queries being the last T of the S slots), mask [B,1,T,S] bool (causal, and-ed with the key
+  mask) -> [B,T,H,E].
 
   The queries run in `blocks` row blocks, each over the keys up to its own end, so the score
   blocks above the diagonal are never computed (at 8 blocks, 28 of 64: 44% of the scores and
@@ -137,17 +138,44 @@ def causal_attention(q, k, v, mask, blocks: int = 8):
   on CPU this is 11% of a training step of benchmarks/train_step.py's model. Softmax in f32.
   """
   b, t, h, e = q.shape
-  kh = k.shape[2]
+  kh, off = k.shape[2], k.shape[1] - t
   qg = q.reshape(b, t, kh, h // kh, e)
   bounds = [round(i * t / min(blocks, t)) for i in range(min(blocks, t) + 1)]
   outs = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    s = jnp.einsum("btkge,bske->bkgts", qg[:, lo:hi], k[:, :hi],
+    s = jnp.einsum("btkge,bske->bkgts", qg[:, lo:hi], k[:, :off + hi],
                    preferred_element_type=jnp.float32) * e**-0.5
-    s = jnp.where(mask[:, :, None, lo:hi, :hi], s, -1e30)
+    s = jnp.where(mask[:, :, None, lo:hi, :off + hi], s, -1e30)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bkgts,bske->btkge", p, v[:, :hi]))
+    outs.append(jnp.einsum("bkgts,bske->btkge", p, v[:, :off + hi]))
   return jnp.concatenate(outs, axis=1).reshape(b, t, h, e)
+
+
+def _self_attention(q, k, v, mask):
+  """Attention of a chunk over its own keys: cuDNN's flash kernel on GPU (softmax in f32 inside;
+  GQA taken directly, K/V never repeated), `causal_attention` elsewhere."""
+  if jax.default_backend() == "gpu":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return causal_attention(q, k, v, mask)
+
+
+def segment_attention(q, k, v, segments):
+  """Attention within packed rows [prefix of P slots | R segments of equal length] (see
+  `Llama.hidden`): the prefix is causal in itself; each segment sees the whole prefix, then
+  itself causally, never another segment. The prefix's keys are computed once and read by all
+  R segments (R responses to one prompt), each of which attends as the unpacked row would."""
+  plen, r = segments
+  b, n, h, e = q.shape
+  t = (n - plen) // r
+  pre = lambda x: x[:, :plen]
+  # [B, R*T, ...] -> [B*R, T, ...]: b-major, so a batch-sharded row stays on its devices
+  rows = lambda x: x[:, plen:].reshape(b * r, t, *x.shape[2:])
+  with_prefix = lambda x: jnp.concatenate(
+      [jnp.repeat(pre(x), r, axis=0), rows(x)], axis=1)  # [B*R, P+T, ...]
+  tril = lambda m, n: jnp.tril(jnp.ones((m, n), bool), n - m)[None, None]
+  out_p = _self_attention(pre(q), pre(k), pre(v), tril(plen, plen))
+  out_r = _self_attention(rows(q), with_prefix(k), with_prefix(v), tril(t, plen + t))
+  return jnp.concatenate([out_p, out_r.reshape(b, r * t, h, e)], axis=1)
 
 
 class Attention(nnx.Module):
@@ -162,9 +190,9 @@ class Attention(nnx.Module):
                      (axes.HEADS, axes.HEAD_DIM, axes.EMBED), pd)
     self.cfg = cfg
 
-  def __call__(self, x, positions, mask, cache_kv, cache_index):
+  def __call__(self, x, positions, mask, cache_kv, cache_index, segments=None):
     """x: [B,T,D]; mask: [B,1,T,S] bool; cache_kv: this layer's (k, v) as `KVCache` lays them
-    out, or None.
+    out, or None; segments: None, or a packed row's layout (see `Llama.hidden`).
 
     Without a cache (training, scoring) attention runs over the chunk itself: in cuDNN's flash
     kernel on GPU, elsewhere in `causal_attention`. With one, the chunk's keys/values are
@@ -179,6 +207,11 @@ class Attention(nnx.Module):
     q = rope(q, positions, inv_freq)
     k = rope(k, positions, inv_freq)
     q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    if segments is not None:  # packed prompt and responses (training): no cache
+      k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+      v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+      out = segment_attention(q, k, v, segments)
+      return jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt)), None
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
@@ -195,11 +228,7 @@ class Attention(nnx.Module):
       t = x.shape[1]
       k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
-      if jax.default_backend() == "gpu":
-        # cuDNN's flash kernel (softmax in f32 inside; GQA taken directly, K/V never repeated).
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[..., :t])
-      else:
-        out = causal_attention(q, k, v, mask[..., :t])
+      out = _self_attention(q, k, v, mask[..., :t])
     else:
       b, t, h, e = q.shape
       kh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
@@ -252,8 +281,8 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(*args, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, mask, cache_kv, cache_index):
-    h, cache_kv = self.attn(self.attn_norm(x), positions, mask, cache_kv, cache_index)
+  def __call__(self, x, positions, mask, cache_kv, cache_index, segments=None):
+    h, cache_kv = self.attn(self.attn_norm(x), positions, mask, cache_kv, cache_index, segments)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), cache_kv
@@ -316,7 +345,8 @@ class Llama(nnx.Module):
 
   def hidden(self, tokens: jax.Array, *, positions: jax.Array | None = None,
              key_mask: jax.Array | None = None, cache: KVCache | None = None,
-             cache_index: Any = 0) -> tuple[jax.Array, KVCache | None]:
+             cache_index: Any = 0, segments: tuple[int, int] | None = None
+             ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B,T,D] (compute dtype), and the updated cache or None.
 
     tokens: [B,T] int. positions: [B,T] rotary positions (default 0..T-1).
@@ -325,9 +355,18 @@ class Llama(nnx.Module):
       slot cache_index+i sees key slots <= cache_index+i that the key_mask allows.
     cache: from `init_cache`; the T new keys go to slots [cache_index, cache_index+T). A static
       cache_index of 0 is a prefill: the chunk attends within itself.
+    segments: (P, R), static: each row packs a prefix of P tokens and R segments of equal length
+      (R responses to one prompt, the prompt once: `train.response_logprobs`). The prefix is
+      causal in itself; each segment attends to the whole prefix and causally to itself, never to
+      another segment, so with `positions` continuing the prefix in every segment, each
+      segment's hidden states are those of its own unpacked row. No cache or key_mask.
     """
     cfg = self.cfg
     b, t = tokens.shape
+    if segments is not None and (cache is not None or key_mask is not None or
+                                 segments[0] < 1 or (t - segments[0]) % segments[1]):
+      raise ValueError(f"segments={segments} for {t} tokens: a prefix of at least one token and "
+                       "equal segments, without a cache or key mask")
     s = t if cache is None else cache_len(cache)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -340,7 +379,7 @@ class Llama(nnx.Module):
     x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
     def forward(layer, x, kv):
-      return layer(x, positions, mask, kv, cache_index)
+      return layer(x, positions, mask, kv, cache_index, segments)
 
     if cfg.remat != "none":
       forward = nnx.remat(forward, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
