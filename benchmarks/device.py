@@ -53,7 +53,7 @@ try:  # the optimizer and the chip table moved out of train.py / plan.py; either
 except ImportError:  # pragma: no cover
   make_optimizer = train.make_optimizer
 try:
-  from stable_alignment_jax.flops import CHIPS, step_flops
+  from stable_alignment_jax.flops import CHIPS, positions_run, step_flops
 except ImportError:  # pragma: no cover
   CHIPS, step_flops = plan.CHIPS, plan.step_flops
 
@@ -132,7 +132,7 @@ def bench_train(s, cfg, block, mesh) -> dict:
   del state
   tokens = b * k * t
   # MFU on the positions the step runs: each prompt once, each response's tail K times.
-  model_flops = step_flops(cfg, b * (prefix + k * (t - prefix)), t, reference=False)[0]
+  model_flops = step_flops(cfg, positions_run(b, k, t, prefix), t, reference=False)[0]
   # The planner on the same config, one chip of this kind, with the micro-batches and the
   # shared prefix timed here.
   c.optim.accum_steps, c.train.shared_prefix = accum, prefix

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import base  # noqa: E402
-from stable_alignment_jax import budget, losses, optim, train  # noqa: E402
+from stable_alignment_jax import budget, flops, losses, optim, train  # noqa: E402
 from stable_alignment_jax.model import convert  # noqa: E402
 from stable_alignment_jax.model.presets import preset  # noqa: E402
 
@@ -310,7 +310,7 @@ def main():
     med = {name: statistics.median(v) for name, v in times.items()}
     run.row("default micro-batches", f"{auto} ({why}); logprob_chunk {c.train.logprob_chunk}; "
             f"remat {c.model.remat}, scan_layers {c.model.scan_layers} (configs/base.py)")
-    run.row("default shared prefix", f"{prefix} tokens ({prefix_why}): {b * (prefix + k * (t - prefix))} "
+    run.row("default shared prefix", f"{prefix} tokens ({prefix_why}): {flops.positions_run(b, k, t, prefix)} "
             f"of {b * k * t} positions through the layers")
     run.row("shape", f"B={b} x K={k} x T={t} = {tokens} tokens/step, f32, "
             f"{fl['n_all'] / 1e6:.2f}M params ({fl['n_mm'] / 1e6:.2f}M in matmuls)")

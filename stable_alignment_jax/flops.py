@@ -34,6 +34,13 @@ def peak_flops(device_kind: str) -> float:
   return next((c.peak_bf16 for c in CHIPS.values() if c.device_kind in device_kind), 0.0)
 
 
+def positions_run(b: int, k: int, t: int, shared_prefix: int = 0) -> int:
+  """Positions a [B, K, T] step sends through the layers: with a shared prefix of P tokens
+  (`train.shared_prefix`) each example runs its prompt once and its K response tails, P + K*(T-P)."""
+  p = shared_prefix if k > 1 else 0
+  return b * (p + k * (t - p))
+
+
 def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
                ) -> tuple[float, float]:
   """(model FLOPs as MFU counts them, FLOPs the hardware executes incl. recompute) per step.

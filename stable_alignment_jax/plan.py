@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from stable_alignment_jax import budget, losses, sharding
-from stable_alignment_jax.flops import CHIPS, Chip, step_flops
+from stable_alignment_jax.flops import CHIPS, Chip, positions_run, step_flops
 from stable_alignment_jax.model.presets import ModelConfig
 
 
@@ -70,8 +70,8 @@ def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None
   tokens = rows_total * c.data.max_len
   # A set train.shared_prefix runs that many prompt tokens once per example, not once per row;
   # the automatic one (-1) depends on the data, so the plan counts every position then.
-  pre = max(c.train.get("shared_prefix", 0), 0) if c.data.num_responses > 1 else 0
-  computed = c.data.batch_size * (pre + c.data.num_responses * (c.data.max_len - pre))
+  computed = positions_run(c.data.batch_size, c.data.num_responses, c.data.max_len,
+                           max(c.train.get("shared_prefix", 0), 0))
   model_flops, hw_flops = step_flops(cfg, computed, c.data.max_len, reference=reference)
   compute = hw_flops / n_devices / (chip.peak_bf16 * ACHIEVABLE)
   # FSDP: all-gather bf16 weights for forward and backward, reduce-scatter the gradients.

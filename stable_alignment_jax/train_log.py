@@ -56,8 +56,7 @@ class Logger:
     metrics["real_tokens_per_s"] = real / max(seconds, 1e-9)
     metrics["padding_share"] = 1.0 - real / max(tokens, 1)
     b, k, t = local_batch["tokens"].shape
-    p = self.shared_prefix if k > 1 else 0
-    computed = b * (p + k * (t - p)) * jax.process_count()
+    computed = flops.positions_run(b, k, t, self.shared_prefix) * jax.process_count()
     model_flops, _ = flops.step_flops(self.cfg, computed, t,
                                       reference=self.ref)  # model FLOPs, as the planner counts
     if self.peak_total:
