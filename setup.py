@@ -52,8 +52,9 @@ setup(
     ]},
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).
-        # gguf: reading the shared SmolLM2 file; import-linter: the layering contracts.
+        # gguf: reading the shared SmolLM2 file; import-linter: the layering contracts;
+        # pytest-xdist: pytest.ini runs the suite in two workers.
         "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2", "gguf>=0.10,<1",
-                 "import-linter>=2.1,<3"],
+                 "import-linter>=2.1,<3", "pytest-xdist>=3.6,<4"],
     },
 )

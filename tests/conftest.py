@@ -12,7 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
 
+import fcntl  # noqa: E402
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -85,3 +87,32 @@ def _release_compiled_programs():
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _multiprocess_modules_run_alone(request):
+  """Under pytest-xdist (pytest.ini runs two workers), a `multiprocess` module runs while no
+  other test module does. Its local JAX processes must reach each new collective within Gloo's
+  fixed 30 s of each other, and a second worker's compiles on the same 2 cores broke that.
+
+  A readers-writer lock over two files shared by the run's workers: every module holds `main`
+  shared, a multiprocess module holds it exclusive. A module takes `gate` before `main`, and a
+  multiprocess module keeps `gate` while it waits, so the other worker cannot start new modules
+  and starve it. Without xdist there is one process and nothing to lock."""
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if run is None:
+    yield
+    return
+  d = pathlib.Path(tempfile.gettempdir()) / f"stable_alignment_jax-xdist-{run}"
+  d.mkdir(exist_ok=True)
+  alone = request.node.get_closest_marker("multiprocess") is not None
+  with open(d / "gate", "a") as gate, open(d / "main", "a") as main:
+    fcntl.flock(gate, fcntl.LOCK_EX)
+    fcntl.flock(main, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    if not alone:
+      fcntl.flock(gate, fcntl.LOCK_UN)
+    try:
+      yield
+    finally:
+      fcntl.flock(main, fcntl.LOCK_UN)
+      fcntl.flock(gate, fcntl.LOCK_UN)
