@@ -6,9 +6,10 @@ Measured on the same random LLaMA weights (vocab 8000, dim 256, 4 layers, 8 head
     mixed length (left-padded) x 128 new tokens, greedy; printed as a ratio (target >= 3x);
   * our decode time per token at position 1024 over that at position 32 (target <= 1.5): the
     model's decode step (what the sampler's while_loop body runs) for N steps
-    in a jitted loop over a cache of 1024+N vs 32+N slots, so no prefill enters the figure
-    (differencing whole generate runs of N and 2N tokens drowns in the noise of a 16 x 1024
-    prefill). Printed for the benchmark's batch of 16 and for batch 1.
+    in a loop compiled as the sampler compiles its decode (`generate.jit_decode`: on CPU
+    without XLA's YNNPACK dots) over a cache of 1024+N vs 32+N slots, so no prefill enters
+    the figure (differencing whole generate runs of N and 2N tokens drowns in the noise of a
+    16 x 1024 prefill). Printed for the benchmark's batch of 16 and for batch 1.
     Beside each ratio, its floor from memory bandwidth: the near step plus the time to read the
     far cache's extra bytes at this device's read bandwidth (a jitted sum over 256 MB in the same
     process): no decode step that reads that cache can come in under it.
@@ -52,7 +53,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stable_alignment_jax.generate import Sampler, SamplingParams, greedy_tokens  # noqa: E402
+from stable_alignment_jax.generate import (Sampler, SamplingParams, greedy_tokens,  # noqa: E402
+                                           jit_decode)
 from stable_alignment_jax.model import convert, llama  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
 
@@ -78,7 +80,7 @@ def decode_cache(cfg, batch: int, length: int, dtype=None):
   return llama.init_cache(cfg, batch, length, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+@functools.partial(jit_decode, static_argnames=("graphdef", "n"))
 def decode_loop(state, cache, start, *, graphdef, n: int):
   """n greedy decode steps through the model (as the sampler's loop body runs them), writing
   slots start..start+n-1."""

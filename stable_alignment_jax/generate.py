@@ -134,7 +134,49 @@ def _grow(carry: _Decode, *, p: int, window: int) -> _Decode:
   return carry._replace(cache=llama.grow_cache(carry.cache, p + window), key_mask=key_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "p", "sample"), donate_argnums=(2,))
+# XLA:CPU's YNNPACK dots read a decode step's cold weights slowly at 16 rows: without them (and
+# with the attention's per-row products, `llama.Attention`) the decode loop of
+# benchmarks/generate.py takes 3.7 instead of 4.9 ms a step at position 32, batch 16.
+_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def decode_compiler_options() -> dict:
+  """XLA compile options for decode programs on the default backend: `_CPU_DECODE_OPTIONS` on
+  CPU where this XLA knows them (an experimental option; an XLA without it refuses the name, and
+  then decode compiles as everything else does), none elsewhere."""
+  if jax.default_backend() != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS)(jnp.zeros(2)).block_until_ready()
+  except jax.errors.JaxRuntimeError:
+    return {}
+  return dict(_CPU_DECODE_OPTIONS)
+
+
+class jit_decode:
+  """`jax.jit(fn, **jit_kw)` with `decode_compiler_options`, made on first use (the backend is
+  not asked for at import: that would come before a multi-host run's jax.distributed setup).
+  Calls and attributes (`lower`, `_cache_size`) go to the jitted function."""
+
+  def __init__(self, fn, **jit_kw):
+    functools.update_wrapper(self, fn)
+    self._fn, self._jit_kw, self._jitted = fn, jit_kw, None
+
+  def _get(self):
+    if self._jitted is None:
+      self._jitted = jax.jit(self._fn, compiler_options=decode_compiler_options() or None,
+                             **self._jit_kw)
+    return self._jitted
+
+  def __call__(self, *args, **kw):
+    return self._get()(*args, **kw)
+
+  def __getattr__(self, name):
+    return getattr(self._get(), name)
+
+
+@functools.partial(jit_decode, static_argnames=("graphdef", "p", "sample"), donate_argnums=(2,))
 def _decode(graphdef, state, carry: _Decode, until, prompt_len, max_new_b, temperature, top_k,
             top_p, seeds, eos_ids, *, p: int, sample: bool) -> _Decode:
   """Decode steps until every row is done, `until` steps are done in total (a traced bound, so

@@ -341,3 +341,19 @@ def test_the_compiled_decode_loop_writes_the_cache_in_place(model, batch, monkey
   copies = [line for line in hlo.splitlines()
             if any(f"= {x}" in line for x in shapes) and " copy(" in line]
   assert copies == [], copies
+
+
+def test_decode_takes_the_cpu_compile_options_only_where_xla_knows_them(monkeypatch):
+  try:
+    generate.decode_compiler_options.cache_clear()
+    assert generate.decode_compiler_options() == (
+        generate._CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else {})
+    # An XLA that does not know an option refuses it; decode then compiles without options.
+    monkeypatch.setattr(generate, "_CPU_DECODE_OPTIONS", {"xla_no_such_option_here": ""})
+    generate.decode_compiler_options.cache_clear()
+    assert generate.decode_compiler_options() == {}
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_here"):
+      jax.jit(lambda x: x, compiler_options=generate._CPU_DECODE_OPTIONS)(jnp.zeros(1))
+  finally:
+    monkeypatch.undo()
+    generate.decode_compiler_options.cache_clear()

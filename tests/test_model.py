@@ -294,13 +294,14 @@ def test_bf16_cache_is_read_without_a_widened_copy(cfg):
   compiled = jax.jit(step).lower(state, llama.init_cache(c, 2, s, "bfloat16")).compile()
   assert f"f32[{n},{s},{c.head_dim}]" not in compiled.as_text()
   # The f32 cache keeps f32 dots, over keys stored [B*K,E,S] and values [B*K,S,E]; on CPU the
-  # scores of a one-token step are one matrix-vector dot per query head of a kv head.
+  # scores and values of a one-token step are one matrix-vector dot each per query head of a
+  # kv head.
   hlo32 = jax.jit(step).lower(state, llama.init_cache(c, 2, s)).as_text()
   kt = f"{n}x{c.head_dim}x{s}"
   dots32 = [line for line in hlo32.splitlines() if "dot_general" in line]
   rows = c.n_heads // c.n_kv_heads if jax.default_backend() == "cpu" else 1
   assert sum(f"{kt}xf32" in d for d in dots32) == c.n_layers * rows, dots32
-  assert sum(f"{kv}xf32" in d for d in dots32) == c.n_layers, dots32
+  assert sum(f"{kv}xf32" in d for d in dots32) == c.n_layers * rows, dots32
 
 
 def test_grow_cache_keeps_the_filled_slots(cfg):
