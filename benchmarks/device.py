@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from configs import base  # noqa: E402
 from configs import common as config_common  # noqa: E402
 from stable_alignment_jax import budget, plan, sharding, train  # noqa: E402
-from stable_alignment_jax.generate import Sampler, SamplingParams  # noqa: E402
+from stable_alignment_jax.generate import Sampler, SamplingParams, jit_decode  # noqa: E402
 from stable_alignment_jax.model import llama  # noqa: E402
 from stable_alignment_jax.model.hf_config import config_to_hf  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
@@ -141,9 +141,10 @@ def bench_train(s, cfg, block, mesh) -> dict:
           "accum_why": why, "shared_prefix": prefix}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+@functools.partial(jit_decode, static_argnames=("graphdef", "n"))
 def _decode(state, cache, start, *, graphdef, n):
-  """n greedy cached decode steps from slot `start` (what the sampler's loop body runs)."""
+  """n greedy cached decode steps from slot `start` (what the sampler's loop body runs, compiled
+  as the sampler compiles it)."""
   model = nnx.merge(graphdef, state)
   b, slots = jax.tree.leaves(cache)[0].shape[-3] // model.cfg.n_kv_heads, llama.cache_len(cache)
 
