@@ -136,7 +136,7 @@ def _grow(carry: _Decode, *, p: int, window: int) -> _Decode:
 
 # XLA:CPU's YNNPACK dots read a decode step's cold weights slowly at 16 rows: without them (and
 # with the attention's per-row products, `llama.Attention`) the decode loop of
-# benchmarks/generate.py takes 3.7 instead of 4.9 ms a step at position 32, batch 16.
+# benchmarks/generate.py takes 3.5 instead of 4.9 ms a step at position 32, batch 16.
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
