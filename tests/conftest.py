@@ -2,15 +2,24 @@
 
 import os
 
+# The tests' programs are tiny: compiling them, not running them, is most of the suite's time.
+# XLA's backend at optimisation level 0 compiles them ~30% faster (measured cold on
+# test_checkpoint_format and test_device_dry: 191 -> 132 s); the matmuls are library calls
+# either way. Subprocesses that set their own XLA_FLAGS start from TEST_XLA_FLAGS. Benchmarks
+# and runs never load this file and keep XLA's defaults.
+os.environ.setdefault("TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 # Must happen before jax is imported anywhere in the test session.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), os.environ["TEST_XLA_FLAGS"],
+                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # XLA:CPU needs ~20 s to compile a random model init (threefry + erf_inv per weight shape);
 # a persistent cache shared by this session and the subprocesses it starts pays that once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+# Every program, however quick to compile: the subprocess tests start many short-lived JAX
+# processes that compile the same small programs again (jax's default keeps only those >= 1 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import fcntl  # noqa: E402
 import pathlib  # noqa: E402

@@ -28,7 +28,8 @@ ARGS = ["--config=configs/stage1.py:tiny", "--config.train.steps=4", "--config.t
 
 def _env(devices, **extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = (os.environ.get("TEST_XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}")
   return env
 
 
