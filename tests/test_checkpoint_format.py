@@ -39,7 +39,8 @@ def trained(tmp_path_factory):
 
 
 def test_training_run_exports_to_hf_and_back_with_equal_logits(trained, tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
   hf_dir = tmp_path / "hf"
   r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert",
                       f"--from={trained}", f"--to_hf={hf_dir}"], cwd=ROOT, env=env,

@@ -110,7 +110,8 @@ def test_placeholder_tokenizer_becomes_the_checkpoints_own(tmp_path, smollm2_dir
 
 
 def test_main_reads_the_typed_model_flags(tmp_path, hf_dir):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
   r = subprocess.run(
       [sys.executable, "-m", "stable_alignment_jax.main", "--config=configs/stage1.py:tiny",
        f"--config.checkpoint.init_from={hf_dir}", f"--config.checkpoint.dir={tmp_path / 'run'}",
