@@ -2,7 +2,6 @@
 run directory, and both load through `checkpoints.load_model`, with equal logits throughout."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
+import subproc
 from configs import stage1
 from stable_alignment_jax import checkpoints, train
 from stable_alignment_jax.model import convert
@@ -39,8 +39,7 @@ def trained(tmp_path_factory):
 
 
 def test_training_run_exports_to_hf_and_back_with_equal_logits(trained, tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   hf_dir = tmp_path / "hf"
   r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert",
                       f"--from={trained}", f"--to_hf={hf_dir}"], cwd=ROOT, env=env,

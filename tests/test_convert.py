@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import hf_models
+import subproc
 from stable_alignment_jax import checkpoints, sharding
 from stable_alignment_jax.model import convert
 
@@ -175,8 +176,7 @@ loaded = load()
 current, peak = tracemalloc.get_traced_memory()
 print(json.dumps([current, peak, loaded is not None]))
 """
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -272,8 +272,7 @@ def test_config_from_hf_maps_fields_and_defaults():
 
 
 def test_cli_imports_and_exports(hf, tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   run = lambda *args: subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert",
                                       *args], cwd=ROOT, env=env, capture_output=True, text=True,
                                      timeout=300)
@@ -289,8 +288,7 @@ def test_cli_imports_and_exports(hf, tmp_path):
 
 
 def test_cli_bad_checkpoint_is_one_line_and_nonzero(hf, tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   bad_field = _copy(hf[1], tmp_path / "bad_field")
   _edit_config(bad_field, hidden_act="gelu")
   no_tensor = _copy(hf[1], tmp_path / "no_tensor")
@@ -318,8 +316,7 @@ def test_cli_round_trip_carries_tokenizer_chat_template_and_generation_config(
     shutil.copy(smollm2_dir / name, src / name)
   (src / "generation_config.json").write_text(json.dumps(
       {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": False}))
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   for args in ([f"--from_hf={src}", f"--to={tmp_path / 'ours'}"],
                [f"--from={tmp_path / 'ours'}", f"--to_hf={tmp_path / 'out'}"]):
     r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.model.convert", *args],

@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 
+import subproc
 from stable_alignment_jax import checkpoints, sharding
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.tokenizer import load_tokenizer
@@ -55,11 +56,8 @@ RUNS = {  # started by the `runs` fixture, checked one per test
 def subprocess_env(tmp_path_factory) -> dict:
   """One device (the reference uses one too) and a compilation cache shared by the subprocesses,
   so only the first of them compiles model initialisation."""
-  env = dict(os.environ, PYTHONIOENCODING="utf-8",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"))
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  return env
+  return subproc.jax_env(PYTHONIOENCODING="utf-8", JAX_COMPILATION_CACHE_DIR=str(
+      tmp_path_factory.getbasetemp() / "jax_cache"))
 
 
 @pytest.fixture(scope="module")

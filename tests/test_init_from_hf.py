@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import hf_models
+import subproc
 from configs import base, stage1
 from stable_alignment_jax import checkpoints, train
 from stable_alignment_jax.tokenizer import load_tokenizer
@@ -110,8 +111,7 @@ def test_placeholder_tokenizer_becomes_the_checkpoints_own(tmp_path, smollm2_dir
 
 
 def test_main_reads_the_typed_model_flags(tmp_path, hf_dir):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("TEST_XLA_FLAGS", "")}
+  env = subproc.jax_env()
   r = subprocess.run(
       [sys.executable, "-m", "stable_alignment_jax.main", "--config=configs/stage1.py:tiny",
        f"--config.checkpoint.init_from={hf_dir}", f"--config.checkpoint.dir={tmp_path / 'run'}",

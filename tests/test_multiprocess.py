@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import subproc
 from stable_alignment_jax import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,13 +25,6 @@ pytestmark = pytest.mark.multiprocess
 ARGS = ["--config=configs/stage1.py:tiny", "--config.train.steps=4", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.checkpoint.save_every=2",
         "--config.checkpoint.async_save=False", "--config.train.tensorboard=False"]
-
-
-def _env(devices, **extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  env["XLA_FLAGS"] = (os.environ.get("TEST_XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={devices}")
-  return env
 
 
 def _main(run_dir, env):
@@ -65,11 +59,11 @@ def runs(tmp_path_factory):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  two = [_main(tmp / "two", _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+  two = [_main(tmp / "two", subproc.jax_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
          for i in range(2)]
   _finish(two)
-  one_out, = _finish([_main(tmp / "one", _env(8))])
+  one_out, = _finish([_main(tmp / "one", subproc.jax_env(8))])
   return tmp, one_out
 
 
@@ -97,7 +91,7 @@ def test_two_process_run_resumes_in_one_process(runs):
   resumed = tmp / "resumed"
   shutil.copytree(tmp / "two", resumed)
   shutil.rmtree(resumed / "4")  # as if killed after the step-2 checkpoint
-  out, = _finish([_main(resumed, _env(8))])
+  out, = _finish([_main(resumed, subproc.jax_env(8))])
   assert f"resumed {resumed} at step 2" in out, out[-2000:]
   one, again = _losses(tmp / "one"), _losses(resumed)
   # Steps 3 and 4 run in one process from the 2-process state and data position.

@@ -23,6 +23,7 @@ import transformers
 import uvicorn
 from flax import nnx
 
+import subproc
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.llama import Llama
 from stable_alignment_jax.model.presets import preset
@@ -257,10 +258,8 @@ def _listening_addresses(port: int) -> set[str]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
 def test_serve_main_takes_api_key_from_env_and_binds_loopback(tmp_path_factory):
-  env = dict(os.environ, SAJ_TEST_SERVE_KEY="k-" + uuid.uuid4().hex,
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"))
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env = subproc.jax_env(SAJ_TEST_SERVE_KEY="k-" + uuid.uuid4().hex,
+                        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"))
   env.pop("SAJ_TEST_UNSET_KEY", None)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

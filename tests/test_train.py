@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+import subproc
 from configs import stage1, stage2, stage3
 from stable_alignment_jax import checkpoints, data, losses, synthetic, train
 from stable_alignment_jax.tokenizer import load_tokenizer
@@ -98,8 +99,8 @@ def test_stages_chain_from_previous_params(chain):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _cli(args, env_extra=None, **kw):
-  env = dict(os.environ, **(env_extra or {}))
+def _cli(args, env=None, **kw):
+  env = env or dict(os.environ)
   return subprocess.Popen([sys.executable, "-m", "stable_alignment_jax.main", *args], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           **kw)
@@ -151,8 +152,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @pytest.mark.slow  # 60-100 s cold; test_sharding checks the same losses and gradients on 1
 def test_one_device_and_eight_device_mesh_give_the_same_losses(tmp_path):  # and 8 devices
   args = lambda d, mesh: _run_args(tmp_path / d, 5, [f"--config.mesh.{k}={v}" for k, v in mesh])
-  one = _cli(args("one", [("fsdp", 1)]),
-             {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  one = _cli(args("one", [("fsdp", 1)]), subproc.jax_env())
   eight = _cli(args("eight", [("data", 2), ("fsdp", 2), ("tensor", 2)]))
   for p in (one, eight):
     out = p.communicate()[0]
