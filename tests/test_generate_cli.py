@@ -53,23 +53,20 @@ RUNS = {  # started by the `runs` fixture, checked one per test
 }
 
 
-def subprocess_env(tmp_path_factory) -> dict:
-  """One device (the reference uses one too) and a compilation cache shared by the subprocesses,
-  so only the first of them compiles model initialisation."""
-  return subproc.jax_env(PYTHONIOENCODING="utf-8", JAX_COMPILATION_CACHE_DIR=str(
-      tmp_path_factory.getbasetemp() / "jax_cache"))
+# One device (the reference uses one too); the session's compilation cache (conftest) lets the
+# subprocesses after the first reuse its model initialisation.
+SUBPROCESS_ENV = subproc.jax_env(PYTHONIOENCODING="utf-8")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  env = subprocess_env(tmp_path_factory)
+def runs():
   procs = {}
 
   def start(name):
     args, stdin = RUNS[name]
     p = subprocess.Popen([sys.executable, "-m", "stable_alignment_jax.generate", *args],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         cwd=ROOT, env=env)
+                         cwd=ROOT, env=SUBPROCESS_ENV)
     procs[name] = (p, stdin)
 
   results = {}
@@ -131,13 +128,13 @@ def test_interactive_chat_keeps_the_conversation(ref, runs):
 
 
 @pytest.mark.slow
-def test_chat_on_smollm2_uses_its_template_and_stops_at_im_end(smollm2_dir, tmp_path_factory):
+def test_chat_on_smollm2_uses_its_template_and_stops_at_im_end(smollm2_dir):
   from stable_alignment_jax.text_sampler import TextSampler
   question = "What is the capital of France?"
   p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.generate",
                       f"--checkpoint={smollm2_dir}", "--chat", f"--prompt={question}",
                       "--max_tokens=32", "--jsonl"], capture_output=True, text=True, cwd=ROOT,
-                     env=subprocess_env(tmp_path_factory), timeout=600)
+                     env=SUBPROCESS_ENV, timeout=600)
   assert p.returncode == 0, p.stderr
   row = json.loads(p.stdout)
   mesh = sharding.make_mesh({"fsdp": -1}, devices=jax.devices()[:1])  # as the subprocess

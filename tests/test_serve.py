@@ -257,9 +257,8 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
-def test_serve_main_takes_api_key_from_env_and_binds_loopback(tmp_path_factory):
-  env = subproc.jax_env(SAJ_TEST_SERVE_KEY="k-" + uuid.uuid4().hex,
-                        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax_cache"))
+def test_serve_main_takes_api_key_from_env_and_binds_loopback():
+  env = subproc.jax_env(SAJ_TEST_SERVE_KEY="k-" + uuid.uuid4().hex)
   env.pop("SAJ_TEST_UNSET_KEY", None)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -360,11 +359,10 @@ def test_streamed_and_plain_jobs_share_one_batch(srv):
   assert sum(bool(d.text) for d in seen) > 1
 
 
-def test_serve_bad_checkpoint_is_one_line_and_nonzero_exit(tmp_path_factory):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jc"))
+def test_serve_bad_checkpoint_is_one_line_and_nonzero_exit():
   p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.serve",
                       "--checkpoint=/no/such/run", "--log_level=warning"],
-                     capture_output=True, text=True, env=env, timeout=300)
+                     capture_output=True, text=True, env=subproc.jax_env(), timeout=300)
   assert p.returncode != 0 and p.stdout == ""
   lines = [line for line in p.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and "/no/such/run" in lines[0] and "not found" in lines[0], p.stderr
