@@ -214,7 +214,7 @@ class Attention(nnx.Module):
       k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       out = segment_attention(q, k, v, segments)
-      return jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt)), None
+      return self._out(out), None
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
       ck, cv = cache_kv
@@ -265,8 +265,15 @@ class Attention(nnx.Module):
                                    preferred_element_type=jnp.float32)
       out = per_row(value, probs).astype(dt)
       out = out.reshape(b, kh, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
-    out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
-    return out, cache_kv
+    return self._out(out), cache_kv
+
+  def _out(self, out):
+    """The output projection [B,T,H,E] -> [B,T,D] as one [H*E, D] matmul. Contracting (h, e) as
+    two axes, XLA's compiled dot transposed the [H,E,D] weight to [E,H,D] first: a copy of the
+    weight in every decode step and training layer (b1 decode at position 32: 0.72 -> 0.62 ms)."""
+    wo = self.wo[...].astype(self.cfg.dtype)
+    flat = out.reshape(*out.shape[:2], -1)
+    return jnp.einsum("btf,fd->btd", flat, wo.reshape(-1, wo.shape[-1]))
 
 
 class MLP(nnx.Module):
