@@ -118,7 +118,8 @@ def define_model_flags() -> None:
   define_flag(flags.DEFINE_string, "dtype", None,
               "compute dtype override, e.g. float32 or bfloat16")
   define_flag(flags.DEFINE_string, "cache_dtype", None, "KV cache dtype (default: the compute "
-              "dtype); bfloat16 halves what a decode step reads")
+              "dtype); bfloat16 halves what a decode step reads (memory; "
+              "slower on CPUs without bf16 arithmetic)")
   define_flag(flags.DEFINE_string, "chat_template", "auto", "auto (the checkpoint's own, else "
               "alpaca) | model | alpaca | alpaca_bare | plain | FILE.json")
 
