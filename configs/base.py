@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.loss.sft_responses = "best"  # sft: best | all
   c.loss.beta = 0.1  # dpo temperature; ipo's tau, simpo's beta, orpo's lambda (TRL's `beta`)
   c.loss.label_smoothing = 0.0  # dpo / simpo: > 0 = conservative (label flipped w.p. this)
-  c.loss.simpo_gamma = 1.0  # simpo: the target reward margin gamma
+  c.loss.simpo_gamma = 0.5  # simpo: the target reward margin gamma (TRL's default)
   c.loss.rank_weight = 1.0  # rrhf ranking-term weight
   # The loss per data kind; kinds not listed take loss.name. The paper trains the self-critic
   # data with SFT (the critiques are targets to imitate, not alternatives to rank), so it stays

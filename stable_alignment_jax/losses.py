@@ -294,10 +294,11 @@ def ipo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1):
   return loss, _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, h)
 
 
-def simpo(*, logp, n_tokens, response_mask, ratings, beta=2.0, gamma=1.0, label_smoothing=0.0):
+def simpo(*, logp, n_tokens, response_mask, ratings, beta=0.1, gamma=0.5, label_smoothing=0.0):
   """SimPO (Meng et al. 2024): -log sigmoid(beta * (p_w - p_l) - gamma), p the token-mean
   log-prob of a response; no reference model. Best vs worst-rated response, as `dpo`;
-  label_smoothing as in `dpo` (TRL's CPO trainer offers it for SimPO too)."""
+  label_smoothing as in `dpo` (TRL's CPO trainer offers it for SimPO too). The defaults are
+  TRL's (CPOConfig); configs/simpo.py sets the paper's larger beta and gamma."""
   valid = response_mask > 0
   logp = _clean(logp, valid)
   best, worst, has_pair = _pair(ratings, valid)
