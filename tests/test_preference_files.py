@@ -252,3 +252,18 @@ def test_exact_resume_and_a_mixture_entry(tmp_path):
   mix = data.open_mixture(dc, "train", seed=0)
   assert [kind for kind, _, _ in mix.entries] == ["prefs"]
   assert isinstance(mix.entries[0][1], pf.StandardSource) and len(mix.entries[0][1]) == 9
+
+
+def test_a_pipeline_baseline_keeps_the_trl_dataset_its_config_names(tmp_path):
+  from configs import pipeline as pipeline_config
+  from stable_alignment_jax import pipeline
+  c = pipeline_config.get_config("tiny")
+  c.out_dir = str(tmp_path / "run")
+  c.baselines.sft.data.source, c.baselines.sft.data.dataset = "trl", "org/prefs"
+  card = {"datasets": {"imitation": {"splits": {"train": {"examples": 5},
+                                                "validation": {"examples": 2}}}}}
+  p = pipeline.Pipeline(c)
+  s = p._stage_cfg(c.baselines.sft, "imitation", card, "start", "sft", "")
+  assert (s.data.source, s.data.dataset) == ("trl", "org/prefs")
+  m = p._stage_cfg(c.baselines.mixed, "imitation", card, "start", "mixed", "")
+  assert (m.data.source, m.data.dataset) == ("tfds", "sandbox_alignment/imitation")
