@@ -11,6 +11,7 @@ best-vs-worst pick is exercised too.
 """
 
 import collections
+import os
 import types
 
 import jax
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # its import warns that the API may move
 # trl is a test dependency (setup.py's `test` extra): imported plainly, so a TRL that moved these
 # modules fails here instead of skipping the parity checks.
 from trl.experimental.cpo import cpo_trainer as trl_cpo
@@ -107,7 +110,8 @@ def trl_dpo_loss(case, loss_type, beta):
 
 
 def _cpo_stub(loss_type, beta, **kw):
-  return types.SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, accelerator=_Accelerator(),
+  return types.SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta,
+                               accelerator=_Accelerator(),
                                **{"label_smoothing": 0.0, "simpo_gamma": 0.0, **kw})
 
 
