@@ -59,14 +59,18 @@ def ours(name, case, **kw):
   return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
-def trl_view(case):
-  """TRL's layout: rows [chosen of every prompt; rejected of every prompt], labels -100 outside
-  the completion; plus the references in that order."""
-  logits, tokens, loss_mask, _, ref_logp, chosen = case
-  lg = logits.reshape(B, 2, T, V)
+def trl_order(x, chosen):
+  """[B, 2, ...] in our slots -> TRL's rows [chosen of every prompt; rejected of every prompt]."""
   rows = np.arange(B)
-  order = lambda x: np.concatenate([x[rows, chosen], x[rows, 1 - chosen]])
-  logits_t = torch.from_numpy(order(lg).copy())
+  return np.concatenate([x[rows, chosen], x[rows, 1 - chosen]])
+
+
+def trl_view(case, grad=False):
+  """TRL's layout (`trl_order`), labels -100 outside the completion; plus the references in
+  that order. grad: the logits tensor requires grad."""
+  logits, tokens, loss_mask, _, ref_logp, chosen = case
+  order = lambda x: trl_order(x, chosen)
+  logits_t = torch.from_numpy(order(logits.reshape(B, 2, T, V)).copy()).requires_grad_(grad)
   ids = torch.from_numpy(order(tokens).astype(np.int64))
   mask = torch.from_numpy(order(loss_mask).astype(np.int64))
   labels = ids.masked_fill(mask == 0, -100)
@@ -74,8 +78,8 @@ def trl_view(case):
   return logits_t, ids, mask, labels, ref
 
 
-def trl_avg_logps(case):
-  logits_t, _, _, labels, _ = trl_view(case)
+def trl_avg_logps(case, view=None):
+  logits_t, _, _, labels, _ = view or trl_view(case)
   avg = trl_cpo.CPOTrainer.get_batch_logps(logits_t, labels.clone(), average_log_prob=True)
   return avg[:B], avg[B:]
 
@@ -85,10 +89,10 @@ class _Accelerator:
   gather = gather_for_metrics = staticmethod(lambda x: x)
 
 
-def trl_dpo_loss(case, loss_type, beta):
+def trl_dpo_loss(case, loss_type, beta, view=None):
   """DPOTrainer._compute_loss itself, on a stub trainer whose model returns the per-token
   log-probs of the labels (0 outside the completion), as TRL's fused LM head does."""
-  logits_t, ids, mask, labels, ref = trl_view(case)
+  logits_t, ids, mask, labels, ref = view or trl_view(case)
   shifted = labels[:, 1:]
   token_logp = torch.log_softmax(logits_t[:, :-1].double(), -1).gather(
       -1, shifted.clamp(min=0)[..., None])[..., 0]
@@ -106,7 +110,8 @@ def trl_dpo_loss(case, loss_type, beta):
   inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
             "ref_chosen_logps": ref[:B], "ref_rejected_logps": ref[B:]}
   loss = trl_dpo.DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
-  return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}
+  metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+  return (loss if view else float(loss)), metrics
 
 
 def _cpo_stub(loss_type, beta, **kw):
@@ -184,6 +189,40 @@ def test_orpo_matches_trl_odds_ratio(seed, beta):
   assert loss == pytest.approx(float(-c.mean() - term.mean()), rel=2e-5)
   assert metrics["hinge_mean"] == pytest.approx(float(log_odds), rel=2e-5, abs=1e-6)
   assert metrics["nll_best"] == pytest.approx(float(-c.mean()), rel=2e-5)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])
+def test_gradients_wrt_logits_match_trl(name):
+  """d loss / d logits through both whole paths (log-softmax, masks, averaging, the loss):
+  TRL's by torch autograd, ours by jax.grad; the layouts differ only in row order."""
+  case = make_pairs(5)
+  logits, tokens, loss_mask, ratings, ref_logp, chosen = case
+  kw = {"dpo": dict(beta=0.3, label_smoothing=0.0), "ipo": dict(beta=0.2),
+        "simpo": dict(beta=2.0, gamma=1.0, label_smoothing=0.0), "orpo": dict(beta=0.5)}[name]
+
+  def f(lg):
+    logp, n = losses.sequence_logprobs(lg, jnp.asarray(tokens.reshape(2 * B, T)),
+                                       jnp.asarray(loss_mask.reshape(2 * B, T)))
+    extra = {"ref_logp": jnp.asarray(ref_logp)} if losses.needs_reference(name) else {}
+    return losses.get_loss(name)(logp=logp.reshape(B, 2), n_tokens=n.reshape(B, 2),
+                                 response_mask=jnp.ones((B, 2)), ratings=jnp.asarray(ratings),
+                                 **kw, **extra)[0]
+
+  ours_grad = trl_order(np.asarray(jax.grad(f)(jnp.asarray(logits))).reshape(B, 2, T, V), chosen)
+  view = trl_view(case, grad=True)
+  if name in ("dpo", "ipo"):
+    loss, _ = trl_dpo_loss(case, "sigmoid" if name == "dpo" else "ipo", kw["beta"], view=view)
+  else:
+    c, r = trl_avg_logps(case, view)
+    if name == "simpo":
+      loss = trl_cpo.CPOTrainer.cpo_loss(_cpo_stub("simpo", 2.0, simpo_gamma=1.0), c, r)[0].mean()
+    else:
+      stub = types.SimpleNamespace(beta=0.5, accelerator=_Accelerator())
+      loss = -c.mean() - trl_orpo.ORPOTrainer.odds_ratio_loss(stub, c, r)[0].mean()
+  loss.backward()
+  want = view[0].grad.numpy()
+  assert np.abs(want).sum() > 0
+  np.testing.assert_allclose(ours_grad, want, rtol=1e-4, atol=1e-7)
 
 
 def test_reference_use_and_registry():
