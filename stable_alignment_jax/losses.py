@@ -267,8 +267,9 @@ def dpo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1, label_smo
 
   logp / ref_logp are summed response log-probs [B, K] under the policy and the frozen reference.
   Prompts without two differently rated valid responses carry no pair and are left out.
-  label_smoothing e > 0 is conservative DPO (Mitchell 2023; TRL's `label_smoothing` of the
-  sigmoid loss): the label is taken as flipped with probability e.
+  label_smoothing e > 0 is conservative DPO (Mitchell 2023, "A note on DPO with noisy
+  preferences"): the label is taken as flipped with probability e. Older TRL DPOTrainers smoothed
+  their sigmoid loss so; TRL 1.16's CPO trainer's sigmoid loss still does.
   """
   valid = response_mask > 0
   logp, ref_logp = _clean(logp, valid), _clean(ref_logp, valid)

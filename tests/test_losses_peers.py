@@ -147,7 +147,7 @@ def test_dpo_matches_trl_dpo_trainer(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("eps", [0.1, 0.3])
 def test_conservative_dpo_matches_trl(seed, eps):
-  """TRL 1.x's DPOTrainer no longer smooths its sigmoid loss; its CPO trainer keeps the very
+  """TRL 1.16's DPOTrainer does not smooth its sigmoid loss; its CPO trainer keeps the very
   expression (-(1-e) log sig(b x) - e log sig(-b x)), which is conservative DPO when x is the
   chosen minus rejected log-ratio to the reference."""
   case = make_pairs(seed)
