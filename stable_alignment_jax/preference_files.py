@@ -193,10 +193,14 @@ def _jsonl_rows(path: str):
 
 def _dataset_rows(spec: str, split: str, is_parquet: bool):
   import datasets  # the ecosystem's reader; only where a parquet file or hub id is read
-  if is_parquet:
-    ds = datasets.load_dataset("parquet", data_files={split: spec}, split=split)
-  else:
-    ds = datasets.load_dataset(spec, split=split)
+  try:
+    if is_parquet:
+      ds = datasets.load_dataset("parquet", data_files={split: spec}, split=split)
+    else:
+      ds = datasets.load_dataset(spec, split=split)
+  except Exception as e:  # noqa: BLE001 - hub, network and format failures: one clear message
+    raise ValueError(f"data.dataset={spec!r} (split {split!r}): datasets.load_dataset failed: "
+                     f"{type(e).__name__}: {e}") from e
   for i, row in enumerate(ds):
     yield f"{spec}: row {i}", row
 

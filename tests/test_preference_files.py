@@ -166,6 +166,9 @@ def test_dataset_directory_like_a_hub_id_and_split_naming(tmp_path):
     pf.open_standard(one, "validation")
   with pytest.raises(ValueError, match="no usable row in 1; first: .*field 'rejected'"):
     pf.open_standard(write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}]), "train")
+  with pytest.raises(ValueError, match=r"data.dataset='.*ds' \(split 'validation'\): "
+                                       "datasets.load_dataset failed"):
+    pf.open_standard(str(d), "validation")  # the directory has train and test only
   with pytest.raises(ValueError, match="data.bad_rows='ignore'"):
     pf.open_standard(one, "train", bad_rows="ignore")
 
