@@ -23,8 +23,9 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"  # tfds | jsonl ({data_dir}/{split}.jsonl) | trl | synthetic (embedded)
-  # TFDS name/config written by data_prep; for source trl, a file (.jsonl, .parquet; {split} in
-  # the name is the split) or a hub dataset id in TRL's standard formats (preference_files.py)
+  # TFDS name/config written by data_prep; for source trl, a file (.jsonl, .json, .parquet;
+  # {split} in the name is the split) or a hub dataset id in TRL's standard formats
+  # (preference_files.py)
   c.data.dataset = "sandbox_alignment/imitation"
   c.data.bad_rows = "skip"  # trl: skip | raise on a malformed row (skipped ones are logged)
   c.data.data_dir = "~/tensorflow_datasets"

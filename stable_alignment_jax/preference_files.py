@@ -23,9 +23,9 @@ dataset, as `auto` judges by the first example). `turns` has no system role: sys
 folded into the first user message ("system\n\nuser"), counted and logged.
 
 Where from (`data.dataset`; `{split}` in it is replaced by the split's name):
-- a `.jsonl` / `.json` file (optionally `.gz`), read line by line here, so a bad line names its
-  line number and the rest still load;
-- a `.parquet` file, read with the `datasets` library;
+- a `.jsonl` file (optionally `.gz`), read line by line here, so a bad line names its line
+  number and the rest still load;
+- a `.parquet` or `.json` (an array of rows) file, read with the `datasets` library;
 - a hub dataset id or a local dataset directory: `datasets.load_dataset(id, split=split)`.
 A single file without `{split}` is the train split; asking it for another split raises.
 
@@ -191,11 +191,13 @@ def _jsonl_rows(path: str):
         yield f"{path}:{n}", RowError("<line>", f"not valid JSON ({e})")
 
 
-def _dataset_rows(spec: str, split: str, is_parquet: bool):
+def _dataset_rows(spec: str, split: str, builder: str | None = None):
+  """Rows through `datasets`: a file with a packaged builder (parquet, json), else a hub id or
+  dataset directory."""
   import datasets  # the ecosystem's reader; only where a parquet file or hub id is read
   try:
-    if is_parquet:
-      ds = datasets.load_dataset("parquet", data_files={split: spec}, split=split)
+    if builder:
+      ds = datasets.load_dataset(builder, data_files={split: spec}, split=split)
     else:
       ds = datasets.load_dataset(spec, split=split)
   except Exception as e:  # noqa: BLE001 - hub, network and format failures: one clear message
@@ -215,15 +217,14 @@ def rows(spec: str, split: str, *, train_split: str = "train"):
         f"data.dataset={spec!r} is one file, the {train_split!r} split; there is no {split!r} "
         "split: put {split} in the path (e.g. prefs_{split}.jsonl), or set train.eval_every=0")
   name = spec[:-3] if spec.endswith(".gz") else spec
-  if name.endswith((".jsonl", ".json")):
-    if not os.path.isfile(spec):
-      raise FileNotFoundError(f"data.dataset: no such file {spec!r}")
+  kind = next((k for k in (".jsonl", ".json", ".parquet") if name.endswith(k)), None)
+  if kind and not os.path.isfile(spec):
+    raise FileNotFoundError(f"data.dataset: no such file {spec!r}")
+  if kind == ".jsonl":
     return _jsonl_rows(spec)
-  if name.endswith(".parquet"):
-    if not os.path.isfile(spec):
-      raise FileNotFoundError(f"data.dataset: no such file {spec!r}")
-    return _dataset_rows(spec, split, is_parquet=True)
-  return _dataset_rows(spec, split, is_parquet=False)
+  if kind:  # .json: an array of rows, or JSON lines, as datasets' json builder reads both
+    return _dataset_rows(spec, split, kind[1:])
+  return _dataset_rows(spec, split)
 
 
 class StandardSource:

@@ -160,6 +160,10 @@ def test_dataset_directory_like_a_hub_id_and_split_naming(tmp_path):
   write_jsonl(tmp_path / "prefs_validation.jsonl", PLAIN[1:])
   spec = str(tmp_path / "prefs_{split}.jsonl")
   assert len(pf.open_standard(spec, "validation")) == 2
+  (tmp_path / "array.json").write_text(json.dumps(PLAIN))  # a JSON array, not lines
+  assert [ex["responses"][0] for ex in pf.open_standard(str(tmp_path / "array.json"),
+                                                       "train").examples] == [
+      r["chosen"] for r in PLAIN]
   one = write_jsonl(tmp_path / "one.jsonl", PLAIN)
   with pytest.raises(FileNotFoundError, match="is one file, the 'train' split; there is no "
                                               "'validation' split"):
