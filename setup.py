@@ -32,6 +32,8 @@ setup(
         "fastapi>=0.110,<1",
         "uvicorn>=0.30,<1",
         "httpx>=0.27,<1",
+        # TRL-format preference data from parquet files and hub ids (preference_files.py)
+        "datasets>=5.0,<6",
     ],
     entry_points={"console_scripts": [
         # `python -m <module>` runs the same code.
@@ -53,8 +55,10 @@ setup(
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).
         # gguf: reading the shared SmolLM2 file; import-linter: the layering contracts;
-        # pytest-xdist: pytest.ini runs the suite in two workers.
+        # pytest-xdist: pytest.ini runs the suite in two workers. trl: the peers' loss code the
+        # new losses are checked against; its CPO/ORPO trainers live in trl.experimental, which
+        # may move between minor releases, hence the narrow range.
         "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2", "gguf>=0.10,<1",
-                 "import-linter>=2.1,<3", "pytest-xdist>=3.6,<4"],
+                 "import-linter>=2.1,<3", "pytest-xdist>=3.6,<4", "trl>=1.16,<1.17"],
     },
 )

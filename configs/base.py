@@ -22,8 +22,12 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"  # tfds | jsonl ({data_dir}/{split}.jsonl) | synthetic (embedded)
-  c.data.dataset = "sandbox_alignment/imitation"  # TFDS name/config written by data_prep
+  c.data.source = "tfds"  # tfds | jsonl ({data_dir}/{split}.jsonl) | trl | synthetic (embedded)
+  # TFDS name/config written by data_prep; for source trl, a file (.jsonl, .json, .parquet;
+  # {split} in the name is the split) or a hub dataset id in TRL's standard formats
+  # (preference_files.py)
+  c.data.dataset = "sandbox_alignment/imitation"
+  c.data.bad_rows = "skip"  # trl: skip | raise on a malformed row (skipped ones are logged)
   c.data.data_dir = "~/tensorflow_datasets"
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -43,14 +47,16 @@ def get_config(arg=None):
   c.data.mixture = ml_collections.ConfigDict()
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo
+  c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo | ipo | simpo | orpo
   c.loss.ratio = 0.2  # lambda: weight of the contrastive term (paper)
   c.loss.margin = 10.0  # mu: rating-difference margin (paper)
   c.loss.rating_scale = 7.0  # S: ratings are 1..7
   c.loss.aggregate = "mean"  # mean | max over the worse responses
   c.loss.hinge = "per_pair"  # per_pair (paper) | after_aggregate (authors' release)
   c.loss.sft_responses = "best"  # sft: best | all
-  c.loss.beta = 0.1  # dpo temperature
+  c.loss.beta = 0.1  # dpo temperature; ipo's tau, simpo's beta, orpo's lambda (TRL's `beta`)
+  c.loss.label_smoothing = 0.0  # dpo / simpo: > 0 = conservative (label flipped w.p. this)
+  c.loss.simpo_gamma = 0.5  # simpo: the target reward margin gamma (TRL's default)
   c.loss.rank_weight = 1.0  # rrhf ranking-term weight
   # The loss per data kind; kinds not listed take loss.name. The paper trains the self-critic
   # data with SFT (the critiques are targets to imitate, not alternatives to rank), so it stays

@@ -10,6 +10,7 @@ fills the paths that connect them (export -> datasets -> stage checkpoints -> ev
 `out_dir`. Without `:tiny` it is the paper-scale run: 100 agents talking to an OpenAI-compatible
 server, LLaMA-7B stages from `base_model` (the HH-SFT starting point, an HF or our run dir),
 the SFT/DPO/RRHF/CoH baselines on the imitation data, and the six benchmarks with a judge.
+`:peers` adds the IPO, SimPO, ORPO and conservative-DPO baselines (configs/ipo.py, ...).
 With `:tiny` a project-written world (`experiments/tiny_world/`) first trains a
 small society LM, so the agents' ratings parse and carry signal, and everything runs offline.
 
@@ -22,8 +23,8 @@ model's chat template), then a few steps of each stage and an SFT baseline start
 
 import ml_collections
 
-from configs import (common, coh, dpo, mixed, ppo, reward, rrhf, sandbox, sft, stage1, stage2,
-                     stage3)
+from configs import (cdpo, common, coh, dpo, ipo, mixed, orpo, ppo, reward, rrhf, sandbox, sft,
+                     simpo, stage1, stage2, stage3)
 from configs import eval as eval_config
 
 DATASETS = {"stage1": "imitation", "stage2": "self_critic", "stage3": "realignment"}
@@ -34,7 +35,8 @@ def _train_cfg(module, tiny: bool):
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, tiny=False, small="", replay=common.REPLAY_SHARE, ppo=True)
+  a = common.parse_arg(arg, tiny=False, small="", replay=common.REPLAY_SHARE, ppo=True,
+                       peers=False)
   if a.small:
     return _small(a.small, a.replay)
   c = ml_collections.ConfigDict()
@@ -58,6 +60,8 @@ def get_config(arg=None):
   # Baselines train from base_model on the imitation data (paper Table 1); `mixed` is the
   # authors' released recipe (configs/mixed.py), one run on the 5:1:1 mixture of all kinds.
   baselines = {"mixed": mixed, "sft": sft, "dpo": dpo, "rrhf": rrhf, "coh": coh}
+  if a.peers:  # `:peers`: also the preference losses peers offer, each a row of the table
+    baselines.update(ipo=ipo, simpo=simpo, orpo=orpo, cdpo=cdpo)
   c.baselines = ml_collections.ConfigDict(
       {name: _train_cfg(m, a.tiny) for name, m in baselines.items()})
   # The RLHF baseline (the paper's TRLX row): reward model on the imitation groups, then PPO.

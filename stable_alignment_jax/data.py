@@ -57,7 +57,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from stable_alignment_jax import jsonl, synthetic
+from stable_alignment_jax import jsonl, preference_files, synthetic
 from stable_alignment_jax.hindsight import chain_of_hindsight
 from stable_alignment_jax.prompt_format import (PROMPT_FORMATS, PromptFormat, as_format, text,
                                                 resolve_prompt_format)
@@ -423,8 +423,11 @@ def open_source(dc, split: str, seed: int):
     src = open_tfds(dc.dataset, os.path.expanduser(dc.data_dir), split)
   elif dc.source == "jsonl":  # {data_dir}/{split}.jsonl in the alignment-dataset contract
     src = read_jsonl(os.path.join(os.path.expanduser(dc.data_dir), f"{split}.jsonl"))
+  elif dc.source == "trl":  # TRL's standard formats: file or hub id in data.dataset
+    src = preference_files.open_standard(dc.dataset, split, train_split=dc.train_split,
+                                         bad_rows=dc.get("bad_rows", "skip"))
   else:
-    raise ValueError(f"data.source={dc.source!r}; expected tfds, jsonl or synthetic")
+    raise ValueError(f"data.source={dc.source!r}; expected tfds, jsonl, trl or synthetic")
   if dc.chain_of_hindsight:
     src = _Mapped(src, seed)
   return src

@@ -8,6 +8,10 @@ SA-CPO (DESIGN.md): with l_k the token-mean NLL of response k and b the best-rat
   L = l_b + ratio * A_{k != b valid}[ max(0, l_b - l_k + margin * (r_b - r_k) / rating_scale) ]
 A = mean or max. `hinge="after_aggregate"` reproduces the authors' release, which aggregates the
 differences first and applies one hinge: max(0, A[l_b - l_k + margin * (r_b - r_k) / S]).
+
+The baselines: SFT, RRHF, and the pairwise losses peers offer (DPO with conservative label
+smoothing, IPO, SimPO, ORPO), each on the best vs the worst-rated response of a prompt, checked
+against TRL's own code in tests/test_losses_peers.py.
 """
 
 import dataclasses
@@ -233,26 +237,108 @@ def rrhf(*, logp, n_tokens, response_mask, ratings, rank_weight=1.0):
   return loss, metrics
 
 
-def dpo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1):
+def _pair(ratings, valid):
+  """(best, worst, has_pair): the best- and the worst-rated valid response of each prompt (first
+  on ties) and 1.0 where their ratings differ. The pairwise losses below contrast these two, so
+  a K = 2 file of chosen/rejected rows is exactly TRL's pair, and K > 2 keeps the widest gap."""
+  best = _best_index(ratings, valid)
+  worst = jnp.argmin(jnp.where(valid, ratings, jnp.inf), axis=-1)
+  has_pair = (_take(ratings, best) > _take(ratings, worst)).astype(jnp.float32)
+  return best, worst, has_pair
+
+
+def _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, margin):
+  """The shared metrics, with hinge_mean / hinge_active the mean of a loss's pairwise margin
+  and the share of pairs where it is above 0."""
+  metrics = _ranking_metrics(_clean(_token_mean_nll(logp, n_tokens), valid), valid, ratings, best)
+  metrics["hinge_mean"] = _safe_mean(margin, has_pair)
+  metrics["hinge_active"] = _safe_mean((margin > 0).astype(jnp.float32), has_pair)
+  return metrics
+
+
+def _smoothed_logistic(z, label_smoothing):
+  """-(1 - e) log sigmoid(z) - e log sigmoid(-z): the logistic loss when the preference label is
+  flipped with probability e (conservative DPO; e = 0 is DPO)."""
+  return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def dpo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1, label_smoothing=0.0):
   """DPO (Rafailov et al. 2023) on the best vs the worst-rated valid response of each prompt.
 
   logp / ref_logp are summed response log-probs [B, K] under the policy and the frozen reference.
   Prompts without two differently rated valid responses carry no pair and are left out.
+  label_smoothing e > 0 is conservative DPO (Mitchell 2023, "A note on DPO with noisy
+  preferences"): the label is taken as flipped with probability e. Older TRL DPOTrainers smoothed
+  their sigmoid loss so; TRL 1.16's CPO trainer's sigmoid loss still does.
   """
   valid = response_mask > 0
   logp, ref_logp = _clean(logp, valid), _clean(ref_logp, valid)
-  best = _best_index(ratings, valid)
-  worst = jnp.argmin(jnp.where(valid, ratings, jnp.inf), axis=-1)
-  has_pair = (_take(ratings, best) > _take(ratings, worst)).astype(jnp.float32)
+  best, worst, has_pair = _pair(ratings, valid)
   chosen = _take(logp, best) - _take(ref_logp, best)
   rejected = _take(logp, worst) - _take(ref_logp, worst)
   margin = beta * (chosen - rejected)
-  loss = _safe_mean(-jax.nn.log_sigmoid(margin), has_pair)
-  nll = _clean(_token_mean_nll(logp, n_tokens), valid)
-  metrics = _ranking_metrics(nll, valid, ratings, best)
-  metrics["hinge_mean"] = _safe_mean(margin, has_pair)  # the DPO reward margin
-  metrics["hinge_active"] = _safe_mean((margin > 0).astype(jnp.float32), has_pair)
-  return loss, metrics
+  loss = _safe_mean(_smoothed_logistic(margin, label_smoothing), has_pair)
+  return loss, _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, margin)
+
+
+def ipo(*, logp, n_tokens, response_mask, ratings, ref_logp, beta=0.1):
+  """IPO (Azar et al. 2023, eq. 17): (h - 1 / (2 beta))^2 with h the chosen minus the rejected
+  log-ratio to the reference, each divided by its response's token count as TRL does (its
+  authors' normalisation: the squared loss would otherwise grow with length); beta is the tau
+  of the paper. Best vs worst-rated response, as `dpo`."""
+  valid = response_mask > 0
+  logp, ref_logp = _clean(logp, valid), _clean(ref_logp, valid)
+  best, worst, has_pair = _pair(ratings, valid)
+  per_token = (logp - ref_logp) / jnp.maximum(n_tokens, 1.0)
+  h = _take(per_token, best) - _take(per_token, worst)
+  loss = _safe_mean((h - 1.0 / (2.0 * beta)) ** 2, has_pair)
+  return loss, _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, h)
+
+
+def simpo(*, logp, n_tokens, response_mask, ratings, beta=0.1, gamma=0.5, label_smoothing=0.0):
+  """SimPO (Meng et al. 2024): -log sigmoid(beta * (p_w - p_l) - gamma), p the token-mean
+  log-prob of a response; no reference model. Best vs worst-rated response, as `dpo`;
+  label_smoothing as in `dpo` (TRL's CPO trainer offers it for SimPO too). The defaults are
+  TRL's (CPOConfig); configs/simpo.py sets the paper's larger beta and gamma."""
+  valid = response_mask > 0
+  logp = _clean(logp, valid)
+  best, worst, has_pair = _pair(ratings, valid)
+  p = logp / jnp.maximum(n_tokens, 1.0)
+  margin = beta * (_take(p, best) - _take(p, worst)) - gamma
+  loss = _safe_mean(_smoothed_logistic(margin, label_smoothing), has_pair)
+  return loss, _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, margin)
+
+
+def _log1mexp(x):
+  """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012). The inputs of
+  the branch not taken are moved to a safe point, so its gradient is not NaN either."""
+  small = x < -0.6931471805599453
+  a = jnp.where(small, x, -1.0)
+  b = jnp.where(small, -1.0, jnp.minimum(x, -1e-30))
+  return jnp.where(small, jnp.log1p(-jnp.exp(a)), jnp.log(-jnp.expm1(b)))
+
+
+def orpo(*, logp, n_tokens, response_mask, ratings, beta=0.1):
+  """ORPO (Hong et al. 2024): the SFT loss of the best response plus beta (the paper's lambda)
+  times -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with p the
+  token-mean probability exp(logp / n). No reference model.
+
+  The SFT term is the token-mean NLL of the best response averaged over prompts, as in `sft`
+  and `sa_cpo`, so the methods' NLLs compare; TRL's ORPO trainer instead pools the NLL over all
+  chosen tokens of the batch, prompt tokens included. The odds-ratio term is TRL's. Prompts
+  without a rated pair take the SFT term alone."""
+  valid = response_mask > 0
+  logp = _clean(logp, valid)
+  best, worst, has_pair = _pair(ratings, valid)
+  p = logp / jnp.maximum(n_tokens, 1.0)  # 0 for an empty slot, which no pair reads
+  p_c, p_r = _take(p, best), _take(p, worst)
+  p_safe = lambda x: jnp.where(has_pair > 0, x, -1.0)  # keeps log1mexp(0) out of unpaired rows
+  log_odds = (p_c - p_r) - (_log1mexp(p_safe(p_c)) - _log1mexp(p_safe(p_r)))
+  log_odds = jnp.where(has_pair > 0, log_odds, 0.0)
+  has_valid = jnp.any(valid, axis=-1).astype(jnp.float32)
+  loss = (_safe_mean(-p_c, has_valid)
+          + beta * _safe_mean(-jax.nn.log_sigmoid(log_odds), has_pair))
+  return loss, _pair_metrics(logp, n_tokens, valid, ratings, best, has_pair, log_odds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,9 +365,20 @@ LOSSES: dict[str, Loss] = {
     "rrhf": Loss(rrhf, {"rank_weight": "rank_weight"},
                  hinge_metrics="hinge_mean: the summed ranking hinge per prompt; hinge_active: "
                                "the share of worse/better pairs whose hinge is above 0"),
-    "dpo": Loss(dpo, {"beta": "beta"}, needs_reference=True,
+    "dpo": Loss(dpo, {"beta": "beta", "label_smoothing": "label_smoothing"},
+                needs_reference=True,
                 hinge_metrics="hinge_mean: the DPO reward margin beta * (chosen - rejected "
                               "log-ratio); hinge_active: the share of pairs with margin > 0"),
+    "ipo": Loss(ipo, {"beta": "beta"}, needs_reference=True,
+                hinge_metrics="hinge_mean: the per-token log-ratio margin h (chosen - rejected); "
+                              "hinge_active: the share of pairs with h > 0"),
+    "simpo": Loss(simpo, {"beta": "beta", "gamma": "simpo_gamma",
+                          "label_smoothing": "label_smoothing"},
+                  hinge_metrics="hinge_mean: beta * (p_chosen - p_rejected) - gamma, p the "
+                                "token-mean log-prob; hinge_active: the share of pairs above 0"),
+    "orpo": Loss(orpo, {"beta": "beta"},
+                 hinge_metrics="hinge_mean: the log odds ratio of chosen to rejected; "
+                               "hinge_active: the share of pairs where it is above 0"),
 }
 
 

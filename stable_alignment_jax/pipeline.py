@@ -131,10 +131,12 @@ class Pipeline:
 
   def _stage_cfg(self, cfg, kind: str, card: dict, init_from: str, name: str, tokenizer,
                  data: str = "data"):
-    """A training config of the run reading the pipeline's datasets: `kind` is its own data;
+    """A training config of the run reading the pipeline's datasets: `kind` is its own data
+    (unless the config names a TRL-format one, `data.source = "trl"`);
     a `data.mixture` entry whose kind the export left empty is dropped, and said so."""
     s = copy_config(cfg)
-    s.data.source, s.data.dataset = "tfds", f"sandbox_alignment/{kind}"
+    if s.data.source != "trl":  # a run told to read a TRL-format dataset keeps it
+      s.data.source, s.data.dataset = "tfds", f"sandbox_alignment/{kind}"
     s.data.data_dir = self.path(data)
     if tokenizer:
       s.data.tokenizer = tokenizer

@@ -431,7 +431,7 @@ def test_registry_entry_per_loss_reads_its_config_keys_and_checks_choices():
     assert set(kwargs) == set(entry.config_keys)  # and each is a keyword of the function
     assert set(kwargs) <= set(inspect.signature(entry.fn).parameters)
     assert entry.hinge_metrics
-  assert [n for n in losses.LOSSES if losses.needs_reference(n)] == ["dpo"]
+  assert [n for n in losses.LOSSES if losses.needs_reference(n)] == ["dpo", "ipo"]
   lc.name, lc.hinge = "sa_cpo", "per-pair"
   with pytest.raises(ValueError, match=r"config.loss.hinge='per-pair': expected one of "
                                        r"\('per_pair', 'after_aggregate'\)"):
