@@ -90,7 +90,11 @@ def get_config(arg=None):
     for stage in list(c.stages.values()) + list(c.baselines.values()):
       stage.model = model
       stage.data.source = "tfds"
-      stage.data.max_len = 256
+      # Every response whole: the self-critic prompt (preamble, question, draft) runs ~230
+      # tokens of the world's 512-piece vocabulary and its critiques ~28, so 256 left 8 of 27
+      # self-critic examples with no response that fits (measured on this run's export);
+      # 288 fits them all, for ~10-25% more step time than 256 on CPU.
+      stage.data.max_len = 288
       stage.data.batch_size = 8
       stage.optim.lr = 1e-3
       stage.train.steps, stage.train.eval_every, stage.train.log_every = 30, 0, 5
