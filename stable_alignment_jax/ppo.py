@@ -198,7 +198,9 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   # Only the prompts are read (the stored responses are cut to one token and never trained),
   # so only prompts too long for ppo.max_prompt_len count as lost.
   if jax.process_index() == 0:
-    print(data_lengths.report(loader.stats, p.max_prompt_len + 1), flush=True)
+    print(data_lengths.report(loader.stats, p.max_prompt_len + 1)
+          + "\ndata: (PPO reads the prompts alone: its responses are cut and never trained)",
+          flush=True)
   data_lengths.check_loss(loader.stats, p.max_prompt_len + 1,
                           c.data.get("accept_length_loss", False), responses=False)
   it = iter(loader)
