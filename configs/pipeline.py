@@ -114,7 +114,8 @@ def get_config(arg=None):
     ev.answer_format.questions = "experiments.tiny_world.world:heldout_questions"
     ev.answer_format.exclude_file = ""
     ev.answer_format.n = 64
-    # A realignment reply runs ~110 tokens (2-3 reasons, then the revision): 128 reaches it.
+    # A realignment reply (dataset 1.3.0: one reason, the marker, the revision) runs ~60-65
+    # tokens here; 128 leaves room for the bulleted form (~110-140).
     ev.answer_format.max_new_tokens = 128
   _recipes(c, a.replay)
   return c
