@@ -128,6 +128,8 @@ def test_judge_sees_the_revision_of_a_realigned_reply():
   assert run.judged_text(reply) == "Be kind."
   assert run.judged_text("Critique: rude") == "Critique: rude"
   assert run.judged_text(" Be kind. ") == " Be kind. "
+  # The authors' per-reason form (dataset 1.3.0): one reason, the marker, the revision.
+  assert run.judged_text(ax.reason_then_revision("It is rude.", "Be kind.")) == "Be kind."
 
 
 def test_answer_format_tasks_end_to_end_and_table(tmp_path):
