@@ -317,6 +317,12 @@ def test_card_counts(built):
       {(r["question"], r["draft"]["text"]) for r in kept})
   assert card["dropped"]["realignment: draft or revision moral score is null"] == null_drafts
   for kind in KINDS:
+    # K, the responses an example holds, per kind over both splits: mean and distribution.
+    ks = [len(e["responses"]) for split in ("train", "validation")
+          for e in _read(built["dir"], kind, split)]
+    k_card = card["datasets"][kind]["responses_per_example"]
+    assert k_card["distribution"] == {str(k): v for k, v in sorted(collections.Counter(ks).items())}
+    assert k_card["mean"] == round(sum(ks) / len(ks), 3) and k_card["max"] == max(ks)
     for split, c in card["datasets"][kind]["splits"].items():
       exs = _read(built["dir"], kind, split)
       assert c["examples"] == len(exs)
