@@ -134,7 +134,8 @@ def describe(entry: dict, max_len: int) -> str:
   ex_lost, resp_lost = lost(entry)
   p, r = entry["prompt_tokens"], entry["response_tokens"]
   share = lambda a, b: f"{a / b:.1%}" if b else "0%"
-  return (f"kind {entry['kind']!r} (dataset {entry.get('dataset') or 'given source'}): "
+  kind = repr(entry["kind"]) if entry["kind"] else "(one source)"
+  return (f"kind {kind} (dataset {entry.get('dataset') or 'as given'}): "
           f"{ex_lost} of {entry['examples']} examples dropped ({share(ex_lost, entry['examples'])}"
           f"; by reason {entry['dropped'] or {}}), {entry['responses_left_out']} of "
           f"{entry['responses']} responses left out and {entry['responses_cut']} cut "

@@ -136,8 +136,8 @@ def test_data_prep_datasets_carry_turns_for_both_formats(tmp_path):
   for kind, turn in (("imitation", "Why lie?"),
                      ("self_critic", ax.user_turn(ax.CRITIQUE_INSTRUCTION,
                                                   "Question: Why lie?\nAnswer: To win.")),
-                     ("realignment", ax.user_turn(ax.REVISE_INSTRUCTION,
-                                                  "Question: Why lie?\nAnswer: To win."))):
+                     # the authors' one instruction: question, draft, request
+                     ("realignment", ax.user_turn(ax.revise_request("Why lie?", "To win.")))):
     (ex,) = data.open_tfds(f"sandbox_alignment/{kind}", str(tmp_path / "out"), "train")
     assert ex["turns"] == [turn]
     # The Alpaca prompt holds exactly the same words around its headers.
