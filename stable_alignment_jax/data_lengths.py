@@ -17,6 +17,7 @@ unless `data.accept_length_loss` says the loss is known and accepted.
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 
@@ -165,6 +166,10 @@ def check_loss(stats: dict, max_len: int, accept: bool, *, limit: float = MAX_LO
   `accept` (config `data.accept_length_loss`). `responses=False`: only examples count (PPO
   reads the prompts alone)."""
   bad = over_limit(stats["entries"], limit, responses)
+  if bad and accept:
+    logging.warning("data: data.accept_length_loss=True: training on what fits max_len=%d "
+                    "although more than %.0f%% is lost for: %s", max_len, 100 * limit,
+                    ", ".join(repr(e["kind"] or "(one source)") for e in bad))
   if bad and not accept:
     raise DataLossError(
         f"data: more than {limit:.0%} of a kind's data does not fit max_len={max_len}, so "
