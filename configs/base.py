@@ -41,6 +41,12 @@ def get_config(arg=None):
   # auto: the checkpoint's chat template when its tokenizer has one (a chat model is trained on
   # the format it is served with), else the paper's Alpaca layout | alpaca | chat_template
   c.data.prompt_format = "auto"
+  # A response that does not fit max_len whole is left out of its group ("drop"; an example
+  # left with none is dropped), or cut short and marked ("cut"): data_lengths.py.
+  c.data.truncation = "drop"
+  # A run stops before its first step when max_len would lose more than 5% of a kind's
+  # examples or responses; True trains on what is left, knowingly.
+  c.data.accept_length_loss = False
   # A weighted mixture of datasets: name -> {weight, dataset, split, source, data_dir, kind}
   # (missing keys from c.data; kind = the name). Empty: c.data.dataset alone. The epoch is
   # counted on the entry that is c.data.dataset (configs.common.replay_mixture).

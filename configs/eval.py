@@ -48,6 +48,10 @@ def get_config(arg=None):
   c.ethics_splits = ("test", "test_hard")
   c.moral_stories_protocol = "choose"  # choose | classify (see eval/moral_stories.py)
   c.advbench = True  # HH-A also holds AdvBench behaviours in jailbreak templates
+  # paper: the misaligned reply after the question in one instruction (the paper's HH-A);
+  # revise: + the realignment request, the very prompt Stage 3 trains on; input_block: the
+  # project's earlier form (eval/hh.py)
+  c.hh_adv_layout = "paper"
   c.data_dir = items.default_data_dir()
   c.mic_path = os.path.join(c.data_dir, "mic", "MIC.csv")
   c.fetch = True

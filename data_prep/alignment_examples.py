@@ -6,10 +6,17 @@
   written reasons, each behind "Critique: ", rated by the peers' ratings. The prefix is ours,
   not the paper's: a reason alone ("It avoids the question.") reads like an answer, so without
   it neither the model nor eval (eval/answer_format.py) could tell a critique from an answer.
-- realignment: prompt = the question + the draft + an instruction to revise given feedback;
-  response = the feedback + "Here is the revised response:" + the revision, rated by the
-  revision's moral score. Kept only when the revision scored strictly higher than the draft AND
-  strictly above 4 (a revision scored exactly 4 is not kept).
+- realignment, as the authors' release builds it (agi-templar/Stable-Alignment,
+  collect_data.py; the default form, "per_reason"): the instruction is the question, a space,
+  the draft, then a request to comment and revise (`REVISE_REQUEST`), with no input block;
+  one response per peer whose rating is not null and whose reason is not empty: that reason,
+  " Here is the revised response: ", the revision; every response rated by the revision's moral
+  score, and grouped per prompt, so an example holds K responses (one per peer). Kept only when
+  the revision scored strictly higher than the draft AND strictly above 4 (a revision scored
+  exactly 4 is not kept). The authors' request reads "Please first common on this response";
+  ours says "comment". The form "bulleted" (dataset versions before 1.3.0) is a named option:
+  the question and draft in an input block under `REVISE_INSTRUCTION`, and one response that
+  lists every reason under "Feedback:" before the marker and the revision (K = 1).
 
 Prompts use the Alpaca layout (`prompt`); the same prompt is also kept as a chat user turn
 (`turns`: the instruction, a blank line, the input), so training can render it with a chat
@@ -42,6 +49,10 @@ REVISE_INSTRUCTION = ("The answer below to the given question received feedback 
 # The critique and revise prompts' input: the question and the draft being judged.
 JUDGED = "Question: {question}\nAnswer: {answer}"
 REVISED_MARKER = "Here is the revised response:"
+# The authors' request after the question and draft (their "common" spelled "comment").
+REVISE_REQUEST = ("Please first comment on this response, and then revise it to make it better "
+                  "aligned with shared social values.")
+REALIGNMENT_FORMS = ("per_reason", "bulleted")
 FEEDBACK_HEADER = "Feedback:"  # the first line of a realignment response
 CRITIQUE_PREFIX = "Critique:"  # the start of every self-critic response
 REALIGN_MIN_SCORE = 4.0  # the revision must score above this (paper: "above 4")
@@ -74,7 +85,18 @@ def critique_response(reason: str) -> str:
   return f"{CRITIQUE_PREFIX} {reason.strip()}"
 
 
+def revise_request(question: str, draft: str) -> str:
+  """The authors' realignment instruction: question, draft and request as one instruction."""
+  return f"{question.strip()} {draft.strip()} {REVISE_REQUEST}"
+
+
+def reason_then_revision(reason: str, revision: str) -> str:
+  """One per-reason realignment response (the authors' form)."""
+  return f"{reason.strip()} {REVISED_MARKER} {revision.strip()}"
+
+
 def realignment_response(reasons: list[str], revision: str) -> str:
+  """The "bulleted" form's one response: every reason, then the marker and the revision."""
   feedback = "\n".join(f"- {r.strip()}" for r in reasons)
   return f"{FEEDBACK_HEADER}\n{feedback}\n\n{REVISED_MARKER}\n{revision}"
 
@@ -143,7 +165,10 @@ def self_critic_examples(records: Iterable[dict], drops: collections.Counter) ->
   return groups.examples()
 
 
-def realignment_examples(records: Iterable[dict], drops: collections.Counter) -> list[dict]:
+def realignment_examples(records: Iterable[dict], drops: collections.Counter,
+                         form: str = "per_reason") -> list[dict]:
+  if form not in REALIGNMENT_FORMS:
+    raise ValueError(f"realignment form {form!r}: expected one of {REALIGNMENT_FORMS}")
   groups = _Groups("realignment")
   for rec in records:
     before, after = rec["draft"]["moral"], rec["revised"]["moral"]
@@ -156,17 +181,23 @@ def realignment_examples(records: Iterable[dict], drops: collections.Counter) ->
     if not after > REALIGN_MIN_SCORE:
       drops["realignment: revision not scored above 4"] += 1
       continue
-    if not rec["feedback"]:
-      drops["realignment: no feedback to restate"] += 1
-      continue
-    reasons = [fb["reason"] for fb in rec["feedback"] if fb["reason"].strip()]
+    rated = [fb for fb in rec["feedback"] if fb["rating"] is not None]
+    drops["realignment: peer rating is null"] += len(rec["feedback"]) - len(rated)
+    reasons = [fb["reason"] for fb in rated if fb["reason"].strip()]
+    drops["realignment: peer reason is empty"] += len(rated) - len(reasons)
     if not reasons:
-      drops["realignment: no feedback to restate"] += 1
+      drops["realignment: no rated feedback to restate"] += 1
       continue
-    response = realignment_response(reasons, rec["revised"]["text"])
-    groups.add(revise_prompt(rec["question"], rec["draft"]["text"]),
-               user_turn(REVISE_INSTRUCTION, _judged(rec["question"], rec["draft"]["text"])),
-               rec["question"], response, after, record_source(rec))
+    question, draft, revision = rec["question"], rec["draft"]["text"], rec["revised"]["text"]
+    if form == "bulleted":
+      groups.add(revise_prompt(question, draft), user_turn(REVISE_INSTRUCTION,
+                                                           _judged(question, draft)),
+                 question, realignment_response(reasons, revision), after, record_source(rec))
+      continue
+    instruction = revise_request(question, draft)
+    for reason in reasons:
+      groups.add(alpaca_prompt(instruction), user_turn(instruction), question,
+                 reason_then_revision(reason, revision), after, record_source(rec))
   drops["realignment: repeated revision merged"] += groups.merged
   return groups.examples()
 
@@ -175,10 +206,13 @@ BUILDERS = {"imitation": imitation_examples, "self_critic": self_critic_examples
             "realignment": realignment_examples}
 
 
-def build_examples(records: list[dict]) -> tuple[dict[str, list[dict]], collections.Counter]:
+def build_examples(records: list[dict], realignment_form: str = "per_reason"
+                   ) -> tuple[dict[str, list[dict]], collections.Counter]:
   """All three kinds from the same records, and the counted reasons for what was left out."""
   drops: collections.Counter = collections.Counter()
-  examples = {kind: BUILDERS[kind](records, drops) for kind in KINDS}
+  examples = {kind: BUILDERS[kind](records, drops) for kind in KINDS if kind != "realignment"}
+  examples["realignment"] = realignment_examples(records, drops, realignment_form)
+  examples = {kind: examples[kind] for kind in KINDS}
   return examples, +drops  # `+` drops zero counts
 
 

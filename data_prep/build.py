@@ -3,9 +3,9 @@
   python -m data_prep.build --export=runs/a.jsonl,runs/b.jsonl --out=data/alignment \
       [--ratio=5:1:1] [--seed=0] [--validation_percent=5]
 
-Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.2.0/` (train and validation
+Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.3.0/` (train and validation
 splits, split by a hash of the question) and the dataset card `OUT/sandbox_alignment/
-card-1.2.0.json`, which is also printed. Read back without TensorFlow:
+card-1.3.0.json`, which is also printed. Read back without TensorFlow:
 `stable_alignment_jax.data.open_tfds("sandbox_alignment/imitation", data_dir=OUT, split="train")`.
 
 Bad lines are rejected with file:line and reason and the rest is built; the card lists them.
@@ -51,11 +51,13 @@ def card_path(out_dir: str) -> str:
 
 
 def build(exports: Sequence[str], out_dir: str, *, ratio=None, seed: int = 0,
-          validation_percent: float = DEFAULT_VALIDATION_PERCENT) -> dict:
+          validation_percent: float = DEFAULT_VALIDATION_PERCENT,
+          realignment_form: str = "per_reason") -> dict:
   """Builds the three datasets under `out_dir` and saves the card; returns the card (a dict).
 
   `ratio`: None (keep everything) or the relative sizes of imitation:self_critic:realignment
   ("5:1:1", (5, 1, 1) or a dict); `seed` picks which examples the ratio keeps.
+  `realignment_form`: per_reason (the authors' release) | bulleted (alignment_examples.py).
   """
   if isinstance(exports, str):
     exports = [exports]
@@ -69,7 +71,7 @@ def build(exports: Sequence[str], out_dir: str, *, ratio=None, seed: int = 0,
     raise FileNotFoundError(f"export file(s) not found: {missing}")
   start = time.perf_counter()
   records, rejections, lines = export_lib.read_exports(exports)
-  examples, drops = ax.build_examples(records)
+  examples, drops = ax.build_examples(records, realignment_form)
   if weights:
     empty = [k for k, w in weights.items() if w > 0 and not examples[k]]
     if empty:
@@ -84,6 +86,7 @@ def build(exports: Sequence[str], out_dir: str, *, ratio=None, seed: int = 0,
     datasets[kind] = {"name": f"sandbox_alignment/{kind}:{sa.SandboxAlignment.VERSION}",
                       "path": path,
                       "examples": len(examples[kind]),
+                      "responses_per_example": card_lib.responses_per_example(examples[kind]),
                       "splits": {s: card_lib.split_card(exs) for s, exs in splits.items()}}
   seconds = time.perf_counter() - start
   n_examples = sum(d["examples"] for d in datasets.values())
@@ -93,7 +96,8 @@ def build(exports: Sequence[str], out_dir: str, *, ratio=None, seed: int = 0,
       "scores_by_source": card_lib.sources_card(records),
       "dropped": dict(sorted(collections.Counter(drops).items())),
       "ratio": None if weights is None else ":".join(f"{weights[k]:g}" for k in ax.KINDS),
-      "seed": seed, "validation_percent": validation_percent, "datasets": datasets,
+      "seed": seed, "validation_percent": validation_percent,
+      "realignment_form": realignment_form, "datasets": datasets,
       "examples": n_examples, "seconds": round(seconds, 3),
       "examples_per_s": round(n_examples / max(seconds, 1e-9), 1),
   }
@@ -107,7 +111,9 @@ def summary(card: dict) -> str:
            f"{card['seconds']:.1f}s ({card['examples_per_s']:.0f} examples/s)"]
   for kind, d in card["datasets"].items():
     counts = ", ".join(f"{s} {c['examples']}" for s, c in d["splits"].items())
-    lines.append(f"  {d['name']}: {counts}  -> {d['path']}")
+    k = d.get("responses_per_example") or {}
+    lines.append(f"  {d['name']}: {counts}; K (responses per example) mean {k.get('mean')}, "
+                 f"distribution {k.get('distribution')}  -> {d['path']}")
   rej = card["rejected"]
   if rej["count"]:
     lines.append(f"rejected {rej['count']} line(s): {rej['by_reason']}")
@@ -130,7 +136,8 @@ def main(argv) -> int:
   exports = [p for group in args.export for p in _split_paths(group)]
   try:
     card = build(exports, args.out, ratio=args.ratio, seed=args.seed,
-                 validation_percent=args.validation_percent)
+                 validation_percent=args.validation_percent,
+                 realignment_form=args.realignment_form)
   except (OSError, ValueError) as e:
     print(f"data_prep.build: {e}", file=sys.stderr)
     return 2
@@ -149,6 +156,9 @@ def cli():
   flags.DEFINE_string("ratio", None, "imitation:self_critic:realignment, e.g. 5:1:1")
   flags.DEFINE_integer("seed", 0, "shuffle and split seed")
   flags.DEFINE_float("validation_percent", DEFAULT_VALIDATION_PERCENT, "held-out share")
+  flags.DEFINE_enum("realignment_form", "per_reason", list(ax.REALIGNMENT_FORMS),
+                    "per_reason: one (reason + revision) response per rated peer, the authors' "
+                    "form; bulleted: one response listing every reason (before 1.3.0)")
   flags.mark_flags_as_required(["export", "out"])
   app.run(main)
 

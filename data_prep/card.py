@@ -11,6 +11,13 @@ def _histogram(values) -> dict[str, int]:
   return {str(k): counts[k] for k in sorted(counts)}
 
 
+def responses_per_example(examples: list[dict]) -> dict:
+  """K, the responses an example holds: its mean, range and distribution ({K: examples})."""
+  ks = [len(ex["responses"]) for ex in examples]
+  return {"mean": round(sum(ks) / len(ks), 3) if ks else None, "min": min(ks, default=None),
+          "max": max(ks, default=None), "distribution": _histogram(ks)}
+
+
 def split_card(examples: list[dict]) -> dict:
   ratings = [r for ex in examples for r in ex["ratings"]]
   return {

@@ -22,17 +22,20 @@ SPLITS = ("train", "validation")
 class SandboxAlignment(tfds.core.GeneratorBasedBuilder):
   """SANDBOX interaction records -> prompt + K rated responses (Liu et al., ICLR 2024)."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {"1.0.0": "Imitation, self-critic and realignment examples; Alpaca prompts.",
                    "1.1.0": "`turns`: the prompt as a chat user turn, for chat templates.",
-                   "1.2.0": "self-critic responses start with \"Critique: \"."}
+                   "1.2.0": "self-critic responses start with \"Critique: \".",
+                   "1.3.0": "realignment as the authors build it: question + draft + request "
+                            "as one instruction, one response per rated peer reason (reason, "
+                            "the marker, the revision); the bulleted form is an option."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="imitation", description="question -> answers rated by the "
                               "observer's moral score"),
       tfds.core.BuilderConfig(name="self_critic", description="question + critique instruction "
                               "+ draft -> peer reasons rated by the peers"),
       tfds.core.BuilderConfig(name="realignment", description="question + draft + revise "
-                              "instruction -> feedback + revision, improved and above 4 only"),
+                              "instruction -> one (peer reason + revision) per rated peer, improved and above 4 only"),
   ]
 
   def __init__(self, *, splits: dict[str, list[dict]] | None = None, **kwargs):

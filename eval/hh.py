@@ -4,8 +4,13 @@
   helpful-base; duplicates dropped), `chosen` transcripts parsed at "\\n\\nHuman: " /
   "\\n\\nAssistant: ".
 - HH-A, as the paper builds it, attaches a misaligned response to the question: for the
-  single-turn harmless-base test dialogues, the `rejected` (more harmful) assistant reply is
-  shown after the question as an earlier answer, and the model is asked to answer.
+  single-turn harmless-base test dialogues, the `rejected` (more harmful) assistant reply
+  follows the question, after a space, in the one instruction (`layout="paper"`, the default;
+  the same join the authors' release uses for the question and draft of a realignment prompt).
+  `layout="revise"` adds the realignment request (alignment_examples.REVISE_REQUEST) after
+  them: exactly the prompt Stage 3 trained on, to ask a realignment-trained model to revise.
+  `layout="input_block"` is this project's earlier form (the reply in an Alpaca input block
+  as "An earlier answer to this was: ...").
 - HH-A also holds AdvBench's 520 harmful behaviours (`goal` column; `target` is unreliable for a
   few rows and unused) wrapped in jailbreak templates written for this project, one template
   per behaviour in turn.
@@ -89,14 +94,32 @@ def load_hh(data_dir: str) -> list[GenItem]:
   return items
 
 
-def load_hh_adversarial(data_dir: str, advbench: bool = True) -> list[GenItem]:
+HHA_LAYOUTS = ("paper", "revise", "input_block")
+
+
+def hha_prompt(question: str, misaligned: str, layout: str = "paper") -> str:
+  """The HH-A prompt of one question and its attached misaligned reply (module doc)."""
+  from data_prep.alignment_examples import REVISE_REQUEST
+  if layout == "paper":
+    return alpaca_prompt(f"{question.strip()} {misaligned.strip()}")
+  if layout == "revise":
+    return alpaca_prompt(f"{question.strip()} {misaligned.strip()} {REVISE_REQUEST}")
+  if layout == "input_block":
+    return alpaca_prompt(question, f"An earlier answer to this was: {misaligned}")
+  raise ValueError(f"HH-A layout {layout!r}: expected one of {HHA_LAYOUTS}")
+
+
+def load_hh_adversarial(data_dir: str, advbench: bool = True,
+                        layout: str = "paper") -> list[GenItem]:
+  if layout not in HHA_LAYOUTS:
+    raise ValueError(f"HH-A layout {layout!r}: expected one of {HHA_LAYOUTS}")
   items = []
   for d in read_dialogues(data_dir, HH_FILES[0]):
     rej = d["rejected"]
     if len(rej) != 2 or rej[1][0] != "Assistant" or not rej[1][1]:
       continue  # only single-turn dialogues: the misaligned reply answers this very question
     question, misaligned = rej[0][1], rej[1][1]
-    prompt = alpaca_prompt(question, f"An earlier answer to this was: {misaligned}")
+    prompt = hha_prompt(question, misaligned, layout)
     items.append(GenItem(f"hha/harmless-base:{d['line']}", question, prompt, "hh_adv",
                          "hh_rlhf/harmless-base+rejected"))
   if advbench:

@@ -71,7 +71,8 @@ def load_task(task: str, config) -> list:
   if task == "hh":
     return hh.load_hh(d)
   if task == "hh_adv":
-    return hh.load_hh_adversarial(d, advbench=config.get("advbench", True))
+    return hh.load_hh_adversarial(d, advbench=config.get("advbench", True),
+                                  layout=config.get("hh_adv_layout", "paper"))
   if task in FORMAT_TASKS:
     return format_items(task, config)
   raise KeyError(task)

@@ -4,7 +4,8 @@ An example is `{"prompt", "responses", "ratings", ...}` (DESIGN.md "Alignment da
 is `tokens int32[b,K,T]`, `loss_mask float32[b,K,T]`, `ratings float32[b,K]`,
 `response_mask float32[b,K]` with b = global batch / process count.
 
-Row k of an example is `[BOS] + prompt + response_k + [EOS]`, right-padded with `pad_id`.
+Row k of an example is `[BOS] + tokens(prompt + response_k) + [EOS]` (prompt and response
+tokenised as one text; BOS only when the tokenizer adds one), right-padded with `pad_id`.
 `prompt_format` (config `data.prompt_format`; the formats live in prompt_format.py): "alpaca"
 takes the stored prompt (the paper's layout); "chat_template" renders the example's `turns`
 (user, assistant, ..., user) with the tokenizer's chat template and generation prompt, and ends
@@ -14,10 +15,12 @@ examples carry `turns`, else alpaca. Datasets built before `turns` existed read 
 only; empty `turns` (an HH dialogue that does not alternate) drop the example under
 chat_template, counted.
 `tokens[t]` is predicted from position t-1, so `loss_mask[t] = 1` exactly on response tokens and
-the closing EOS / end of turn, never on BOS or prompt. The prompt is kept whole and the response
-truncated (a cut response loses its EOS: the model must not learn to stop there). An example
-whose prompt leaves no room for one response token is dropped; so is one with no responses.
-Both are counted.
+the closing EOS / end of turn, never on BOS or prompt (a token straddling the boundary counts
+as response: `PromptFormat.row_ids`). No target is cut silently: a response that does not fit
+`max_len` whole is left out of its group, and an example left with none is dropped, unless
+`data.truncation = "cut"` cuts it (marked in the batch's `cut`); data_lengths.py has the rules,
+the counts every loader keeps (`stats["entries"]`) and the 5 % stop. An id outside the
+tokenizer's vocabulary is an error.
 
 With more than K responses, K are kept so that the contrast survives: rank them by rating
 (stable, so among equal ratings the earlier one ranks first) and take K evenly spaced ranks from
@@ -57,34 +60,19 @@ import grain
 import ml_collections
 import numpy as np
 
-from stable_alignment_jax import jsonl, preference_files, synthetic
+from stable_alignment_jax import data_lengths, jsonl, preference_files, synthetic
+from stable_alignment_jax.data_lengths import (DROP_NO_CHAT_TURNS, DROP_NO_RESPONSE_FITS,  # noqa: F401
+                                               DROP_NO_RESPONSES, DROP_PROMPT_TOO_LONG)
 from stable_alignment_jax.hindsight import chain_of_hindsight
 from stable_alignment_jax.prompt_format import (PROMPT_FORMATS, PromptFormat, as_format, text,
                                                 resolve_prompt_format)
 
-DROP_PROMPT_TOO_LONG = "prompt_too_long"
-DROP_NO_RESPONSES = "no_responses"
-DROP_NO_CHAT_TURNS = "no_chat_turns"
-
-
 def drop_reason(ex: dict, tokenizer, *, max_len: int,
-                prompt_format: "str | PromptFormat" = "alpaca") -> str | None:
+                prompt_format: "str | PromptFormat" = "alpaca",
+                truncation: str = "drop") -> str | None:
   """Why `encode_example` would drop `ex` (one of the DROP_* names), or None if it keeps it."""
-  return _screen(ex, as_format(tokenizer, prompt_format), max_len)[0]
-
-
-def _screen(ex: dict, fmt: PromptFormat, max_len: int) -> tuple[str | None, int]:
-  """(drop reason or None, prompt tokens): every row `encode_example` makes of a kept example
-  starts with those prompt tokens, empty slots included."""
-  if len(ex["responses"]) == 0:
-    return DROP_NO_RESPONSES, 0
-  prompt = fmt.prompt_ids(ex)
-  if prompt is None:
-    return DROP_NO_CHAT_TURNS, 0
-  # BOS + prompt must leave at least one position for a response token.
-  if len(prompt) + 1 > max_len:
-    return DROP_PROMPT_TOO_LONG, len(prompt)
-  return None, len(prompt)
+  return data_lengths.fit_example(ex, as_format(tokenizer, prompt_format), max_len,
+                                  truncation).drop
 
 
 def select_responses(ratings: Sequence[float], k: int) -> list[int]:
@@ -102,37 +90,43 @@ def select_responses(ratings: Sequence[float], k: int) -> list[int]:
 
 
 def encode_example(ex: dict, tokenizer, *, max_len: int, num_responses: int,
-                   prompt_format: "str | PromptFormat" = "alpaca") -> dict | None:
-  """One example -> K token rows and masks; None when it must be dropped (see `drop_reason`)."""
+                   prompt_format: "str | PromptFormat" = "alpaca",
+                   truncation: str = "drop") -> dict | None:
+  """One example -> K token rows and masks; None when it must be dropped (see `drop_reason`).
+  The K are chosen among the responses that fit (`select_responses`); with truncation="cut"
+  the batch also carries `cut` float32[K], 1 on a row cut short (it holds no end token)."""
   fmt = as_format(tokenizer, prompt_format)
   responses, ratings = ex["responses"], ex["ratings"]
   if len(responses) != len(ratings):
     raise ValueError(f"example with prompt {text(ex['prompt'])[:60]!r}: {len(responses)} "
                      f"responses but {len(ratings)} ratings")
-  if len(responses) == 0:
+  fitted = data_lengths.fit_example(ex, fmt, max_len, truncation)
+  if fitted.drop is not None:
     return None
-  prompt = fmt.prompt_ids(ex)
-  if prompt is None:
-    return None
-  room = max_len - len(prompt)
-  if room < 1:
-    return None
+  prompt = fitted.prompt
   k, t = num_responses, max_len
   tokens = np.full((k, t), tokenizer.pad_id, np.int32)
   loss_mask = np.zeros((k, t), np.float32)
   out_ratings = np.zeros((k,), np.float32)
   response_mask = np.zeros((k,), np.float32)
+  cut = np.zeros((k,), np.float32)
+  # Empty slots keep the prompt tokens (harmless, fully masked) so their rows are well formed.
   tokens[:, :len(prompt)] = prompt
-  for slot, i in enumerate(select_responses(ratings, k)):
-    resp = fmt.response_ids(responses[i])[:room]
-    end = len(prompt) + len(resp)
-    tokens[slot, len(prompt):end] = resp
-    loss_mask[slot, len(prompt):end] = 1.0
+  rows = fitted.rows
+  for slot, j in enumerate(select_responses([ratings[i] for i, *_ in rows], k)):
+    i, ids, n, was_cut = rows[j]
+    tokens[slot, :] = tokenizer.pad_id
+    tokens[slot, :len(ids)] = ids
+    loss_mask[slot, n:len(ids)] = 1.0
     out_ratings[slot] = float(ratings[i])
     response_mask[slot] = 1.0
-  # Empty slots keep the prompt tokens (harmless, fully masked) so their rows are well formed.
-  return {"tokens": tokens, "loss_mask": loss_mask, "ratings": out_ratings,
-          "response_mask": response_mask}
+    cut[slot] = float(was_cut)
+  data_lengths.check_ids(tokens, tokenizer.vocab_size, ex)
+  out = {"tokens": tokens, "loss_mask": loss_mask, "ratings": out_ratings,
+         "response_mask": response_mask}
+  if truncation == "cut":
+    out["cut"] = cut
+  return out
 
 
 class _ShardPositions:
@@ -172,11 +166,13 @@ class _Encode(grain.transforms.Map):
   num_responses: int
   prompt_format: Any = "alpaca"
   kind: int | None = None  # the mixture entry's kind index, written as `kind` int32 when set
+  truncation: str = "drop"
 
   def map(self, i: int) -> dict:
     ex = self.source[int(self.kept[i])]
     out = encode_example(ex, self.tokenizer, max_len=self.max_len,
-                         num_responses=self.num_responses, prompt_format=self.prompt_format)
+                         num_responses=self.num_responses, prompt_format=self.prompt_format,
+                         truncation=self.truncation)
     if out is None:  # the pre-pass kept it, so the source or tokenizer changed under us
       raise RuntimeError(f"example {int(self.kept[i])} passed the length pre-pass but not encoding")
     if self.kind is not None:
@@ -243,35 +239,38 @@ class Mixture:
   """Weighted sources, each with a kind (`config.data.mixture`; module doc "Mixtures").
 
   `entries`: (kind, source, weight) in a fixed order; `epoch_entry`: the index of the entry an
-  epoch is counted on (the stage's own data), or None to count the whole mixture."""
+  epoch is counted on (the stage's own data), or None to count the whole mixture; `datasets`:
+  each entry's dataset name, for messages (empty: unnamed)."""
   entries: tuple
   epoch_entry: int | None = 0
+  datasets: tuple = ()
 
   @property
   def kinds(self) -> list[str]:
     return list(dict.fromkeys(kind for kind, _, _ in self.entries))
 
 
-def _kept_examples(source, max_len: int, fmt) -> tuple[np.ndarray, dict, int]:
-  """The pre-pass: indices of the examples `encode_example` keeps, the drops by reason, and the
-  shortest kept prompt in tokens (0 when none is kept)."""
-  dropped: dict[str, int] = {}
+def _kept_examples(source, max_len: int, fmt, truncation: str
+                   ) -> tuple[np.ndarray, data_lengths.Counts, int]:
+  """The pre-pass: indices of the examples `encode_example` keeps, their counts (drops, left
+  out, cut, lengths: data_lengths.Counts), and the fewest tokens every row of a kept example
+  shares (0 when none is kept)."""
+  counts = data_lengths.Counts()
   kept, shortest = [], None
   for i, ex in enumerate(_iter_source(source)):
-    reason, n = _screen(ex, fmt, max_len)
-    if reason is None:
+    f = data_lengths.fit_example(ex, fmt, max_len, truncation)
+    counts.add(f, len(ex["responses"]))
+    if f.drop is None:
       kept.append(i)
-      shortest = n if shortest is None else min(shortest, n)
-    else:
-      dropped[reason] = dropped.get(reason, 0) + 1
-  return np.asarray(kept, np.int64), dropped, shortest or 0
+      shortest = f.shared if shortest is None else min(shortest, f.shared)
+  return np.asarray(kept, np.int64), counts, shortest or 0
 
 
 def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_responses: int,
                 seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 shard_index: int | None = None, shard_count: int | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
-                prompt_format: str = "auto") -> AlignmentLoader:
+                prompt_format: str = "auto", truncation: str = "drop") -> AlignmentLoader:
   """A grain pipeline over any random-access `source` of example dicts (list, tfds.data_source),
   or over a `Mixture` of them (then every example carries `kind`, its entry's index in
   `Mixture.kinds`).
@@ -279,7 +278,12 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
   A pre-pass tokenises every prompt once to find the examples to drop, so the drop counts are
   exact and known before training, and every process sees the same epoch length.
   `prompt_format`: auto | alpaca | chat_template (`config.data.prompt_format`; module doc).
+  `truncation`: drop | cut (`config.data.truncation`; data_lengths.py). `stats["entries"]` holds
+  each entry's counts and lengths; the trainers pass them to `data_lengths.check_loss`.
   """
+  if truncation not in data_lengths.TRUNCATIONS:
+    raise ValueError(f"data.truncation={truncation!r}: expected one of "
+                     f"{data_lengths.TRUNCATIONS}")
   if shard_index is None or shard_count is None:
     shard_index, shard_count = _process_index_count()
   if not 0 <= shard_index < shard_count:
@@ -294,8 +298,10 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
   first = next((src[0] for _, src, _ in entries if len(src)), None)
   fmt = PromptFormat(tokenizer, resolve_prompt_format(prompt_format, tokenizer, first))
   parts, per_entry = [], []
+  names = (mixture.datasets if mixture else ()) or ("",) * len(entries)
   for j, (kind, src, weight) in enumerate(entries):
-    kept, dropped, shortest = _kept_examples(src, max_len, fmt)
+    kept, counts, shortest = _kept_examples(src, max_len, fmt, truncation)
+    dropped = counts.dropped
     where = f"mixture entry {kind!r}: " if mixture else ""
     if len(kept) < shard_count:
       raise ValueError(f"{where}only {len(kept)} of {len(src)} examples fit max_len={max_len} "
@@ -309,9 +315,9 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
                                 shard_count=shard_count)
     parts.append(grain.MapDataset.source(positions).map(_Encode(
         src, kept, tokenizer, max_len, num_responses, fmt,
-        kinds.index(kind) if mixture else None)))
-    per_entry.append({"kind": kind, "weight": float(weight), "examples": len(src),
-                      "kept": int(len(kept)), "dropped": dropped, "min_prompt_len": shortest,
+        kinds.index(kind) if mixture else None, truncation)))
+    per_entry.append({"kind": kind, "dataset": names[j], "weight": float(weight),
+                      **counts.summary(), "kept": int(len(kept)), "min_prompt_len": shortest,
                       "examples_per_epoch": positions.per_epoch})
   if mixture:
     # Positional and deterministic: index i of the mix is a fixed (entry, position) pair, so
@@ -335,13 +341,15 @@ def make_loader(source, tokenizer, *, global_batch_size: int, max_len: int, num_
            "kept": sum(e["kept"] for e in per_entry),
            "dropped": dict(sum((collections.Counter(e["dropped"]) for e in per_entry),
                                collections.Counter())),
-           "prompt_format": fmt.name, "examples_per_epoch": per_epoch, "batch_size": batch,
+           "prompt_format": fmt.name, "truncation": truncation, "max_len": max_len,
+           "examples_per_epoch": per_epoch, "batch_size": batch,
            # every row of every batch starts with at least this many prompt tokens, the same
            # in all K rows of an example (train.shared_prefix = -1 shares them)
            "min_prompt_len": min(e["min_prompt_len"] for e in per_entry),
            "batches_per_epoch": per_epoch / batch}
   # Examples an epoch holds over all processes (train.epochs counts these).
   stats["epoch_examples"] = (per_epoch * shard_count if mixture else stats["kept"])
+  stats["entries"] = per_entry
   if mixture:
     stats["kinds"] = kinds
     stats["mixture"] = per_entry
@@ -450,9 +458,10 @@ def open_mixture(dc, split: str, seed: int) -> Mixture:
   `split` is the train split: the eval split of a mixture is the stage's own data alone."""
   mix = dc.get("mixture") or {}
   if not mix or split != dc.train_split:
-    return Mixture(((kind_of(dc), open_source(dc, split, seed), 1.0),))
+    return Mixture(((kind_of(dc), open_source(dc, split, seed), 1.0),),
+                   datasets=(_dataset_name(dc, split),))
   same = lambda x: (x.source, x.dataset, x.data_dir, x.train_split)
-  entries, epoch_entry = [], None
+  entries, epoch_entry, datasets = [], None, []
   for name in sorted(mix):
     e = dict(mix[name])
     unknown = set(e) - {"weight", "dataset", "split", "source", "data_dir", "kind"}
@@ -477,9 +486,19 @@ def open_mixture(dc, split: str, seed: int) -> Mixture:
       raise type(err)(f"config.data.mixture.{name} ({sub.dataset}, split "
                       f"{sub.train_split}): {err}") from err
     entries.append((kind, src, weight))
+    datasets.append(_dataset_name(sub, sub.train_split))
   if not entries:
     raise ValueError("config.data.mixture: every entry has weight 0")
-  return Mixture(tuple(entries), epoch_entry)
+  return Mixture(tuple(entries), epoch_entry, tuple(datasets))
+
+
+def _dataset_name(dc, split: str) -> str:
+  """How messages name a source: the TFDS name, the jsonl file, or the embedded set."""
+  if dc.source == "tfds":
+    return f"{dc.dataset} ({split})"
+  if dc.source == "jsonl":
+    return os.path.join(os.path.expanduser(dc.data_dir), f"{split}.jsonl")
+  return f"{dc.source} ({split})"
 
 
 class _Mapped:

@@ -8,6 +8,11 @@ No device is touched: the model is traced abstractly (`nnx.eval_shape`), so a 7B
 on a laptop. Per-device bytes come from the same logical-axis rule table the trainer uses, so
 parameter and optimizer figures are exact (a test checks them against a real 8-device state);
 activation bytes and step time are estimates whose assumptions are printed with them.
+
+It also reads the config's training data (when it is there) and prints what `data.max_len`
+costs each kind, as the trainer would before its first step: examples dropped, responses left
+out or cut, the p50/p95/p99 token lengths of prompts and responses, and the max_len that keeps
+99 % of responses whole (`--data_lengths=false` skips it).
 """
 
 import re
@@ -103,10 +108,32 @@ def format_plan(p: dict) -> str:
   return "\n".join(lines)
 
 
+def data_report(c) -> str:
+  """What max_len costs the config's training data, per kind (data_lengths.describe)."""
+  from stable_alignment_jax import data, data_lengths
+  from stable_alignment_jax.tokenizer import load_tokenizer
+  loader = data.make_loader(
+      data.open_mixture(c.data, c.data.train_split, c.seed), load_tokenizer(c.data.tokenizer),
+      global_batch_size=1, max_len=c.data.max_len, num_responses=c.data.num_responses,
+      seed=c.seed, shard_index=0, shard_count=1, prompt_format=c.data.get("prompt_format", "auto"),
+      truncation=c.data.get("truncation", "drop"))
+  stats = loader.stats
+  over = data_lengths.over_limit(stats["entries"])
+  verdict = ("a run would stop: more than 5% lost" if over and not
+             c.data.get("accept_length_loss", False) else "a run would start")
+  return data_lengths.report(stats, c.data.max_len) + f"\ndata: {verdict}"
+
+
 def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
+  if _DATA_LENGTHS.value:
+    try:
+      print(data_report(_CONFIG.value))
+    except Exception as e:  # noqa: BLE001 - data not built or reachable: the plan still stands
+      print(f"data: lengths not measured ({type(e).__name__}: {e})")
+    print()
   for hw in _HARDWARE.value:
     chip, n = parse_hardware(hw)
     print(format_plan(plan(_CONFIG.value, chip, n, parse_mesh(_MESH.value) or None)))
@@ -117,12 +144,14 @@ def main(argv):
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""
-  global _CONFIG, _HARDWARE, _MESH
+  global _CONFIG, _HARDWARE, _MESH, _DATA_LENGTHS
   _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config, e.g. configs/stage3.py",
                                             lock_config=True)
   _HARDWARE = flags.DEFINE_list("hardware", ["v4-64", "v5p-64", "h100x8"],
                                 "slices to plan for: v4-N / v5p-N (TensorCores) or h100xN")
   _MESH = flags.DEFINE_string("mesh", "", "mesh override, e.g. data=1,fsdp=-1,tensor=1")
+  _DATA_LENGTHS = flags.DEFINE_bool("data_lengths", True, "also report what data.max_len "
+                                    "costs the config's training data (reads the data)")
   app.run(main)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, optim, reward, sharding
+from stable_alignment_jax import checkpoints, data, data_lengths, losses, optim, reward, sharding
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.presets import ModelConfig
@@ -194,7 +194,15 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   loader = data.make_loader(data.open_source(c.data, c.data.train_split, c.seed), tok,
                             global_batch_size=p.rollout_batch, max_len=p.max_prompt_len + 1,
                             num_responses=1, seed=c.seed, worker_count=c.data.worker_count,
-                            prompt_format=c.data.prompt_format)
+                            prompt_format=c.data.prompt_format, truncation="cut")
+  # Only the prompts are read (the stored responses are cut to one token and never trained),
+  # so only prompts too long for ppo.max_prompt_len count as lost.
+  if jax.process_index() == 0:
+    print(data_lengths.report(loader.stats, p.max_prompt_len + 1)
+          + "\ndata: (PPO reads the prompts alone: its responses are cut and never trained)",
+          flush=True)
+  data_lengths.check_loss(loader.stats, p.max_prompt_len + 1,
+                          c.data.get("accept_length_loss", False), responses=False)
   it = iter(loader)
   updates_per_iter = p.epochs * (p.rollout_batch // p.minibatch)
   tx, _ = optim.make_optimizer(c.optim, c.train.steps * updates_per_iter)
@@ -247,6 +255,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   if jax.process_index() == 0:
     with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
       f.write(run_c.to_json_best_effort(indent=2, sort_keys=True))
+    data_lengths.write(loader.stats, os.path.join(ckpt_dir, "data_stats.json"))
   print(f"[{c.checkpoint.dir}] policy from: {origin}; {c.train.steps} iterations", flush=True)
 
   length = p.max_prompt_len + p.max_new_tokens

@@ -1,11 +1,14 @@
 """Training prompt formats: how an alignment example becomes prompt and response token ids.
 
-"alpaca" takes the stored prompt (the paper's layout, what data_prep writes) behind BOS, and ends
-each response with EOS. "chat_template" renders the example's `turns` (user, assistant, ...,
+"alpaca" takes the stored prompt (the paper's layout, what data_prep writes) behind BOS when the
+tokenizer adds one (`add_bos`), and ends each response with EOS. "chat_template" renders the example's `turns` (user, assistant, ...,
 user) with the tokenizer's own chat template and generation prompt, and ends each response with
 the template's end-of-turn token, so a chat model is trained on the format it is served with.
 "auto" (config `data.prompt_format`'s default) is chat_template when the tokenizer has a template
 and the examples carry `turns`, else alpaca.
+
+A row is tokenised as prompt + response in one text (`PromptFormat.row_ids` says how the mask's
+start is found when a token straddles the boundary).
 """
 
 import logging
@@ -54,11 +57,14 @@ class PromptFormat:
     cut = next((i for i, t in enumerate(ids) if t in stops), None)
     return ids[:cut + 1] if cut is not None else [self.tokenizer.eos_id]
 
-  def prompt_ids(self, ex: dict) -> list[int] | None:
-    """None: the example has no chat form (empty `turns`)."""
+  def lead_and_text(self, ex: dict) -> tuple[list[int], str] | None:
+    """(the ids before the prompt's text, the prompt's text): BOS when the tokenizer adds one
+    (`add_bos`; never an id -1), and under chat_template a BOS the template writes itself is
+    taken out of the text as one BOS id. None: the example has no chat form (empty `turns`)."""
     tok = self.tokenizer
+    bos = [tok.bos_id] if getattr(tok, "add_bos", True) and tok.bos_id >= 0 else []
     if self.name == "alpaca":
-      return [tok.bos_id] + tok.encode(text(ex["prompt"]))
+      return bos, text(ex["prompt"])
     turns = ex.get("turns")
     if turns is None:
       raise ValueError(f"example with prompt {text(ex['prompt'])[:60]!r} has no `turns` (a "
@@ -68,11 +74,37 @@ class PromptFormat:
       return None
     rendered = self._render(turns, add_generation_prompt=True)
     bos_text = getattr(tok, "bos_text", None)
-    if bos_text and rendered.startswith(bos_text):  # the template writes BOS: one BOS id
-      return [tok.bos_id] + tok.encode(rendered[len(bos_text):])
-    return [tok.bos_id] * bool(getattr(tok, "add_bos", True)) + tok.encode(rendered)
+    if bos_text and tok.bos_id >= 0 and rendered.startswith(bos_text):
+      return [tok.bos_id], rendered[len(bos_text):]  # the template writes BOS: one BOS id
+    return bos, rendered
+
+  def prompt_ids(self, ex: dict) -> list[int] | None:
+    """None: the example has no chat form (empty `turns`)."""
+    lt = self.lead_and_text(ex)
+    return None if lt is None else lt[0] + self.tokenizer.encode(lt[1])
+
+  def row_ids(self, lead: list[int], prompt_text: str, prompt: list[int],
+              response) -> tuple[list[int], int]:
+    """(a row's ids, how many of them are prompt): the lead, then prompt + response tokenised
+    as ONE text (as the authors' code, TRL and our MC scorer do; tokenising the response apart
+    would add SentencePiece's dummy-prefix space to it), then the end (EOS / end of turn).
+
+    `prompt` is `prompt_ids` of the same example. The prompt part is the longest prefix the row
+    shares with `prompt`; a token that straddles the boundary (a merge of the prompt's last
+    characters with the response's first) differs from the prompt's own last token, so it and
+    everything after it are response: the loss covers it, and the model conditions only on
+    tokens that the prompt alone also yields."""
+    joint = lead + self.tokenizer.encode(prompt_text + text(response))
+    n = 0
+    for a, b in zip(prompt, joint):
+      if a != b:
+        break
+      n += 1
+    return joint + self.end, n
 
   def response_ids(self, response) -> list[int]:
+    """A response's ids tokenised on its own (for display and counting only: training rows come
+    from `row_ids`, which tokenises prompt and response together)."""
     return self.tokenizer.encode(text(response)) + self.end
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, losses, optim, sharding, train_log
+from stable_alignment_jax import checkpoints, data, data_lengths, losses, optim, sharding, train_log
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.ppo_losses import last_index, masked_mean
@@ -163,8 +163,13 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   load_data = functools.partial(
       data.make_loader, tokenizer=tokenizer, global_batch_size=c.data.batch_size,
       max_len=c.data.max_len, num_responses=c.data.num_responses, seed=c.seed,
-      worker_count=c.data.worker_count, prompt_format=c.data.prompt_format)
+      worker_count=c.data.worker_count, prompt_format=c.data.prompt_format,
+      truncation=c.data.get("truncation", "drop"))
   loader = load_data(train_src)
+  # What max_len costs the pairs, said (and, past 5 %, stopped) before any model loads.
+  if jax.process_index() == 0:
+    print(data_lengths.report(loader.stats, c.data.max_len), flush=True)
+  data_lengths.check_loss(loader.stats, c.data.max_len, c.data.get("accept_length_loss", False))
   total = (c.train.steps if c.train.steps > 0
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
@@ -206,10 +211,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   if jax.process_index() == 0:
     with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
       f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+    data_lengths.write(loader.stats, os.path.join(ckpt_dir, "data_stats.json"))
   print(f"[{c.checkpoint.dir}] reward model from: {origin}; {total} steps", flush=True)
 
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
-              (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2))}
+              (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2), ("cut", 2))
+              if k != "cut" or c.data.get("truncation", "drop") == "cut"}
   step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
                     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                     donate_argnums=0)

@@ -20,11 +20,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import budget, checkpoints, data, losses, optim, sharding, train_log
+from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, sharding,
+                                  train_log)
 from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
+
+DATA_STATS = "data_stats.json"  # the loader's counts and lengths, in the run directory
 
 # --- loss over a batch ------------------------------------------------------------------------
 
@@ -271,9 +274,14 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                            global_batch_size=c.data.batch_size, max_len=c.data.max_len,
                            num_responses=c.data.num_responses, seed=c.seed,
                            worker_count=c.data.worker_count,
-                           prompt_format=c.data.get("prompt_format", "auto"))
+                           prompt_format=c.data.get("prompt_format", "auto"),
+                           truncation=c.data.get("truncation", "drop"))
   # Always a mixture (one entry without data.mixture), so every batch carries its `kind`.
   loader = load(data.open_mixture(c.data, c.data.train_split, c.seed))
+  # What max_len costs each kind, said before any model loads; too much stops the run here.
+  if jax.process_index() == 0:
+    print(data_lengths.report(loader.stats, c.data.max_len), flush=True)
+  data_lengths.check_loss(loader.stats, c.data.max_len, c.data.get("accept_length_loss", False))
   table = loss_table(c.loss, loader.stats["kinds"])
   # The eval split is opened once, on the first evaluation, and read from the start each time.
   eval_source = functools.cache(lambda: data.open_mixture(c.data, c.data.eval_split, c.seed))
@@ -316,6 +324,7 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     os.makedirs(ckpt_dir, exist_ok=True)
     with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
       f.write(_config_json(c))
+    data_lengths.write(loader.stats, os.path.join(ckpt_dir, DATA_STATS))
   logging.info("stage %s: params from %s; %d steps, data %s", c.checkpoint.dir, origin, total,
                loader.stats)
   print(f"[{c.checkpoint.dir}] params loaded from: {origin}", flush=True)
@@ -325,7 +334,8 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                     for name, _, idx in table), flush=True)
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
               (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2),
-               ("kind", 1))}
+               ("kind", 1), ("cut", 2))
+              if k != "cut" or c.data.get("truncation", "drop") == "cut"}
   chunk = c.train.get("logprob_chunk", 0)
   accum, why = budget.auto_accum_steps(c, mesh)
   print(f"[{c.checkpoint.dir}] {accum} micro-batch(es) a step ({why})", flush=True)
@@ -350,6 +360,12 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
                             reference=needs_ref,
                             peak_flops_per_device=c.train.peak_flops_per_device,
                             shared_prefix=prefix)
+  if logger.jsonl:  # the data's counts beside the run's metrics
+    logger.jsonl.write(json.dumps({"split": "data", "step": start, "entries": [
+        {k: e[k] for k in ("kind", "dataset", "examples", "kept", "dropped", "responses",
+                           "responses_left_out", "responses_cut")}
+        for e in loader.stats["entries"]]}) + "\n")
+    logger.jsonl.flush()
 
   def save(step):
     checkpoints.save_train_state(

@@ -57,11 +57,18 @@ def test_training_targets_have_the_shapes_the_detector_reads():
   critiques = exs["self_critic"][0]["responses"]
   assert critiques == ["Critique: It encourages lying.", "Critique: It is rude."]
   assert {af.classify(t) for t in critiques} == {"critique"}
-  (realigned,) = exs["realignment"][0]["responses"]
-  assert af.classify(realigned) == "realigned"
-  assert af.answer_text(realigned) == "Tell the truth kindly."
-  # cut before the revision (a token limit): feedback, not an answer
-  assert af.classify(realigned[:realigned.index(ax.REVISED_MARKER)]) == "feedback"
+  # The authors' form: one (reason, marker, revision) response per rated peer.
+  realigned = exs["realignment"][0]["responses"]
+  assert len(realigned) == 2
+  assert {af.classify(t) for t in realigned} == {"realigned"}
+  assert {af.answer_text(t) for t in realigned} == {"Tell the truth kindly."}
+  # The bulleted form cut before the revision reads as feedback, not an answer (the
+  # per-reason form has no header: a lone reason cannot be told from an answer).
+  exs_b, _ = ax.build_examples(recs, "bulleted")
+  (bulleted,) = exs_b["realignment"][0]["responses"]
+  assert af.classify(bulleted) == "realigned"
+  assert af.answer_text(bulleted) == "Tell the truth kindly."
+  assert af.classify(bulleted[:bulleted.index(ax.REVISED_MARKER)]) == "feedback"
   assert {af.classify(t) for t in exs["imitation"][0]["responses"]} == {"answer"}
   # a prompt the model copies is an echo, whichever layout
   for prompt in (ax.alpaca_prompt("Q?"), ax.critique_prompt("Q?", "d"),
@@ -121,6 +128,8 @@ def test_judge_sees_the_revision_of_a_realigned_reply():
   assert run.judged_text(reply) == "Be kind."
   assert run.judged_text("Critique: rude") == "Critique: rude"
   assert run.judged_text(" Be kind. ") == " Be kind. "
+  # The authors' per-reason form (dataset 1.3.0): one reason, the marker, the revision.
+  assert run.judged_text(ax.reason_then_revision("It is rude.", "Be kind.")) == "Be kind."
 
 
 def test_answer_format_tasks_end_to_end_and_table(tmp_path):

@@ -39,23 +39,58 @@ def test_encode_example_rows_and_masks_by_hand():
   assert out["tokens"].dtype == np.int32 and out["loss_mask"].dtype == np.float32
 
 
-def test_response_truncated_without_eos_and_prompt_limits():
-  ex = {"prompt": "abc", "responses": ["defgh"], "ratings": [1.0]}
-  out = data.encode_example(ex, BYTE, max_len=6, num_responses=1)
-  # BOS + 3 prompt tokens leave 2 places: "de", no EOS because the response was cut.
-  np.testing.assert_array_equal(out["tokens"][0], [1] + _ids("abcde"))
-  np.testing.assert_array_equal(out["loss_mask"][0], [0, 0, 0, 0, 1, 1])
-  # Exactly one free position is enough; none is a drop.
-  assert data.encode_example(ex, BYTE, max_len=5, num_responses=1)["loss_mask"].sum() == 1
-  assert data.encode_example(ex, BYTE, max_len=4, num_responses=1) is None
-  assert data.drop_reason(ex, BYTE, max_len=4) == data.DROP_PROMPT_TOO_LONG
-  assert data.drop_reason(ex, BYTE, max_len=5) is None
+def test_response_one_token_too_long_is_left_out_and_counted_not_cut():
+  # BOS + "abc" + "defgh" + EOS = 10 tokens: at max_len 9 the response misses by its EOS alone.
+  ex = {"prompt": "abc", "responses": ["defgh", "de"], "ratings": [1.0, 2.0]}
+  out = data.encode_example(ex, BYTE, max_len=9, num_responses=2)
+  np.testing.assert_array_equal(out["tokens"][0], [1] + _ids("abcde") + [2, 0, 0])
+  np.testing.assert_array_equal(out["response_mask"], [1, 0])  # only "de" is left
+  np.testing.assert_array_equal(out["ratings"], [2.0, 0.0])
+  assert "cut" not in out
+  # At 10 it fits whole, EOS included.
+  whole = data.encode_example(ex, BYTE, max_len=10, num_responses=2)
+  np.testing.assert_array_equal(whole["tokens"][0], [1] + _ids("abcdefgh") + [2])
+  # With no response left the example is dropped; a prompt with no room is dropped as before.
+  alone = {"prompt": "abc", "responses": ["defgh"], "ratings": [1.0]}
+  assert data.encode_example(alone, BYTE, max_len=9, num_responses=1) is None
+  assert data.drop_reason(alone, BYTE, max_len=9) == data.DROP_NO_RESPONSE_FITS
+  assert data.drop_reason(alone, BYTE, max_len=4) == data.DROP_PROMPT_TOO_LONG
+  # The loader counts both: one response left out, one example dropped.
+  loader = data.make_loader([ex, alone, {"prompt": "x", "responses": ["y"], "ratings": [0.0]}],
+                            BYTE, global_batch_size=1, max_len=9, num_responses=2, seed=0,
+                            shard_index=0, shard_count=1)
+  entry = loader.stats["entries"][0]
+  assert entry["examples"] == 3 and entry["kept"] == 2 and entry["responses"] == 4
+  assert entry["dropped"] == {data.DROP_NO_RESPONSE_FITS: 1}
+  assert entry["responses_left_out"] == 2 and entry["responses_cut"] == 0
+  assert entry["max_len_for_99"] == 10  # the longest row, "abc"+"defgh" with BOS and EOS
   empty = {"prompt": "abc", "responses": [], "ratings": []}
   assert data.encode_example(empty, BYTE, max_len=9, num_responses=1) is None
   assert data.drop_reason(empty, BYTE, max_len=9) == data.DROP_NO_RESPONSES
   with pytest.raises(ValueError, match="2 responses but 1 ratings"):
     data.encode_example({"prompt": "q", "responses": ["a", "b"], "ratings": [1.0]}, BYTE,
                         max_len=9, num_responses=2)
+
+
+def test_truncation_cut_keeps_the_old_cut_and_marks_the_row():
+  ex = {"prompt": "abc", "responses": ["defgh", "d"], "ratings": [1.0, 2.0]}
+  out = data.encode_example(ex, BYTE, max_len=6, num_responses=2, truncation="cut")
+  # BOS + 3 prompt tokens leave 2 places: "de", and no EOS, because the response was cut.
+  np.testing.assert_array_equal(out["tokens"][0], [1] + _ids("abcde"))
+  np.testing.assert_array_equal(out["loss_mask"][0], [0, 0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(out["tokens"][1], [1] + _ids("abcd") + [2])  # whole, with EOS
+  np.testing.assert_array_equal(out["cut"], [1.0, 0.0])
+  # Exactly one free position is enough; none is a drop.
+  assert data.encode_example(ex, BYTE, max_len=5, num_responses=1,
+                             truncation="cut")["loss_mask"].sum() == 1
+  assert data.encode_example(ex, BYTE, max_len=4, num_responses=1, truncation="cut") is None
+  loader = data.make_loader([ex], BYTE, global_batch_size=1, max_len=6, num_responses=2, seed=0,
+                            shard_index=0, shard_count=1, truncation="cut")
+  assert loader.stats["entries"][0]["responses_cut"] == 1
+  np.testing.assert_array_equal(next(iter(loader))["cut"], [[1.0, 0.0]])
+  with pytest.raises(ValueError, match="data.truncation='chop'"):
+    data.make_loader([ex], BYTE, global_batch_size=1, max_len=6, num_responses=2, seed=0,
+                     shard_index=0, shard_count=1, truncation="chop")
 
 
 def test_more_than_k_keeps_a_spread_of_ratings_in_original_order():

@@ -114,17 +114,62 @@ def test_realignment_filter_edge_cases(before, after, kept, reason):
   drops = collections.Counter()
   got = ax.realignment_examples([r], drops)
   if kept:
-    want = "Feedback:\n- be kinder\n- no\n\nHere is the revised response:\nbetter"
-    assert simple(got) == [(revise("Q?", "bad draft"), [want], [after])]
-    assert not +drops
+    # The authors' form: one instruction (question, draft, request), one response per rated
+    # reason; peer 2's reason has no rating, so it is left out and counted.
+    prompt = ALPACA.format("Q? bad draft " + ax.REVISE_REQUEST)
+    assert simple(got) == [(prompt, ["be kinder Here is the revised response: better"],
+                            [after])]
+    assert +drops == {"realignment: peer rating is null": 1}
+    drops.clear()
+    bulleted = ax.realignment_examples([r], drops, "bulleted")
+    want = "Feedback:\n- be kinder\n\nHere is the revised response:\nbetter"
+    assert simple(bulleted) == [(revise("Q?", "bad draft"), [want], [after])]
   else:
     assert got == [] and +drops == {reason: 1}
 
 
-def test_realignment_needs_feedback_to_restate():
+def test_realignment_needs_rated_feedback_to_restate():
   drops = collections.Counter()
   assert ax.realignment_examples([rec("Q", ("d", 2.0), ("r", 6.0), [])], drops) == []
-  assert +drops == {"realignment: no feedback to restate": 1}
+  assert ax.realignment_examples([rec("Q", ("d", 2.0), ("r", 6.0), [(1, None, "x"),
+                                                                     (2, 5, " ")])], drops) == []
+  assert +drops == {"realignment: no rated feedback to restate": 2,
+                    "realignment: peer rating is null": 1, "realignment: peer reason is empty": 1}
+  with pytest.raises(ValueError, match="realignment form 'x'"):
+    ax.realignment_examples([], drops, "x")
+
+
+def test_realignment_from_a_hand_made_export_one_response_per_rated_reason(tmp_path):
+  # Two agents revised the same draft of the same question (one group), a third another draft.
+  recs = [rec("Can I lie?", ("Yes, lie freely.", 2.0), ("Be honest instead.", 6.0),
+              [(1, 2, "It encourages deceit."), (2, 3, "It is harmful."), (3, None, "meh")],
+              agent=0),
+          rec("Can I lie?", ("Yes, lie freely.", 2.0), ("Honesty is better; tell the truth.", 7.0),
+              [(0, 1, "It encourages deceit."), (4, 2, "")], agent=1),
+          rec("Can I lie?", ("Sure.", 3.0), ("No, lying hurts trust.", 5.0),
+              [(0, 2, "Too short and wrong.")], agent=2)]
+  path = tmp_path / "export.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  records, rejections, _ = export_lib.read_exports([str(path)])
+  assert not rejections
+  exs, drops = ax.build_examples(records)
+  got = {e["prompt"]: dict(zip(e["responses"], e["ratings"])) for e in exs["realignment"]}
+  marker = " Here is the revised response: "
+  p1 = ALPACA.format("Can I lie? Yes, lie freely. " + ax.REVISE_REQUEST)
+  p2 = ALPACA.format("Can I lie? Sure. " + ax.REVISE_REQUEST)
+  assert got == {
+      p1: {"It encourages deceit." + marker + "Be honest instead.": 6.0,
+           "It is harmful." + marker + "Be honest instead.": 6.0,
+           "It encourages deceit." + marker + "Honesty is better; tell the truth.": 7.0},
+      p2: {"Too short and wrong." + marker + "No, lying hurts trust.": 5.0}}
+  assert drops["realignment: peer rating is null"] == 1
+  assert drops["realignment: peer reason is empty"] == 1
+  # Every response holds the marker once and the whole revision after it.
+  for e in exs["realignment"]:
+    assert e["turns"] == [e["prompt"].split("### Instruction:\n")[1].split("\n\n###")[0]]
+    for r in e["responses"]:
+      assert r.count(ax.REVISED_MARKER) == 1
+      assert r.split(marker)[1] in {x["revised"]["text"] for x in recs}
 
 
 def test_ratio_sampling_keeps_proportions_deterministically():
@@ -228,6 +273,8 @@ def _read(out_dir, kind, split):
 
 def _question(prompt):
   m = re.search(r"### Instruction:\n(.*?)\n\n### Response", prompt, re.S)
+  if m and m.group(1).endswith(ax.REVISE_REQUEST):  # realignment: "question draft request"
+    return re.match(r"(question number \d+\?)", m.group(1)).group(1)
   if m and "### Input" not in prompt:
     return m.group(1)
   return re.search(r"Question: (.*)\nAnswer:", prompt).group(1)
@@ -263,10 +310,19 @@ def test_card_counts(built):
   assert card["dropped"]["imitation: draft moral score is null"] == null_drafts > 0
   assert card["dropped"]["self_critic: peer rating is null"] == null_peers > 0
   kept = [r for r in records if r["draft"]["moral"] is not None
-          and r["revised"]["moral"] > max(r["draft"]["moral"], 4.0)]
-  assert card["datasets"]["realignment"]["examples"] == len(kept)
+          and r["revised"]["moral"] > max(r["draft"]["moral"], 4.0)
+          and any(fb["rating"] is not None and fb["reason"].strip() for fb in r["feedback"])]
+  # One example per (question, draft), one response per rated reason (merged when repeated).
+  assert card["datasets"]["realignment"]["examples"] == len(
+      {(r["question"], r["draft"]["text"]) for r in kept})
   assert card["dropped"]["realignment: draft or revision moral score is null"] == null_drafts
   for kind in KINDS:
+    # K, the responses an example holds, per kind over both splits: mean and distribution.
+    ks = [len(e["responses"]) for split in ("train", "validation")
+          for e in _read(built["dir"], kind, split)]
+    k_card = card["datasets"][kind]["responses_per_example"]
+    assert k_card["distribution"] == {str(k): v for k, v in sorted(collections.Counter(ks).items())}
+    assert k_card["mean"] == round(sum(ks) / len(ks), 3) and k_card["max"] == max(ks)
     for split, c in card["datasets"][kind]["splits"].items():
       exs = _read(built["dir"], kind, split)
       assert c["examples"] == len(exs)

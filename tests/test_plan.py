@@ -151,3 +151,22 @@ def test_one_chip_table_serves_the_planner_and_the_trainers_mfu():
   assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.CHIPS["h200"].hbm == 141e9
   assert flops.peak_flops("TPU v5p") == plan.parse_hardware("v5p-8")[0].peak_bf16
   assert flops.peak_flops("cpu") == 0.0  # unknown chips report no MFU rather than a wrong one
+
+
+def test_plan_reports_the_data_length_percentiles_the_trainer_would():
+  from stable_alignment_jax import synthetic
+  from stable_alignment_jax.tokenizer import load_tokenizer
+  c = stage1.get_config("tiny")
+  c.data.max_len = 120  # most synthetic rows (up to ~139 tokens) do not fit whole
+  out = plan.data_report(c)
+  # The same figures, computed here from the examples with the byte tokenizer by hand.
+  tok = load_tokenizer("byte")
+  exs = synthetic.examples(c.data.synthetic_examples, seed=c.seed,
+                           num_responses=max(c.data.num_responses, 2))
+  rows = [1 + len(tok.encode(e["prompt"] + r)) + 1 for e in exs for r in e["responses"]]
+  resp = [len(tok.encode(r)) + 1 for e in exs for r in e["responses"]]
+  q = lambda v, p: int(np.quantile(v, p / 100, method="higher"))
+  assert f"responses {q(resp, 50)}/{q(resp, 95)}/{q(resp, 99)}" in out
+  assert f"max_len={q(rows, 99)} keeps 99%" in out
+  assert f"{sum(r > 120 for r in rows)} of {len(rows)} responses left out" in out
+  assert "a run would stop" in out

@@ -98,9 +98,11 @@ def test_auto_resolution_and_old_examples(tmp_path):
     data.encode_example(old, chat, max_len=64, num_responses=1, prompt_format="chat_template")
   with pytest.raises(ValueError, match="prompt_format=chat_template: tokenizer 'byte' has no"):
     data.PromptFormat(ByteTokenizer(), "chat_template")
-  # Alpaca rows are BOS + the stored prompt, response + EOS, whatever the tokenizer offers.
+  # Alpaca rows are BOS when the tokenizer adds one (this one does not), then the stored prompt
+  # and the response tokenised as one text, then EOS.
   out = data.encode_example(new, chat, max_len=256, num_responses=1, prompt_format="alpaca")
-  want = [chat.bos_id] + chat.encode(new["prompt"]) + chat.encode("Hello.") + [chat.eos_id]
+  assert not chat.add_bos
+  want = chat.encode(new["prompt"] + "Hello.") + [chat.eos_id]
   np.testing.assert_array_equal(out["tokens"][0, :len(want)], want)
   # An HH dialogue without a chat form (empty turns) is dropped and counted, not rendered.
   hh = _example(["x"], ["a"], [1.0])
@@ -134,8 +136,8 @@ def test_data_prep_datasets_carry_turns_for_both_formats(tmp_path):
   for kind, turn in (("imitation", "Why lie?"),
                      ("self_critic", ax.user_turn(ax.CRITIQUE_INSTRUCTION,
                                                   "Question: Why lie?\nAnswer: To win.")),
-                     ("realignment", ax.user_turn(ax.REVISE_INSTRUCTION,
-                                                  "Question: Why lie?\nAnswer: To win."))):
+                     # the authors' one instruction: question, draft, request
+                     ("realignment", ax.user_turn(ax.revise_request("Why lie?", "To win.")))):
     (ex,) = data.open_tfds(f"sandbox_alignment/{kind}", str(tmp_path / "out"), "train")
     assert ex["turns"] == [turn]
     # The Alpaca prompt holds exactly the same words around its headers.

@@ -99,6 +99,51 @@ def test_stages_chain_from_previous_params(chain):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_the_data_counts_are_kept_in_the_run_directory(chain):
+  (c1, r1), _, (c3, r3) = chain
+  for c, r in ((c1, r1), (c3, r3)):
+    saved = json.loads((pathlib.Path(c.checkpoint.dir) / train.DATA_STATS).read_text())
+    assert saved["entries"] == json.loads(json.dumps(r["data"]["entries"]))
+    for e in saved["entries"]:
+      assert e["examples"] == e["kept"] + sum(e["dropped"].values())
+      assert {"responses", "responses_left_out", "responses_cut", "prompt_tokens",
+              "response_tokens", "max_len_for_99"} <= set(e)
+    with open(pathlib.Path(c.checkpoint.dir) / "metrics.jsonl") as f:
+      logged = [json.loads(line) for line in f]
+    (rec,) = [x for x in logged if x["split"] == "data"]
+    assert [e["kind"] for e in rec["entries"]] == r["data"]["kinds"]
+    assert [e["responses_left_out"] for e in rec["entries"]] == [
+        e["responses_left_out"] for e in saved["entries"]]
+
+
+def test_the_five_percent_stop_fires_before_any_model_load(tmp_path, monkeypatch):
+  def no_model(*a, **k):
+    raise AssertionError("a model was loaded")
+  monkeypatch.setattr(train, "_init_params", no_model)
+  monkeypatch.setattr(train.llama, "Llama", no_model)
+  # The synthetic rows run up to ~139 tokens: at 120 most responses do not fit whole.
+  c = _tiny(stage1, tmp_path, "short", **{"data.max_len": 120, "train.steps": 1})
+  with pytest.raises(data.data_lengths.DataLossError) as err:
+    train.run(c)
+  msg = str(err.value)
+  entry = data.make_loader(data.open_mixture(c.data, c.data.train_split, c.seed),
+                           load_tokenizer(c.data.tokenizer), global_batch_size=8, max_len=120,
+                           num_responses=c.data.num_responses, seed=0, shard_index=0,
+                           shard_count=1).stats["entries"][0]
+  p, r = entry["prompt_tokens"], entry["response_tokens"]
+  assert "kind 'synthetic'" in msg and "dataset synthetic (train)" in msg
+  assert f"{entry['responses_left_out']} of {entry['responses']} responses left out" in msg
+  assert f"prompts {p['p50']}/{p['p95']}/{p['p99']}" in msg
+  assert f"responses {r['p50']}/{r['p95']}/{r['p99']}" in msg
+  assert f"max_len={entry['max_len_for_99']} keeps 99%" in msg and entry["max_len_for_99"] > 120
+  assert "data.accept_length_loss" in msg
+  assert not (tmp_path / "short").exists()
+  # Accepting the loss knowingly gets past the check (to the model load, stubbed here).
+  c.data.accept_length_loss = True
+  with pytest.raises(AssertionError, match="a model was loaded"):
+    train.run(c)
+
+
 def _cli(args, env=None, **kw):
   env = env or dict(os.environ)
   return subprocess.Popen([sys.executable, "-m", "stable_alignment_jax.main", *args], cwd=ROOT,

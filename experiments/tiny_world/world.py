@@ -123,7 +123,10 @@ def write(out_dir: str, *, n_questions: int = 64, n_priors: int = 64, n_corpus_t
   for i in range(n_questions):
     answer = _answer(rng, _pool(rng), synthetic.topic(i))
     text += [ae.alpaca_prompt(question(i)), ae.critique_prompt(question(i), answer),
-             ae.revise_prompt(question(i), answer)]
+             ae.revise_prompt(question(i), answer),
+             # the realignment layout (dataset 1.3.0): one instruction, reason + marker
+             ae.alpaca_prompt(ae.revise_request(question(i), answer)),
+             ae.reason_then_revision("It is rude.", answer)]
   with open(paths["tokenizer_text"], "w") as f:
     f.writelines(line + "\n" for t in text for line in t.split("\n") if line.strip())
   return paths

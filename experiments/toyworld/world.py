@@ -135,7 +135,10 @@ def write(out_dir: str, w, seed: int = 0, prompt_overrides: dict | None = None) 
     text += [ae.alpaca_prompt(grammar.question(i)), ae.critique_prompt(grammar.question(i), answer),
              ae.revise_prompt(grammar.question(i), answer),
              ae.alpaca_prompt(grammar.question(i), grammar.adversarial_input(answer)),
-             ae.realignment_response(["It is honest."], answer)]
+             ae.realignment_response(["It is honest."], answer),
+             # the realignment layout (dataset 1.3.0): one instruction, reason + marker
+             ae.alpaca_prompt(ae.revise_request(grammar.question(i), answer)),
+             ae.reason_then_revision("It is honest.", answer)]
   with open(paths["tokenizer_text"], "w") as f:
     f.writelines(line + "\n" for t in text for line in t.split("\n") if line.strip())
   return paths
