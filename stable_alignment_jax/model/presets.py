@@ -28,6 +28,23 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0  # llama3 only
   rope_high_freq_factor: float = 4.0  # llama3 only
   rope_original_max_len: int = 0  # llama3: the pre-training context the scaling extends
+  # Family differences, as fields (defaults: LLaMA). Qwen2: qkv_bias. Qwen3: qk_norm. Gemma 2/3:
+  # norm_offset 1, post_norms, gelu_tanh, embed_scale, query_pre_attn_scalar, sliding layers;
+  # Gemma 2 the soft-caps, Gemma 3 qk_norm and rope_local_theta. Mistral: sliding_window.
+  qkv_bias: bool = False  # biases on the q/k/v projections (not on the output projection)
+  qk_norm: bool = False  # RMSNorm over each head's query and key, head_dim wide, before RoPE
+  norm_offset: float = 0.0  # every RMSNorm multiplies by (norm_offset + w), w as HF stores it
+  post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add
+  mlp_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, tanh-approximate GELU)
+  embed_scale: bool = False  # input embeddings times sqrt(dim), rounded to the compute dtype
+  query_pre_attn_scalar: float = 0.0  # scores scaled by its -1/2 power (0: head_dim's)
+  attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask (0: off)
+  final_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (0: off)
+  # A sliding layer's query sees the keys less than `sliding_window` positions back (itself
+  # included), as transformers' `kv_idx > q_idx - sliding_window`; 0 or no sliding layer: off.
+  sliding_window: int = 0
+  layer_types: tuple = ()  # "full" | "sliding" per layer; () = every layer full
+  rope_local_theta: float = 0.0  # sliding layers' RoPE base, default RoPE (0: the global RoPE)
   dtype: str = "bfloat16"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of the weights (and of the optimizer moments)
   remat: str = "none"  # none | full | dots: recompute policy per decoder layer
@@ -53,11 +70,31 @@ class ModelConfig:
         raise ValueError("rope_type='llama3' needs rope_original_max_len > 0")
       if self.rope_high_freq_factor <= self.rope_low_freq_factor:
         raise ValueError("rope_high_freq_factor must exceed rope_low_freq_factor")
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a list from a config file
+    if self.layer_types and len(self.layer_types) != self.n_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                       f"n_layers={self.n_layers}")
+    if set(self.layer_types) - {"full", "sliding"}:
+      raise ValueError(f"layer_types={self.layer_types}; each entry is 'full' or 'sliding'")
+    if ("sliding" in self.layer_types) != (self.sliding_window > 0):
+      raise ValueError(f"sliding_window={self.sliding_window} with layer_types="
+                       f"{self.layer_types}: a window needs a 'sliding' layer and vice versa")
+    if self.mlp_act not in ("silu", "gelu_tanh"):
+      raise ValueError(f"mlp_act={self.mlp_act!r}; expected silu or gelu_tanh")
+
+  def is_sliding(self, i: int) -> bool:
+    """Whether layer i attends within the sliding window."""
+    return bool(self.layer_types) and self.layer_types[i] == "sliding"
+
+  @property
+  def any_sliding(self) -> bool:
+    return "sliding" in self.layer_types
 
   def num_params(self) -> int:
     d, f, hd = self.dim, self.ffn_dim, self.head_dim
     attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-    layer = attn + 3 * d * f + 2 * d
+    attn += self.qkv_bias * hd * (self.n_heads + 2 * self.n_kv_heads) + self.qk_norm * 2 * hd
+    layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d
     embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * d
     return embeddings + self.n_layers * layer + d
 
