@@ -231,7 +231,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int | li
   if model_type.startswith("gemma"):
     del out["hidden_act"], out["mlp_bias"]
     out.update(hidden_activation="gelu_pytorch_tanh", layer_types=types,
-               query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+               query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
                attn_logit_softcapping=cfg.attn_softcap or None,
                final_logit_softcapping=cfg.final_softcap or None)
   if model_type == "gemma3_text":
@@ -239,6 +239,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int | li
     out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
                rope_local_base_freq=local["rope_theta"])
   return _checked(cfg, out)
+
+
+def _int_if_whole(x: float):
+  return int(x) if float(x).is_integer() else x  # transformers' config checks want an int
 
 
 _OURS = ("dtype", "param_dtype", "remat", "scan_layers")  # not the checkpoint's to say
