@@ -478,6 +478,33 @@ def test_preset_parameter_counts(name):
   assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
 
 
+# (total, non-embedding) as published: Qwen2.5 and Qwen3 model cards ("Number of Parameters" and
+# "(Non-Embedding)"), Gemma 2 and Gemma 3 technical reports (Table 1: embedding and non-embedding;
+# Gemma 3 4B's text model without its 417M vision encoder), the gemma-3-270m model card. None: the
+# card gives only the rounded name (Qwen3-1.7B's 1.72B total is 1.2% above "1.7B"; its
+# non-embedding 1.41B is within 1% of the published 1.4B).
+PUBLISHED_FAMILIES = {
+    "qwen2_5_0_5b": (0.49e9, 0.36e9), "qwen2_5_1_5b": (1.54e9, 1.31e9),
+    "qwen2_5_7b": (7.61e9, 6.53e9), "qwen3_0_6b": (0.6e9, 0.44e9), "qwen3_1_7b": (None, 1.4e9),
+    "qwen3_8b": (8.2e9, 6.95e9), "gemma2_2b": (590_118_912 + 2_024_517_888, 2_024_517_888),
+    "gemma2_9b": (917_962_752 + 8_324_201_984, 8_324_201_984), "gemma3_270m": (268e6, 100e6),
+    "gemma3_1b": (1.0e9, 698e6), "gemma3_4b": (675e6 + 3209e6, 3209e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FAMILIES))
+def test_family_preset_parameter_counts(name):
+  cfg = preset(name)
+  total, non_embedding = PUBLISHED_FAMILIES[name]
+  embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+  assert abs(cfg.num_params() - embedding - non_embedding) / non_embedding < 0.01
+  if total is not None:
+    assert abs(cfg.num_params() - total) / total < 0.01
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
+
+
 def test_relayout_round_trips_the_weights(model, cfg):
   from stable_alignment_jax.model import llama
   graphdef, state = nnx.split(model)

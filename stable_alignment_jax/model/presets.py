@@ -148,6 +148,54 @@ PRESETS: dict[str, dict[str, Any]] = {
                          tie_embeddings=True),
 }
 
+# The other families, from the published config.json files of Qwen/Qwen2.5-0.5B, -1.5B, -7B,
+# Qwen/Qwen3-0.6B, -1.7B, -8B, google/gemma-2-2b, -9b, google/gemma-3-270m, -1b-pt and the text
+# model of google/gemma-3-4b-pt.
+_QWEN = dict(rope_theta=1e6, norm_eps=1e-6)
+_QWEN2 = dict(_QWEN, qkv_bias=True)
+_QWEN3 = dict(_QWEN, qk_norm=True, head_dim=128, max_seq_len=40960)
+_GEMMA = dict(norm_offset=1.0, post_norms=True, mlp_act="gelu_tanh", embed_scale=True,
+              head_dim=256, query_pre_attn_scalar=256.0, tie_embeddings=True, norm_eps=1e-6)
+
+
+def _gemma2(n_layers: int, **kw) -> dict:
+  """Gemma 2: local (4096) and global layers alternate, the first local; both soft-caps."""
+  return dict(_GEMMA, n_layers=n_layers, vocab_size=256000, max_seq_len=8192, sliding_window=4096,
+              layer_types=("sliding", "full") * (n_layers // 2), attn_softcap=50.0,
+              final_softcap=30.0, **kw)
+
+
+def _gemma3(n_layers: int, **kw) -> dict:
+  """Gemma 3: five local layers, then one global (rope base 1e6; the local ones 1e4); q/k norms."""
+  types = tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
+  return dict(_GEMMA, n_layers=n_layers, qk_norm=True, layer_types=types, rope_theta=1e6,
+              rope_local_theta=10000.0, **kw)
+
+
+PRESETS.update({
+    "qwen2_5_0_5b": dict(_QWEN2, vocab_size=151936, dim=896, n_layers=24, n_heads=14,
+                         n_kv_heads=2, ffn_dim=4864, max_seq_len=32768, tie_embeddings=True),
+    "qwen2_5_1_5b": dict(_QWEN2, vocab_size=151936, dim=1536, n_layers=28, n_heads=12,
+                         n_kv_heads=2, ffn_dim=8960, max_seq_len=131072, tie_embeddings=True),
+    "qwen2_5_7b": dict(_QWEN2, vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
+                       n_kv_heads=4, ffn_dim=18944, max_seq_len=131072),
+    "qwen3_0_6b": dict(_QWEN3, vocab_size=151936, dim=1024, n_layers=28, n_heads=16,
+                       n_kv_heads=8, ffn_dim=3072, tie_embeddings=True),
+    "qwen3_1_7b": dict(_QWEN3, vocab_size=151936, dim=2048, n_layers=28, n_heads=16,
+                       n_kv_heads=8, ffn_dim=6144, tie_embeddings=True),
+    "qwen3_8b": dict(_QWEN3, vocab_size=151936, dim=4096, n_layers=36, n_heads=32,
+                     n_kv_heads=8, ffn_dim=12288),
+    "gemma2_2b": _gemma2(26, dim=2304, n_heads=8, n_kv_heads=4, ffn_dim=9216),
+    "gemma2_9b": _gemma2(42, dim=3584, n_heads=16, n_kv_heads=8, ffn_dim=14336),
+    "gemma3_270m": _gemma3(18, vocab_size=262144, dim=640, n_heads=4, n_kv_heads=1,
+                           ffn_dim=2048, max_seq_len=32768, sliding_window=512),
+    "gemma3_1b": _gemma3(26, vocab_size=262144, dim=1152, n_heads=4, n_kv_heads=1,
+                         ffn_dim=6912, max_seq_len=32768, sliding_window=512),
+    "gemma3_4b": _gemma3(34, vocab_size=262208, dim=2560, n_heads=8, n_kv_heads=4,
+                         ffn_dim=10240, max_seq_len=131072, sliding_window=1024,
+                         rope_type="linear", rope_factor=8.0),
+})
+
 
 def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
