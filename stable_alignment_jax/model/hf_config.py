@@ -105,8 +105,9 @@ def _sliding(c: dict, model_type: str, n_layers: int, max_len: int, bad) -> tupl
   """(window, layer types) as transformers derives them; a window that covers the whole context
   is full attention (no layer needs the window's mask)."""
   window = c.get("sliding_window")
-  if model_type in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
-    window = None
+  if model_type == "llama" or (model_type in ("qwen2", "qwen3")
+                               and not c.get("use_sliding_window", False)):
+    window = None  # transformers' LLaMA has no window, Qwen's is off unless switched on
   if window is not None and (not isinstance(window, int) or window <= 0):
     raise bad("sliding_window", "not a positive integer or null")
   if window is None or window >= max_len:
