@@ -29,8 +29,8 @@ server allowing `--long_new` tokens sees when answers stop after `--new`: the fi
 steps of a `--long_new` request (a stream chunk, the generator then dropped).
 
 With `--sliding_window W` (default 256) the far position's loop also runs with every layer
-sliding over W keys (the same weights; Mistral's layout, Gemma's local layers): the step reads
-the last W cache slots, not all of them.
+sliding over W keys (the same weights; Mistral's layout, Gemma's local layers): the step masks
+the slots behind the window over the same cache, so this times the window's mask overhead.
 
   python benchmarks/generate.py [--runs 3] [--batch 16] [--new 128] [--pos_batches 16,1]
                                 [--cache_dtype bfloat16] [--min_window 32] [--long_new 1024]

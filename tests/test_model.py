@@ -303,7 +303,7 @@ def test_chunked_decode_over_stale_slots_equals_the_full_forward(cfg, window):
   """Chunks of 3 tokens appended at a traced cache_index, over a cache whose unwritten slots hold
   garbage: the step attends over the old slots and its own chunk (causally), never the stale
   ones it is about to overwrite or those after it. With a window of 4 on one layer its steps
-  read only the 6 slots their queries can see, sliced at a traced start."""
+  see only the slots inside the window, at a traced cache_index."""
   from stable_alignment_jax.model import llama
   c = dataclasses.replace(cfg, scan_layers=False, sliding_window=window,
                           layer_types=("sliding", "full") if window else ())

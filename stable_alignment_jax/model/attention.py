@@ -7,8 +7,8 @@ Gemma's query_pre_attn_scalar**-0.5), `softcap` (Gemma 2's cap * tanh(s / cap) o
 off) and `window` (a sliding layer's: a query sees the keys less than `window` slots back, itself
 included; 0 off). A window is applied in slot order, which is position order in every row we
 build (left padding shifts a row's slots and positions alike), so it is transformers'
-`kv_idx > q_idx - sliding_window`. A static window also bounds the work: chunk attention skips
-key blocks wholly behind it, and a decode step reads only the last window of cache slots.
+`kv_idx > q_idx - sliding_window`. A static window also bounds the work of chunk attention,
+which skips key blocks wholly behind it; a decode step masks the slots behind it.
 
 The cache is stored heads-first so a decode step's two attention dots read it in place: values
 [N,S,E] with batch and kv head joined in one leading axis N = B*K, and keys of an f32 cache
@@ -198,26 +198,21 @@ def write_cache(cache_kv, k, v, cache_index):
   return ck, cv
 
 
-def decode_attention(q, ck, cv, mask, cache_index, *, dtype, scale: float,
-                     softcap: float = 0.0, window=0):
+def decode_attention(q, ck, cv, mask, *, dtype, scale: float, softcap: float = 0.0):
   """The T new queries q [B,T,H,E] over one layer's heads-first cache (keys/values as `KVCache`
-  lays them out, the new slots already written), mask [B,1,T,S] -> [B,T,H,E].
+  lays them out, the new slots already written), mask [B,1,T,S] (a local layer's window
+  included) -> [B,T,H,E].
 
-  A static window reads only the W+T-1 slots its queries can see: the slice starts where the
-  first query's window does (clamped into the cache), so a local layer's step costs its window,
-  not the cache."""
+  A local layer reads the whole cache and masks what lies behind its window. Reading only the
+  window's slots (a dynamic slice of the cache) was slower on CPU, not faster: XLA then kept the
+  unwritten cache alive beside the in-place write, two copies of the whole cache a step (batch
+  16, position 1024, window 256: 2-3x the full read; with or without an optimization barrier).
+  A ring cache of the window's length per local layer is the way to make the window pay."""
   b, t, h, e = q.shape
   kh = ck.shape[0] // b
   g = h // kh
   keys = "nes" if keys_transposed(ck.dtype) else "nse"
   s = cv.shape[1]
-  span = window + t - 1 if isinstance(window, int) and window > 0 else s
-  if span < s:
-    start = jnp.clip(cache_index - window + 1, 0, s - span)
-    ck = jax.lax.dynamic_slice_in_dim(ck, start, span, axis=2 if keys == "nes" else 1)
-    cv = jax.lax.dynamic_slice_in_dim(cv, start, span, axis=1)
-    mask = jax.lax.dynamic_slice_in_dim(mask, start, span, axis=3)
-    s = span
   # Query head h uses kv head h // G (the GQA grouping of HF and dot_product_attention).
   # The T queries of a kv head share one [T*G, S] score matrix, so each dot is a plain
   # batched matmul over the cache as it lies (no transpose of the cache).

@@ -135,7 +135,7 @@ class Attention(nnx.Module):
       v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       out = self_attention(q, k, v, mask[..., :t], **kw)
     else:
-      out = decode_attention(q, *cache_kv, mask, cache_index, dtype=dt, **kw)
+      out = decode_attention(q, *cache_kv, mask, dtype=dt, scale=scale, softcap=cfg.attn_softcap)
     return self._out(out), cache_kv
 
   def _out(self, out):
