@@ -83,15 +83,21 @@ def test_the_window_is_live(name, tmp_path):
 
 def test_greedy_decode_matches_transformers_generate_past_the_window(layout):
   """32 greedy tokens through our cached decode (a left-padded batch, the cache growing as it
-  fills) equal HF `generate` on each prompt alone; prompt + new tokens pass the window."""
+  fills from 8 new slots) equal HF `generate` on each prompt alone; prompt + new tokens pass the
+  window, and the local layers' rings (window + 15 slots beside a global layer) wrap, the
+  50-token prompt's prefill already."""
   from stable_alignment_jax.generate import SamplingParams, Sampler
   name, model, path = layout
   graphdef, state = convert.load_hf(path, dtype="float32")
   rng = np.random.RandomState(1)
-  prompts = [rng.randint(3, hf_models.BASE["vocab_size"], n).tolist() for n in (20, 7)]
+  prompts = [rng.randint(3, hf_models.BASE["vocab_size"], n).tolist() for n in (50, 20, 7)]
   model.generation_config.eos_token_id = None  # random weights: no early stop on either side
-  sampler = Sampler(graphdef, state, eos_id=-1)
+  sampler = Sampler(graphdef, state, eos_id=-1, min_window=8)
   ours = sampler.generate(prompts, SamplingParams(max_new_tokens=32, temperature=0.0))
+  cfg = sampler.cfg
+  mixed = cfg.any_sliding and not all(map(cfg.is_sliding, range(cfg.n_layers)))
+  assert [v.shape[1] for v in llama.init_cache(cfg, 1, 100).v] == [
+      hf_models.WINDOW + 15 if mixed and cfg.is_sliding(i) else 100 for i in range(cfg.n_layers)]
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
       want = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,

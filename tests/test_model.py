@@ -302,21 +302,22 @@ def test_cache_prefill_then_decode_equals_the_full_forward(cfg, scan):
 def test_chunked_decode_over_stale_slots_equals_the_full_forward(cfg, window):
   """Chunks of 3 tokens appended at a traced cache_index, over a cache whose unwritten slots hold
   garbage: the step attends over the old slots and its own chunk (causally), never the stale
-  ones it is about to overwrite or those after it. With a window of 4 on one layer its steps
-  see only the slots inside the window, at a traced cache_index."""
+  ones it is about to overwrite or those after it. With a window of 4 on one layer, that layer
+  keeps a ring of 4 + RING_SLACK = 19 slots of the 32: the chunks wrap it."""
   from stable_alignment_jax.model import llama
   c = dataclasses.replace(cfg, scan_layers=False, sliding_window=window,
                           layer_types=("sliding", "full") if window else ())
   model = Llama(c, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(10).integers(0, c.vocab_size, (2, 14)))
+  tokens = jnp.asarray(np.random.default_rng(10).integers(0, c.vocab_size, (2, 29)))
   full = _forward(model, tokens)
-  cache = jax.tree.map(lambda x: x + 7.0, llama.init_cache(c, 2, 16))
-  key_mask = jnp.ones((2, 16), bool)  # every slot "valid": only causality hides the stale ones
+  cache = jax.tree.map(lambda x: x + 7.0, llama.init_cache(c, 2, 32))
+  key_mask = jnp.ones((2, 32), bool)  # every slot "valid": only causality hides the stale ones
   logits, cache = model(tokens[:, :8], key_mask=key_mask, cache=cache, cache_index=0)
   outs = [logits]
   step = jax.jit(lambda cache, tok, i: model(tok, positions=i + jnp.arange(3)[None], cache=cache,
                                              key_mask=key_mask, cache_index=i))
-  for i in (8, 11):
+  assert [v.shape[1] for v in cache.v] == ([19, 32] if window else [32, 32])
+  for i in range(8, 29, 3):
     logits, cache = step(cache, tokens[:, i:i + 3], jnp.int32(i))
     outs.append(logits)
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)

@@ -185,9 +185,15 @@ def _write(cache: jax.Array, new: jax.Array, index, axis: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(out, cache.dtype)
 
 
-def write_cache(cache_kv, k, v, cache_index):
-  """One layer's (keys, values) with the chunk's k/v [B,T,K,E] written at slot cache_index."""
+def write_cache(cache_kv, k, v, cache_index, slots: int | None = None):
+  """One layer's (keys, values) with the chunk's k/v [B,T,K,E] written at slot cache_index.
+
+  slots: the cache's logical length. A layer whose arrays are shorter is a local layer's ring
+  (`init_cache`): slot i lives at i mod R, and a chunk longer than the ring keeps its last R."""
   ck, cv = cache_kv
+  r = cv.shape[1]
+  if slots is not None and r < slots:
+    return _write_ring(ck, cv, k, v, cache_index, r)
   # [B,T,K,E] -> [B*K,T,E], the cache's row layout
   heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
   if keys_transposed(ck.dtype):
@@ -196,6 +202,54 @@ def write_cache(cache_kv, k, v, cache_index):
     ck = axes.constrain(_write(ck, heads_first(k), cache_index, 1), SE_NAMES)
   cv = axes.constrain(_write(cv, heads_first(v), cache_index, 1), SE_NAMES)
   return ck, cv
+
+
+RING_SLACK = 15  # a ring holds window + 15 slots: decode chunks of up to 16 tokens fit
+
+
+def ring_len(cfg: ModelConfig, i: int, length: int) -> int:
+  """Slots of layer i's cache: a local layer of an unscanned model with a global layer beside it
+  keeps only its window (a ring of window + RING_SLACK slots), every other layer all `length`.
+  A scanned stack shares one shape; a model of local layers only keeps full caches, so the
+  longest layer always gives the cache's logical length (`cache_len`)."""
+  if cfg.scan_layers or not cfg.is_sliding(i) or all(map(cfg.is_sliding, range(cfg.n_layers))):
+    return length
+  return min(length, cfg.sliding_window + RING_SLACK)
+
+
+def _write_ring(ck, cv, k, v, cache_index, r: int):
+  """write_cache into a ring of r slots."""
+  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])
+  t = k.shape[1]
+  if isinstance(cache_index, int):  # a prefill (static index): its last r tokens rolled in place
+    keep = min(t, r)
+    k, v = k[:, t - keep:], v[:, t - keep:]
+    first = cache_index + t - keep
+    if keep == r:  # the ring filled whole: slot first + i goes to (first + i) mod r
+      k, v = (jnp.roll(x, first % r, axis=1) for x in (k, v))
+      first = 0
+    elif first + keep > r:
+      raise ValueError(f"a chunk at slot {cache_index} wraps a partly filled ring of {r} slots")
+    return write_cache((ck, cv), k, v, first)
+  if t == 1:  # a decode step: one slot, written in place
+    return write_cache((ck, cv), k, v, cache_index % r)
+  if t > r:
+    raise ValueError(f"a decode chunk of {t} tokens does not fit a ring of {r} slots")
+  idx = (cache_index + jnp.arange(t)) % r
+  nk, nv = heads_first(k).astype(ck.dtype), heads_first(v).astype(cv.dtype)
+  ck = ck.at[:, :, idx].set(nk.transpose(0, 2, 1)) if keys_transposed(ck.dtype) else \
+      ck.at[:, idx].set(nk)
+  cv = cv.at[:, idx].set(nv)
+  return (axes.constrain(ck, ES_NAMES if keys_transposed(ck.dtype) else SE_NAMES),
+          axes.constrain(cv, SE_NAMES))
+
+
+def ring_view(mask, cache_index, t: int, r: int):
+  """A ring's [B,1,T,R] mask: ring slot j holds the latest cache slot a = j (mod R) written so
+  far (through cache_index + t - 1), where `mask` [B,1,T,S] says whether a query sees it."""
+  last = cache_index + t - 1
+  a = last - (last - jnp.arange(r)) % r
+  return jnp.take(mask, jnp.maximum(a, 0), axis=-1) & (a >= 0)
 
 
 def decode_attention(q, ck, cv, mask, *, dtype, scale: float, softcap: float = 0.0):
@@ -243,21 +297,29 @@ def decode_attention(q, ck, cv, mask, *, dtype, scale: float, softcap: float = 0
 
 
 def cache_len(cache: KVCache) -> int:
-  """The number of slots of a cache from `init_cache`."""
-  v = cache.v[0] if isinstance(cache.v, (tuple, list)) else cache.v
-  return v.shape[-2]
+  """The number of slots of a cache from `init_cache` (its global layers'; local rings hold
+  fewer)."""
+  return max(v.shape[-2] for v in jax.tree.leaves(cache.v))
 
 
-def grow_cache(cache: KVCache, length: int) -> KVCache:
-  """The same cache with `length` slots (>= its own): the new slots, at the end, are zeros."""
-  def grow(x, axis, names):
+def grow_cache(cache: KVCache, length: int, cfg: ModelConfig | None = None) -> KVCache:
+  """The same cache with `length` slots (>= its own): the new slots, at the end, are zeros. A
+  local layer's ring (cfg given) grows only up to its size: until it reaches it, slot i sits at
+  i, which is i mod R."""
+  def grow(x, axis, names, to):
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, length - x.shape[axis])
+    pad[axis] = (0, to - x.shape[axis])
     return axes.constrain(jnp.pad(x, pad), (None,) * (x.ndim - 3) + names)
-  grow_k = lambda x: (grow(x, -1, ES_NAMES) if keys_transposed(x.dtype)
-                      else grow(x, -2, SE_NAMES))
-  return KVCache(jax.tree.map(grow_k, cache.k),
-                 jax.tree.map(lambda x: grow(x, -2, SE_NAMES), cache.v))
+
+  def grow_kv(ks, vs, to):
+    k = grow(ks, -1, ES_NAMES, to) if keys_transposed(ks.dtype) else grow(ks, -2, SE_NAMES, to)
+    return k, grow(vs, -2, SE_NAMES, to)
+  if isinstance(cache.v, (tuple, list)):
+    sizes = [ring_len(cfg, i, length) if cfg is not None else length
+             for i in range(len(cache.v))]
+    pairs = [grow_kv(k, v, to) for k, v, to in zip(cache.k, cache.v, sizes)]
+    return KVCache(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+  return KVCache(*grow_kv(cache.k, cache.v, length))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -265,9 +327,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
   dt = dtype or cfg.dtype
   n, e = batch * cfg.n_kv_heads, cfg.head_dim
 
-  def zeros(shape, names):
-    if cfg.scan_layers:
-      return axes.constrain(jnp.zeros((cfg.n_layers,) + shape, dt), (None,) + names)
-    return tuple(axes.constrain(jnp.zeros(shape, dt), names) for _ in range(cfg.n_layers))
-  keys = ((n, e, length), ES_NAMES) if keys_transposed(dt) else ((n, length, e), SE_NAMES)
-  return KVCache(zeros(*keys), zeros((n, length, e), SE_NAMES))
+  def keys(s):
+    return ((n, e, s), ES_NAMES) if keys_transposed(dt) else ((n, s, e), SE_NAMES)
+  if cfg.scan_layers:
+    zeros = lambda shape, names: axes.constrain(jnp.zeros((cfg.n_layers,) + shape, dt),
+                                                (None,) + names)
+    return KVCache(zeros(*keys(length)), zeros((n, length, e), SE_NAMES))
+  zeros = lambda shape, names: axes.constrain(jnp.zeros(shape, dt), names)
+  sizes = [ring_len(cfg, i, length) for i in range(cfg.n_layers)]
+  return KVCache(tuple(zeros(*keys(s)) for s in sizes),
+                 tuple(zeros((n, s, e), SE_NAMES) for s in sizes))

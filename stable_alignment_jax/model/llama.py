@@ -35,7 +35,7 @@ from flax import nnx
 from stable_alignment_jax.model import axes
 from stable_alignment_jax.model.attention import (  # noqa: F401  (the model's API)
     KVCache, cache_len, causal_attention, decode_attention, grow_cache, init_cache, rope,
-    rope_frequencies, segment_attention, self_attention, window_mask, write_cache)
+    ring_view, rope_frequencies, segment_attention, self_attention, window_mask, write_cache)
 from stable_alignment_jax.model.presets import ModelConfig
 
 # A full layer's window in a scanned stack that mixes full and sliding layers: beyond any slot.
@@ -128,13 +128,16 @@ class Attention(nnx.Module):
       mask = mask & window_mask(cache_index + jnp.arange(x.shape[1]), mask.shape[-1], window)
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is not None:
-      cache_kv = write_cache(cache_kv, k, v, cache_index)
+      cache_kv = write_cache(cache_kv, k, v, cache_index, slots=mask.shape[-1])
     if cache_kv is None or prefill:
       t = x.shape[1]
       k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
       out = self_attention(q, k, v, mask[..., :t], **kw)
     else:
+      ring = cache_kv[1].shape[1]  # a local layer's ring holds only its window's slots
+      if ring < mask.shape[-1]:
+        mask = ring_view(mask, cache_index, x.shape[1], ring)
       out = decode_attention(q, *cache_kv, mask, dtype=dt, scale=scale, softcap=cfg.attn_softcap)
     return self._out(out), cache_kv
 
