@@ -7,8 +7,9 @@ Gemma's query_pre_attn_scalar**-0.5), `softcap` (Gemma 2's cap * tanh(s / cap) o
 off) and `window` (a sliding layer's: a query sees the keys less than `window` slots back, itself
 included; 0 off). A window is applied in slot order, which is position order in every row we
 build (left padding shifts a row's slots and positions alike), so it is transformers'
-`kv_idx > q_idx - sliding_window`. A static window also bounds the work of chunk attention,
-which skips key blocks wholly behind it; a decode step masks the slots behind it.
+`kv_idx > q_idx - sliding_window`. A static window also bounds the work: chunk attention skips
+key blocks wholly behind it, and in an unscanned model with a global layer (Gemma, Qwen's
+windowed layers) a local layer's decode cache is a ring of its window's slots (`ring_len`).
 
 The cache is stored heads-first so a decode step's two attention dots read it in place: values
 [N,S,E] with batch and kv head joined in one leading axis N = B*K, and keys of an f32 cache
@@ -255,13 +256,12 @@ def ring_view(mask, cache_index, t: int, r: int):
 def decode_attention(q, ck, cv, mask, *, dtype, scale: float, softcap: float = 0.0):
   """The T new queries q [B,T,H,E] over one layer's heads-first cache (keys/values as `KVCache`
   lays them out, the new slots already written), mask [B,1,T,S] (a local layer's window
-  included) -> [B,T,H,E].
+  included; [B,1,T,R] over a ring, `ring_view`) -> [B,T,H,E].
 
-  A local layer reads the whole cache and masks what lies behind its window. Reading only the
-  window's slots (a dynamic slice of the cache) was slower on CPU, not faster: XLA then kept the
-  unwritten cache alive beside the in-place write, two copies of the whole cache a step (batch
-  16, position 1024, window 256: 2-3x the full read; with or without an optimization barrier).
-  A ring cache of the window's length per local layer is the way to make the window pay."""
+  A local layer whose cache is a ring reads just the ring. One whose cache is full length (a
+  scanned stack, a model of local layers only) reads it all and masks what lies behind its
+  window: cutting the window out with a dynamic slice was slower on CPU, not faster (XLA kept the
+  unwritten cache alive beside the in-place write, two copies of the whole cache a step)."""
   b, t, h, e = q.shape
   kh = ck.shape[0] // b
   g = h // kh
