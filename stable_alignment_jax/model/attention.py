@@ -153,8 +153,9 @@ def segment_attention(q, k, v, segments, *, scale: float, softcap: float = 0.0, 
 
 class KVCache(NamedTuple):
   """Keys [B*K, E, S] (f32; [B*K, S, E] when 16-bit) and values [B*K, S, E] per layer: stacked
-  with a leading [L] when the layers are scanned, tuples of L arrays otherwise. Made by
-  `init_cache`; callers treat it as opaque (`cache_len` reads its length)."""
+  with a leading [L] when the layers are scanned, tuples of L arrays otherwise (a local layer's
+  with R <= S slots, its ring). Made by `init_cache`; callers treat it as opaque (`cache_len`
+  reads its length)."""
   k: Any
   v: Any
 
@@ -323,7 +324,8 @@ def grow_cache(cache: KVCache, length: int, cfg: ModelConfig | None = None) -> K
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-  """A zeroed KV cache of `length` slots, in the compute dtype unless told otherwise."""
+  """A zeroed KV cache of `length` slots (a local layer's ring fewer, `ring_len`), in the compute
+  dtype unless told otherwise."""
   dt = dtype or cfg.dtype
   n, e = batch * cfg.n_kv_heads, cfg.head_dim
 
