@@ -28,8 +28,13 @@ sized for all of max_new_tokens from the start (min_window=0, as before windows)
 server allowing `--long_new` tokens sees when answers stop after `--new`: the first `--new`
 steps of a `--long_new` request (a stream chunk, the generator then dropped).
 
+With `--sliding_window W` (default 256) the far position's loop also runs with all layers but
+the last sliding over W keys (the same weights; Gemma's local layers beside a global one): each
+local layer keeps and reads a ring of W + 15 slots, not the whole cache.
+
   python benchmarks/generate.py [--runs 3] [--batch 16] [--new 128] [--pos_batches 16,1]
                                 [--cache_dtype bfloat16] [--min_window 32] [--long_new 1024]
+                                [--sliding_window 256]
 """
 
 import argparse
@@ -141,6 +146,8 @@ def main():
   ap.add_argument("--min_window", type=int, default=32, help="the sampler's first cache window")
   ap.add_argument("--long_new", type=int, default=1024, help="max_new_tokens of the long-"
                   "request row (0: skip it)")
+  ap.add_argument("--sliding_window", type=int, default=256, help="also time the far decode "
+                  "step with every layer sliding over this window (0: skip)")
   ap.add_argument("--json", default="", help="also write the figures here")
   args = ap.parse_args()
   threads = common.torch_threads(torch)
@@ -188,7 +195,13 @@ def main():
     n = args.pos_new
     # The layout the sampler decodes with (unrolled layers; see llama.relayout).
     dg, ds, dcfg = sampler.graphdef, sampler.state, sampler.cfg
+    # Gemma's pattern: local layers beside a global one (the last), so each local layer keeps a
+    # ring of its window's slots
+    wcfg = dataclasses.replace(dcfg, sliding_window=args.sliding_window,
+                               layer_types=("sliding",) * (dcfg.n_layers - 1) + ("full",))
+    wg = nnx.graphdef(nnx.eval_shape(lambda: llama.Llama(wcfg, rngs=nnx.Rngs(0))))
     per_tok = {}  # (cache dtype, batch) -> {position: [s per step]}
+    windowed = {}  # batch -> [s per step] at the far position, every layer sliding
     dtypes = ["float32"] + ([cache_dtype] if cache_dtype not in (None, "float32") else [])
     for pb in [int(x) for x in args.pos_batches.split(",")]:
       sides = {}
@@ -197,11 +210,17 @@ def main():
           cache = decode_cache(dcfg, pb, L + n, dt)
           sides[f"{dt} {L}"] = functools.partial(lambda c, L: jax.block_until_ready(
               decode_loop(ds, c, L, graphdef=dg, n=n)), cache, L)
+      if args.sliding_window:  # the same weights, all layers but the last local
+        cache = decode_cache(wcfg, pb, args.far + n, "float32")
+        sides[f"window {args.far}"] = functools.partial(lambda c: jax.block_until_ready(
+            decode_loop(ds, c, args.far, graphdef=wg, n=n)), cache)
       for f in sides.values():  # compile, untimed
         f()
       t = common.alternate(sides, args.pos_runs)
       for dt in dtypes:
         per_tok[dt, pb] = {L: [x / n for x in t[f"{dt} {L}"]] for L in (args.near, args.far)}
+      if args.sliding_window:
+        windowed[pb] = [x / n for x in t[f"window {args.far}"]]
     bandwidth = read_bandwidth()
     run.mark("after the position loops")
 
@@ -248,6 +267,11 @@ def main():
               f"{min(by_pos[args.far]) / near:.2f} by min (target <= 1.5); floor "
               f"{(near + more / bandwidth) / near:.2f}: the pos-{args.near} step plus reading "
               f"{more / 1e6:.1f} MB more cache at {bandwidth / 1e9:.1f} GB/s")
+    for pb, w in windowed.items():
+      full = per_tok["float32", pb][args.far]
+      run.row(f"decode ms/step at pos {args.far}, batch {pb}, window {args.sliding_window}",
+              common.summary(w, "ms", 1e3) + f"; full cache / window {min(full) / min(w):.2f}x "
+              f"by min, {np.median(full) / np.median(w):.2f}x by median")
     for pb in [int(x) for x in args.pos_batches.split(",")]:
       if len(dtypes) > 1:
         a, b = per_tok["float32", pb], per_tok[dtypes[1], pb]

@@ -196,7 +196,7 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
   path = resolve(spec)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model checkpoint not found: {spec} (expected random:<preset>, an "
-                            "HF LLaMA directory or hub id, or a run directory)")
+                            "HF checkpoint directory or hub id, or a run directory)")
   if is_hf_dir(path):
     from stable_alignment_jax.model import convert  # only HF users pay for its imports
     config_json, _ = convert.read_hf_json(path)

@@ -46,12 +46,18 @@ def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
   """(model FLOPs as MFU counts them, FLOPs the hardware executes incl. recompute) per step.
 
   PaLM (Chowdhery et al. 2022, app. B): 6 N per token for the weights plus 12 L D T for the
-  attention scores and mixing, forward and backward (a third of each is the forward).
+  attention scores and mixing, forward and backward (a third of each is the forward). D there is
+  the attention width H*E (Gemma's 2048 beside a model dim of 2304), and T the keys a query
+  reads: a sliding layer's window when it is shorter than the sequence (Gemma, Mistral).
+  Soft-capping (Gemma 2) is elementwise on the scores and logits, like the softmax and the masks
+  the formula leaves out, so it adds no model FLOPs.
   """
   # The embedding lookup is not a matmul, the LM head is: a tied head is the same table used
   # as a matmul, so only an untied model has a lookup-only table to leave out.
   n = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-  weights, attn = 6 * n * tokens, 12 * cfg.n_layers * cfg.dim * seq * tokens
+  keys = sum(min(seq, cfg.sliding_window) if cfg.is_sliding(i) else seq
+             for i in range(cfg.n_layers))  # summed over layers
+  weights, attn = 6 * n * tokens, 12 * cfg.n_heads * cfg.head_dim * keys * tokens
   recompute = {"none": 0.0, "dots": attn / 3, "full": (weights + attn) / 3}[cfg.remat]
   ref = (weights + attn) / 3 if reference else 0.0  # the frozen reference forward (DPO)
   return weights + attn + ref, weights + attn + ref + recompute

@@ -131,11 +131,12 @@ def _prefill(graphdef, state, tokens, prompt_mask, max_new_b, temperature, top_k
                  jnp.zeros((b, max_new), jnp.int32), zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("p", "window"))
-def _grow(carry: _Decode, *, p: int, window: int) -> _Decode:
-  """The carry with a cache (and key mask) of p + `window` slots."""
+@functools.partial(jax.jit, static_argnames=("p", "window", "cfg"))
+def _grow(carry: _Decode, *, p: int, window: int, cfg) -> _Decode:
+  """The carry with a cache (and key mask) of p + `window` slots (local layers' rings stop at
+  their size)."""
   key_mask = jnp.pad(carry.key_mask, ((0, 0), (0, p + window - carry.key_mask.shape[1])))
-  return carry._replace(cache=llama.grow_cache(carry.cache, p + window), key_mask=key_mask)
+  return carry._replace(cache=llama.grow_cache(carry.cache, p + window, cfg), key_mask=key_mask)
 
 
 # XLA:CPU's YNNPACK dots read a decode step's cold weights slowly at 16 rows: without them (and
@@ -324,7 +325,7 @@ class Sampler:
       while steps < until and not finished:  # segments: one per window the chunk reaches
         if steps >= window:
           window = min(new, 2 * window)
-          carry = self._call(_grow, carry, p=p, window=window)
+          carry = self._call(_grow, carry, p=p, window=window, cfg=self.cfg)
         carry = self._call(_decode, self.graphdef, self.state, carry, np.int32(until),
                            prompt_len, max_new_arr, temperature, top_k, top_p, seeds, eos, p=p,
                            sample=sample)

@@ -3,6 +3,7 @@
   python -m stable_alignment_jax.plan --config=configs/stage3.py --hardware=v5p-64
   python -m stable_alignment_jax.plan --config=configs/stage3.py --hardware=h100x8 \
       --mesh=data=1,fsdp=-1,tensor=1
+  python -m stable_alignment_jax.plan --config=configs/stage3.py --model=gemma2_9b
 
 No device is touched: the model is traced abstractly (`nnx.eval_shape`), so a 7B or 70B plan runs
 on a laptop. Per-device bytes come from the same logical-axis rule table the trainer uses, so
@@ -24,7 +25,7 @@ from ml_collections import config_flags
 
 from stable_alignment_jax import budget, losses, sharding
 from stable_alignment_jax.flops import CHIPS, Chip, positions_run, step_flops
-from stable_alignment_jax.model.presets import ModelConfig
+from stable_alignment_jax.model.presets import ModelConfig, preset
 
 
 ACHIEVABLE = 0.6  # fraction of peak the matmuls of a well-sharded step reach (assumption)
@@ -49,6 +50,18 @@ def parse_mesh(text: str) -> dict[str, int]:
     k, _, v = part.partition("=")
     out[k.strip()] = int(v)
   return out
+
+
+def with_preset(c, name: str):
+  """The config `c` with its model replaced by the preset `name` (model/presets.py: llama*,
+  smollm2*, qwen2_5*, qwen3*, gemma2*, gemma3*), keeping the run's dtype, param_dtype, remat and
+  layer layout; `c.model.preset` alone only names the preset the fields were filled from."""
+  c = c.copy_and_resolve_references()
+  ours = {k: c.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers") if k in c.model}
+  cfg = preset(name, **ours)
+  with c.unlocked():
+    c.model = {"preset": name, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}}
+  return c
 
 
 def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None) -> dict:
@@ -134,9 +147,10 @@ def main(argv):
     except Exception as e:  # noqa: BLE001 - data not built or reachable: the plan still stands
       print(f"data: lengths not measured ({type(e).__name__}: {e})")
     print()
+  c = with_preset(_CONFIG.value, _MODEL.value) if _MODEL.value else _CONFIG.value
   for hw in _HARDWARE.value:
     chip, n = parse_hardware(hw)
-    print(format_plan(plan(_CONFIG.value, chip, n, parse_mesh(_MESH.value) or None)))
+    print(format_plan(plan(c, chip, n, parse_mesh(_MESH.value) or None)))
     print()
   sys.stdout.flush()
 
@@ -144,7 +158,7 @@ def main(argv):
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""
-  global _CONFIG, _HARDWARE, _MESH, _DATA_LENGTHS
+  global _CONFIG, _HARDWARE, _MESH, _DATA_LENGTHS, _MODEL
   _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config, e.g. configs/stage3.py",
                                             lock_config=True)
   _HARDWARE = flags.DEFINE_list("hardware", ["v4-64", "v5p-64", "h100x8"],
@@ -152,6 +166,8 @@ def cli():
   _MESH = flags.DEFINE_string("mesh", "", "mesh override, e.g. data=1,fsdp=-1,tensor=1")
   _DATA_LENGTHS = flags.DEFINE_bool("data_lengths", True, "also report what data.max_len "
                                     "costs the config's training data (reads the data)")
+  _MODEL = flags.DEFINE_string("model", "", "plan this model preset instead of the config's, "
+                               "e.g. qwen3_8b, gemma2_9b (model/presets.py)")
   app.run(main)
 
 

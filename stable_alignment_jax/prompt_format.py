@@ -15,6 +15,8 @@ import logging
 
 import numpy as np
 
+from stable_alignment_jax import turn_end
+
 PROMPT_FORMATS = ("auto", "alpaca", "chat_template")
 
 
@@ -39,23 +41,14 @@ class PromptFormat:
       raise ValueError(f"data.prompt_format=chat_template: tokenizer "
                        f"{getattr(tokenizer, 'path', tokenizer)!r} has no chat template")
     self.tokenizer, self.name = tokenizer, name
-    self.end = [tokenizer.eos_id] if name == "alpaca" else self._end_of_turn()
+    self.end = ([tokenizer.eos_id] if name == "alpaca" else
+                turn_end.turn_end_ids(tokenizer, self._render))
 
   def _render(self, turns, **kw) -> str:
     from stable_alignment_jax.tokenizer import render_chat
     roles = ("user", "assistant")
     return render_chat(self.tokenizer, [{"role": roles[i % 2], "content": text(t)}
                                         for i, t in enumerate(turns)], **kw)
-
-  def _end_of_turn(self) -> list[int]:
-    """The template's text after an assistant message, through its first stop token (e.g.
-    `<|im_end|>`); EOS when that text holds none."""
-    marker = "\x1fEND-OF-TURN-PROBE\x1f"
-    rendered = self._render(["hi", marker], add_generation_prompt=False)
-    ids = self.tokenizer.encode(rendered[rendered.index(marker) + len(marker):])
-    stops = set(getattr(self.tokenizer, "stop_ids", [])) | {self.tokenizer.eos_id}
-    cut = next((i for i, t in enumerate(ids) if t in stops), None)
-    return ids[:cut + 1] if cut is not None else [self.tokenizer.eos_id]
 
   def lead_and_text(self, ex: dict) -> tuple[list[int], str] | None:
     """(the ids before the prompt's text, the prompt's text): BOS when the tokenizer adds one

@@ -23,6 +23,8 @@ BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
+WINDOW = 24  # the sliding layers' window in the layouts that have one
+
 # Name -> (config class, config kwargs on top of BASE). Positions in the tests go past 32, the
 # llama3 original context, so the scaled frequency bands all matter.
 LAYOUTS = {
@@ -37,6 +39,24 @@ LAYOUTS = {
     "head_dim": (transformers.LlamaConfig, dict(head_dim=24, rope_theta=20000.0)),
     "linear_rope": (transformers.LlamaConfig, dict(rope_parameters=dict(
         rope_type="linear", rope_theta=20000.0, factor=4.0))),
+    # The families beyond LLaMA. WINDOW is shorter than the tests' sequences, so the sliding
+    # layers' masks (training, prefill) and the decode cache's window all matter.
+    "mistral_window": (transformers.MistralConfig, dict(sliding_window=WINDOW, rope_theta=30000.0)),
+    "qwen2": (transformers.Qwen2Config, dict(rope_theta=1e6)),
+    "qwen2_tied_window": (transformers.Qwen2Config, dict(
+        rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
+        max_window_layers=1)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=24, rope_theta=1e6)),
+    # Small soft-caps so the tanh bends the scores and logits these random weights give.
+    "gemma2": (transformers.Gemma2Config, dict(
+        head_dim=32, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0, sliding_window=WINDOW, tie_word_embeddings=True,
+        rope_theta=10000.0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+            full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0)))),
 }
 
 
@@ -47,6 +67,8 @@ def randomize(model, seed: int = 0):
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
         p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.5 * torch.randn(p.shape, generator=g))
       elif p.ndim == 2:
         p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else p.shape[1] ** -0.5))
   return model

@@ -247,7 +247,7 @@ def test_missing_and_unexpected_tensors_are_named(hf, tmp_path):
     (dict(rope_parameters=None, rope_scaling={"rope_type": "yarn", "factor": 2.0}),
      "rope_scaling"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "rope_parameters"),
-    (dict(sliding_window=128), "sliding_window"),
+    (dict(hidden_act="relu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
 ])
@@ -257,6 +257,15 @@ def test_unsupported_config_names_the_file_and_field(hf, tmp_path, changes, fiel
   with pytest.raises(convert.CheckpointError) as e:
     convert.load_hf(str(d))
   assert path in str(e.value) and repr(field) in str(e.value)
+
+
+def test_a_llama_config_with_a_sliding_window_key_is_full_attention_as_in_transformers(hf):
+  """LlamaForCausalLM has no window: transformers ignores the key, so we do (Mistral, Qwen and
+  Gemma read it)."""
+  c = json.loads((pathlib.Path(hf[1]) / "config.json").read_text())
+  assert convert.config_from_hf(dict(c, sliding_window=128)).layer_types == ()
+  mistral = dict(c, sliding_window=128, model_type="mistral", architectures=["MistralForCausalLM"])
+  assert convert.config_from_hf(dict(mistral, max_position_embeddings=512)).sliding_window == 128
 
 
 def test_config_from_hf_maps_fields_and_defaults():

@@ -58,6 +58,24 @@ def test_stage_from_a_hub_id_takes_the_model_shape_from_the_checkpoint(tmp_path,
                                 wq.T.reshape(64, 4, 32))
 
 
+def test_a_stage_trains_from_gemma3(tmp_path):
+  """Gemma 3 (q/k norms, post-norms, local and global layers with their own RoPE): the config
+  comes from config.json, a training step runs (the window and the per-layer RoPE under the
+  scanned layers and the gradient), and the params hold the HF tensors."""
+  model = hf_models.build("gemma3", tmp_path / "hf")
+  c = _config(tmp_path, str(tmp_path / "hf"))
+  out = train.run(c)
+  m, hf = c.model, model.config
+  assert (m.sliding_window, m.layer_types) == (hf_models.WINDOW, tuple(
+      "sliding" if t == "sliding_attention" else "full" for t in hf.layer_types))
+  params = out["state"]["params"]["layers"]
+  layer = model.model.layers[1]
+  np.testing.assert_array_equal(np.asarray(params["attn"]["q_norm"]["scale"].get_value())[1],
+                                layer.self_attn.q_norm.weight.detach().numpy())
+  np.testing.assert_array_equal(np.asarray(params["mlp_post_norm"]["scale"].get_value())[1],
+                                layer.post_feedforward_layernorm.weight.detach().numpy())
+
+
 @pytest.fixture
 def hf_dir(tmp_path):
   path = tmp_path / "hf"

@@ -1,8 +1,10 @@
 """The LLaMA model against an independent numpy forward, and its config knobs.
 
 The reference below is written from the LLaMA formulas (RMSNorm, rotate-half RoPE, grouped-query
-attention by repeating KV heads, causal softmax, SwiGLU, untied head), in float64, reading our
-`Llama`'s weights from `nnx.state`. It is the spec: if it disagrees with the model, the model is
+attention by repeating KV heads, causal softmax, SwiGLU, untied head) and the other families'
+(Qwen2's q/k/v biases, per-head q/k norms, Gemma's (1 + w) norms, post-norms, GeGLU, sqrt(dim)
+embeddings, query_pre_attn_scalar, soft-caps, sliding-window layers with their own RoPE base), in
+float64, reading our `Llama`'s weights from `nnx.state`. It is the spec: if it disagrees with the model, the model is
 wrong. Do not "fix" the reference to match the model.
 """
 
@@ -26,8 +28,8 @@ def _np_params(model) -> dict:
   return jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model)))
 
 
-def _rmsnorm(x, scale, eps):
-  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+def _rmsnorm(x, scale, eps, offset=0.0):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (offset + scale)
 
 
 def _frequencies(cfg, e):
@@ -51,10 +53,11 @@ def _frequencies(cfg, e):
   return freqs
 
 
-def _rope(x, cfg):
-  """x: [T, N, E] at positions 0..T-1; pairs dimension i with i + E/2 (rotate-half)."""
+def _rope(x, cfg, local_theta=0.0):
+  """x: [T, N, E] at positions 0..T-1; pairs dimension i with i + E/2 (rotate-half). A sliding
+  layer with its own base (Gemma 3) uses plain frequencies of that base."""
   t, _, e = x.shape
-  freqs = _frequencies(cfg, e)
+  freqs = local_theta ** (-np.arange(0, e // 2) * 2.0 / e) if local_theta else _frequencies(cfg, e)
   ang = np.arange(t)[:, None] * freqs[None, :]  # [T, E/2]
   cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
   a, b = x[..., : e // 2], x[..., e // 2:]
@@ -65,39 +68,61 @@ def _silu(x):
   return x / (1.0 + np.exp(-x))
 
 
+def _gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _cap(x, cap):
+  return cap * np.tanh(x / cap) if cap else x
+
+
 def reference_logits(params: dict, cfg: ModelConfig, tokens) -> np.ndarray:
   """Logits [T, V] of one unpadded sequence, computed head by head."""
   h_, k_, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   group = h_ // k_  # query heads per kv head: head j reads kv head j // group
+  norm = lambda x, p: _rmsnorm(x, p["scale"], cfg.norm_eps, cfg.norm_offset)
   x = params["embed"][np.asarray(tokens)]  # [T, D]
+  if cfg.embed_scale:
+    x = x * np.sqrt(cfg.dim)
   t = x.shape[0]
-  future = np.triu(np.ones((t, t), bool), k=1)
+  qi, ki = np.arange(t)[:, None], np.arange(t)[None, :]
   for i in range(cfg.n_layers):
     if cfg.scan_layers:  # stacked weights: layer i is index i of every leaf
       lp = jax.tree.map(lambda w: w[i], params["layers"])
     else:
       lp = params["layers"][i]
+    sliding = bool(cfg.layer_types) and cfg.layer_types[i] == "sliding"
+    hidden = (ki > qi) | (sliding & (qi - ki >= cfg.sliding_window))  # future, or out of window
     a = lp["attn"]
-    hn = _rmsnorm(x, lp["attn_norm"]["scale"], cfg.norm_eps)
-    q = _rope(np.einsum("td,dhe->the", hn, a["wq"]), cfg)
-    k = _rope(np.einsum("td,dke->tke", hn, a["wk"]), cfg)
+    hn = norm(x, lp["attn_norm"])
+    q = np.einsum("td,dhe->the", hn, a["wq"])
+    k = np.einsum("td,dke->tke", hn, a["wk"])
     v = np.einsum("td,dke->tke", hn, a["wv"])
+    if cfg.qkv_bias:
+      q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
+    if cfg.qk_norm:
+      q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
+    local = cfg.rope_local_theta if sliding else 0.0
+    q, k = _rope(q, cfg, local), _rope(k, cfg, local)
     k = np.repeat(k, group, axis=1)  # [T, H, E]
     v = np.repeat(v, group, axis=1)
     heads = []
     for j in range(h_):
-      s = q[:, j] @ k[:, j].T / np.sqrt(e)
-      s = np.where(future, -np.inf, s)
+      s = _cap(q[:, j] @ k[:, j].T / np.sqrt(cfg.query_pre_attn_scalar or e), cfg.attn_softcap)
+      s = np.where(hidden, -np.inf, s)
       p = np.exp(s - s.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
       heads.append(p @ v[:, j])
-    attn = np.stack(heads, axis=1)  # [T, H, E]
-    x = x + np.einsum("the,hed->td", attn, a["wo"])
+    attn = np.einsum("the,hed->td", np.stack(heads, axis=1), a["wo"])
+    x = x + (norm(attn, lp["attn_post_norm"]) if cfg.post_norms else attn)
     m = lp["mlp"]
-    hn = _rmsnorm(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
-    x = x + (_silu(hn @ m["w_gate"]) * (hn @ m["w_up"])) @ m["w_down"]
-  x = _rmsnorm(x, params["final_norm"]["scale"], cfg.norm_eps)
-  return x @ (params["embed"].T if cfg.tie_embeddings else params["lm_head"])
+    hn = norm(x, lp["mlp_norm"])
+    act = _gelu_tanh if cfg.mlp_act == "gelu_tanh" else _silu
+    out = (act(hn @ m["w_gate"]) * (hn @ m["w_up"])) @ m["w_down"]
+    x = x + (norm(out, lp["mlp_post_norm"]) if cfg.post_norms else out)
+  x = norm(x, params["final_norm"])
+  return _cap(x @ (params["embed"].T if cfg.tie_embeddings else params["lm_head"]),
+              cfg.final_softcap)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -182,6 +207,8 @@ def test_rope_theta_is_live(model, cfg):
 
 # ---------------------------------------------------------------- today's LLaMA variants
 
+_GEMMA = dict(norm_offset=1.0, post_norms=True, mlp_act="gelu_tanh", embed_scale=True,
+              query_pre_attn_scalar=24.0, head_dim=32, sliding_window=16, tie_embeddings=True)
 VARIANTS = {
     "tied": dict(tie_embeddings=True),
     "head_dim": dict(head_dim=32),  # 4 heads x 32 != dim 64, as LLaMA-3.2-3B / Mistral-Nemo
@@ -190,13 +217,36 @@ VARIANTS = {
                         rope_theta=500000.0),
     "linear_rope": dict(rope_type="linear", rope_factor=4.0),
     "unrolled": dict(scan_layers=False),
+    # The other families, as config fields; windows of 16 under 96 positions.
+    "qwen2": dict(qkv_bias=True, rope_theta=1e6, tie_embeddings=True),
+    "qwen3": dict(qk_norm=True, head_dim=32, rope_theta=1e6),
+    "mistral_window": dict(sliding_window=16, layer_types=("sliding", "sliding")),
+    "gemma2": dict(_GEMMA, attn_softcap=5.0, final_softcap=10.0, layer_types=("sliding", "full")),
+    "gemma3": dict(_GEMMA, qk_norm=True, layer_types=("full", "sliding"), rope_theta=1e6,
+                   rope_local_theta=10000.0, rope_type="linear", rope_factor=8.0),
+    "gemma3_unrolled": dict(_GEMMA, qk_norm=True, layer_types=("full", "sliding"),
+                            rope_local_theta=10000.0, scan_layers=False),
 }
+
+
+def _perturbed(model, seed=0):
+  """The model with its norm weights and biases moved off their init (ones / zeros), so a
+  norm offset or a bias the forward ignores shows."""
+  rng = np.random.default_rng(seed)
+  state = nnx.state(model)
+  pure = jax.tree.map_with_path(
+      lambda path, x: x + 0.3 * rng.normal(size=x.shape).astype(x.dtype)
+      if any(str(getattr(p, "key", "")) in ("scale", "bq", "bk", "bv") for p in path) else x,
+      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return model
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_matches_numpy_reference(name):
   cfg = preset("tiny", dtype="float32", **VARIANTS[name])
-  model = Llama(cfg, rngs=nnx.Rngs(1))
+  model = _perturbed(Llama(cfg, rngs=nnx.Rngs(1)))
   # 96 positions: past the llama3 variant's original context of 32, where scaling matters.
   tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 96))
   logits = _forward(model, tokens)[0]
@@ -248,22 +298,26 @@ def test_cache_prefill_then_decode_equals_the_full_forward(cfg, scan):
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
 
 
-def test_chunked_decode_over_stale_slots_equals_the_full_forward(cfg):
+@pytest.mark.parametrize("window", [0, 4])
+def test_chunked_decode_over_stale_slots_equals_the_full_forward(cfg, window):
   """Chunks of 3 tokens appended at a traced cache_index, over a cache whose unwritten slots hold
   garbage: the step attends over the old slots and its own chunk (causally), never the stale
-  ones it is about to overwrite or those after it."""
+  ones it is about to overwrite or those after it. With a window of 4 on one layer, that layer
+  keeps a ring of 4 + RING_SLACK = 19 slots of the 32: the chunks wrap it."""
   from stable_alignment_jax.model import llama
-  c = dataclasses.replace(cfg, scan_layers=False)
+  c = dataclasses.replace(cfg, scan_layers=False, sliding_window=window,
+                          layer_types=("sliding", "full") if window else ())
   model = Llama(c, rngs=nnx.Rngs(0))
-  tokens = jnp.asarray(np.random.default_rng(10).integers(0, c.vocab_size, (2, 14)))
+  tokens = jnp.asarray(np.random.default_rng(10).integers(0, c.vocab_size, (2, 29)))
   full = _forward(model, tokens)
-  cache = jax.tree.map(lambda x: x + 7.0, llama.init_cache(c, 2, 16))
-  key_mask = jnp.ones((2, 16), bool)  # every slot "valid": only causality hides the stale ones
+  cache = jax.tree.map(lambda x: x + 7.0, llama.init_cache(c, 2, 32))
+  key_mask = jnp.ones((2, 32), bool)  # every slot "valid": only causality hides the stale ones
   logits, cache = model(tokens[:, :8], key_mask=key_mask, cache=cache, cache_index=0)
   outs = [logits]
   step = jax.jit(lambda cache, tok, i: model(tok, positions=i + jnp.arange(3)[None], cache=cache,
                                              key_mask=key_mask, cache_index=i))
-  for i in (8, 11):
+  assert [v.shape[1] for v in cache.v] == ([19, 32] if window else [32, 32])
+  for i in range(8, 29, 3):
     logits, cache = step(cache, tokens[:, i:i + 3], jnp.int32(i))
     outs.append(logits)
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
@@ -422,6 +476,33 @@ def test_preset_parameter_counts(name):
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
+
+
+# (total, non-embedding) as published: Qwen2.5 and Qwen3 model cards ("Number of Parameters" and
+# "(Non-Embedding)"), Gemma 2 and Gemma 3 technical reports (Table 1: embedding and non-embedding;
+# Gemma 3 4B's text model without its 417M vision encoder), the gemma-3-270m model card. None: the
+# card gives only the rounded name (Qwen3-1.7B's 1.72B total is 1.2% above "1.7B"; its
+# non-embedding 1.41B is within 1% of the published 1.4B).
+PUBLISHED_FAMILIES = {
+    "qwen2_5_0_5b": (0.49e9, 0.36e9), "qwen2_5_1_5b": (1.54e9, 1.31e9),
+    "qwen2_5_7b": (7.61e9, 6.53e9), "qwen3_0_6b": (0.6e9, 0.44e9), "qwen3_1_7b": (None, 1.4e9),
+    "qwen3_8b": (8.2e9, 6.95e9), "gemma2_2b": (590_118_912 + 2_024_517_888, 2_024_517_888),
+    "gemma2_9b": (917_962_752 + 8_324_201_984, 8_324_201_984), "gemma3_270m": (268e6, 100e6),
+    "gemma3_1b": (1.0e9, 698e6), "gemma3_4b": (675e6 + 3209e6, 3209e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_FAMILIES))
+def test_family_preset_parameter_counts(name):
+  cfg = preset(name)
+  total, non_embedding = PUBLISHED_FAMILIES[name]
+  embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+  assert abs(cfg.num_params() - embedding - non_embedding) / non_embedding < 0.01
+  if total is not None:
+    assert abs(cfg.num_params() - total) / total < 0.01
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert sum(int(np.prod(x.shape)) for x in leaves) == cfg.num_params()
 
 

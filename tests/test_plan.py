@@ -1,5 +1,6 @@
 """The planner's bytes against a real sharded state and a compiled step on 8 CPU devices."""
 
+import dataclasses
 import functools
 import pathlib
 import subprocess
@@ -170,3 +171,31 @@ def test_plan_reports_the_data_length_percentiles_the_trainer_would():
   assert f"max_len={q(rows, 99)} keeps 99%" in out
   assert f"{sum(r > 120 for r in rows)} of {len(rows)} responses left out" in out
   assert "a run would stop" in out
+
+
+def test_flops_count_local_attention_over_its_window_and_the_attention_width():
+  """A sliding layer's queries read `window` keys, not the sequence; the attention term's width
+  is H*E (Gemma 2 2B: 8 x 256 = 2048 beside dim 2304); soft-capping adds no model FLOPs."""
+  from stable_alignment_jax.model.presets import preset
+  cfg = preset("gemma2_2b", remat="none")
+  n = cfg.num_params()  # tied: the head is the only use of the table as a matmul
+  seq, tokens = 8192, 1000
+  model, _ = flops.step_flops(cfg, tokens, seq, reference=False)
+  keys = 13 * 4096 + 13 * 8192  # alternating local (window 4096) and global layers
+  assert model == 6 * n * tokens + 12 * 8 * 256 * keys * tokens
+  # below the window every layer reads the whole sequence
+  short, _ = flops.step_flops(cfg, tokens, 1024, reference=False)
+  assert short == 6 * n * tokens + 12 * 2048 * 26 * 1024 * tokens
+  uncapped = dataclasses.replace(cfg, attn_softcap=0.0, final_softcap=0.0)
+  assert flops.step_flops(uncapped, tokens, seq, reference=False)[0] == model
+
+
+def test_plan_takes_a_family_preset():
+  from stable_alignment_jax.model.presets import preset
+  c = plan.with_preset(_tiny(), "qwen3_0_6b")
+  assert c.model.preset == "qwen3_0_6b" and c.model.remat == _tiny().model.remat
+  cfg = ModelConfig.from_dict(c.model)
+  assert cfg == preset("qwen3_0_6b", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       remat=cfg.remat, scan_layers=cfg.scan_layers)
+  p = plan.plan(c, flops.CHIPS["h100"], 8)
+  assert p["num_params"] == cfg.num_params()

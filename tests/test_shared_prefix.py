@@ -20,10 +20,10 @@ from stable_alignment_jax.tokenizer import load_tokenizer
 B, K, T, P = 2, 3, 24, 9
 
 
-def _model(scan_layers, remat="dots"):
+def _model(scan_layers, remat="dots", **family):
   # GQA (4 query heads on 2 kv heads), so the prefix keys are shared across query groups too
   cfg = dataclasses.replace(preset("tiny", dtype="float32", vocab_size=61), n_heads=4,
-                            n_kv_heads=2, scan_layers=scan_layers, remat=remat)
+                            n_kv_heads=2, scan_layers=scan_layers, remat=remat, **family)
   return nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(3)), nnx.Param)
 
 
@@ -53,9 +53,16 @@ def _packed(x):
   return rows, np.broadcast_to(pos, rows.shape)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_each_segment_of_a_packed_row_has_its_own_rows_hidden_states(scan_layers):
-  graphdef, params = _model(scan_layers)
+# Gemma-like: a local layer whose window (5) reaches back across the prompt/response boundary
+# (P = 9) for the first responses' tokens only, and a global one; soft-capped scores.
+WINDOWED = dict(sliding_window=5, layer_types=("sliding", "full"), attn_softcap=3.0,
+                qk_norm=True, norm_offset=1.0, post_norms=True)
+
+
+@pytest.mark.parametrize("scan_layers, family", [(True, {}), (False, {}), (True, WINDOWED),
+                                                 (False, WINDOWED)])
+def test_each_segment_of_a_packed_row_has_its_own_rows_hidden_states(scan_layers, family):
+  graphdef, params = _model(scan_layers, **family)
   x = np.asarray(_batch()["tokens"])
   want = np.asarray(_hidden(graphdef, params, x.reshape(B * K, T))).reshape(B, K, T, -1)
   got = np.asarray(_hidden(graphdef, params, *_packed(x)))

@@ -1,8 +1,9 @@
-"""Hugging Face LLaMA-family checkpoints in and out: `config.json` + `*.safetensors` <-> NNX state.
+"""Hugging Face checkpoints in and out: `config.json` + `*.safetensors` <-> NNX state.
 
-Reads LlamaForCausalLM and MistralForCausalLM (LLaMA 1-3.2, SmolLM2, Mistral without a sliding
-window): tied or untied head, RoPE scaling "linear" / "llama3", an explicit `head_dim`. Anything
-else (biases, other activations or RoPE types, a sliding window shorter than the context) is
+Reads and writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+Gemma2ForCausalLM and Gemma3ForCausalLM (LLaMA 1-3.2, SmolLM2, Mistral, Qwen2/2.5/3, Gemma 2/3
+text): tied or untied head, RoPE scaling "linear" / "llama3", an explicit `head_dim`, sliding
+windows. Anything else (other biases, activations or RoPE types, multimodal checkpoints) is
 refused naming the file and the field (`hf_config.py`): we never silently compute a different
 model.
 
@@ -20,6 +21,11 @@ Layouts (HF stores torch Linear weights as [out, in]; ours are einsum-shaped [in
   mlp.gate_proj / up_proj [F,D]             -> mlp.w_gate / w_up [D,F]     (.T)
   mlp.down_proj [D,F]                       -> mlp.w_down [F,D]            (.T)
   input_layernorm / post_attention_layernorm -> attn_norm.scale / mlp_norm.scale
+  q_proj / k_proj / v_proj.bias [n*E]       -> attn.bq / bk / bv [n,E]     (Qwen2)
+  self_attn.q_norm / k_norm.weight [E]      -> attn.q_norm / k_norm.scale  (Qwen3, Gemma 3)
+  Gemma: post_attention_layernorm -> attn_post_norm.scale, pre_feedforward_layernorm ->
+  mlp_norm.scale, post_feedforward_layernorm -> mlp_post_norm.scale (norm weights as stored:
+  the model adds Gemma's 1)
   model.norm.weight -> final_norm.scale;  lm_head.weight [V,D] -> lm_head [D,V] (.T; absent tied)
 HF LLaMA applies RoPE in the rotate-half form, as `llama.rope` does, so q/k need no permutation.
 
@@ -84,6 +90,7 @@ def _mapping(cfg: ModelConfig) -> list[_Entry]:
   def in_heads(n):  # [n*E, D] <-> [D, n, E]
     return (lambda x: x.T.reshape(d, n, e), lambda x: x.reshape(d, n * e).T)
 
+  gemma = cfg.post_norms  # Gemma's names: post_attention_layernorm is the attention's post-norm
   per_layer = [
       (("attn_norm", "scale"), "input_layernorm.weight", (d,), same, same),
       (("attn", "wq"), "self_attn.q_proj.weight", (h * e, d), *in_heads(h)),
@@ -91,11 +98,23 @@ def _mapping(cfg: ModelConfig) -> list[_Entry]:
       (("attn", "wv"), "self_attn.v_proj.weight", (k * e, d), *in_heads(k)),
       (("attn", "wo"), "self_attn.o_proj.weight", (d, h * e),
        lambda x: x.T.reshape(h, e, d), lambda x: x.reshape(h * e, d).T),
-      (("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), same, same),
+      (("mlp_norm", "scale"), ("pre_feedforward_layernorm.weight" if gemma else
+                               "post_attention_layernorm.weight"), (d,), same, same),
       (("mlp", "w_gate"), "mlp.gate_proj.weight", (f, d), t, t),
       (("mlp", "w_up"), "mlp.up_proj.weight", (f, d), t, t),
       (("mlp", "w_down"), "mlp.down_proj.weight", (d, f), t, t),
   ]
+  if cfg.qkv_bias:  # [n*E] <-> [n, E]
+    per_layer += [(("attn", f"b{x}"), f"self_attn.{x}_proj.bias", (n * e,),
+                   lambda b, n=n: b.reshape(n, e), lambda b, n=n: b.reshape(n * e))
+                  for x, n in (("q", h), ("k", k), ("v", k))]
+  if cfg.qk_norm:
+    per_layer += [(("attn", f"{x}_norm", "scale"), f"self_attn.{x}_norm.weight", (e,), same, same)
+                  for x in ("q", "k")]
+  if cfg.post_norms:
+    per_layer += [(("attn_post_norm", "scale"), "post_attention_layernorm.weight", (d,), same, same),
+                  (("mlp_post_norm", "scale"), "post_feedforward_layernorm.weight", (d,), same,
+                   same)]
   out = [_Entry(("embed",), None, "model.embed_tokens.weight", (v, d), same, same)]
   for sub, name, shape, to_ours, to_hf in per_layer:
     for i in range(cfg.n_layers):
@@ -280,6 +299,7 @@ def save_hf(graphdef_or_cfg, state, directory: str, *, dtype: str | None = None,
   pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
   entries = _mapping(cfg)
   dtype = str(np.dtype(dtype or _lookup(pure, entries[0].path).dtype))
+  config_to_hf(cfg, dtype)  # a model no HF family computes is refused before any file is written
   itemsize = np.dtype(dtype).itemsize
   for group in _groups(entries):
     got = tuple(_lookup(pure, group[0].path).shape)
