@@ -190,3 +190,67 @@ def test_capability_is_learned_once_per_model(tmp_path, pool):
   assert stats["requests"] == text_calls + len(MODELS) and stats["probes"] == len(MODELS)
   assert all(r["why"] == "the server returns no logprobs" for r in readings.values())
   assert _sources(recs) == {"text"}
+
+
+@pytest.mark.slow  # ~95 s on 2 busy cores: compiles of the served sampler's shapes dominate
+def test_society_against_our_own_server_reads_verified_choices(tmp_path, project_pool):
+  """serve.py over a tiny random model, SANDBOX pointed at it: the probe verifies the
+  continuation (choices read over chat), and every number read as a choice equals the reading
+  of independent next-token scores (a separate Sampler over the same weights) of the prompt the
+  server lays out: the top-20 tokens' mass per digit, after a bare space too where it is
+  likely, normalised over the seven."""
+  from flax import nnx
+
+  from stable_alignment_jax.generate import Sampler
+  from stable_alignment_jax.model.llama import Llama
+  from stable_alignment_jax.model.presets import preset
+  from stable_alignment_jax.serve import create_app
+  from stable_alignment_jax.serving.engine import Engine
+  from stable_alignment_jax.text_sampler import TextSampler
+  from stable_alignment_jax.tokenizer import load_tokenizer
+  qf, pf = project_pool  # short questions: byte-level prompts within the tiny context
+  tok = load_tokenizer("byte")
+  model = Llama(preset("tiny", vocab_size=tok.vocab_size, dtype="float32", max_seq_len=4096),
+                rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  engine = Engine(TextSampler(graphdef, state, tok, min_batch=16), model_name="served",
+                  max_batch=16, wait_ms=20)
+  ref = Sampler(graphdef, state, eos_id=tok.eos_id, pad_id=tok.pad_id, min_batch=16)
+  with srv.ServerThread(create_app(engine)) as server:
+    cfg = srv.society_config(server.url, str(tmp_path / "own.sqlite"), qf, pf, n_agents=4,
+                             rounds=1, rating_mode="auto", timeout_s=120.0)
+    for g in cfg.agent_models.values():
+      g.model = "served"
+    cfg.observer.model = "served"
+    for role in ("draft", "feedback", "revise", "observe"):
+      cfg.sampling[role].max_tokens = 8
+    runner.start(cfg, progress=False)
+  recs, _, readings = _records(cfg.store)
+  assert readings == {"srv/served": {**readings["srv/served"], "how": "chat", "verified": True}}
+
+  def reading(text):
+    vocab = list(range(tok.vocab_size))
+    full = np.asarray(ref.next_token_logprobs([tok.encode(text, bos=True)], vocab))[0]
+    top = np.argsort(-full, kind="stable")[:20]
+    mass = lambda lp, ids, c: sum(np.exp(lp[t]) for t in ids if tok.decode([int(t)]).strip() == c)
+    p = np.array([mass(full, top, str(c)) for c in range(1, 8)])
+    spaces = [t for t in top if tok.decode([int(t)]) == " " and np.exp(full[t]) >= 0.01]
+    if spaces:
+      after = np.asarray(ref.next_token_logprobs([tok.encode(text + " ", bos=True)], vocab))[0]
+      top2 = np.argsort(-after, kind="stable")[:20]
+      p = p + np.exp(full[spaces[0]]) * np.array([mass(after, top2, str(c)) for c in range(1, 8)])
+    return p / p.sum() if p.sum() else None
+
+  pr = prompts.Prompts()
+  checked = 0
+  for r in recs:
+    for f in r["feedback"]:
+      if f["rating_source"] != "choice":
+        continue
+      text = engine.chat_prompt([{"role": "system", "content": pr.system},
+                                 {"role": "user", "content": pr.feedback(r["question"],
+                                                                         r["draft"]["text"])},
+                                 {"role": "assistant", "content": "Rating:"}])
+      np.testing.assert_allclose(f["rating_probs"], reading(text), atol=1e-5)
+      checked += 1
+  assert checked > 0
