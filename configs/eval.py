@@ -22,6 +22,11 @@ Keys (evaluate(config) in eval/run.py reads them):
                   critique / list feedback / echo the prompt; eval/answer_format.py): their
                   question source, the SANDBOX question file left out of it, sizes, sampling
   pairwise        "x:y,..." judge system x's answers against y's, both orders
+  served          name -> {base_url, model, api_key_env[, concurrency, timeout_s,
+                  retry_budget_s]}: systems behind an OpenAI-compatible endpoint (vLLM,
+                  llama.cpp, OpenAI, our serve.py; eval/served.py). HH / HH-A / answer format
+                  from their chat replies; MC tasks only where the endpoint returns prompt
+                  logprobs (completions echo), else skipped with the reason in summary.json
 """
 
 import os
@@ -56,6 +61,7 @@ def get_config(arg=None):
   c.out_dir = a.out_dir or "runs/eval"
   c.progress = True
   c.pairwise = ""
+  c.served = ml_collections.ConfigDict()  # e.g. {"chatgpt": dict(base_url=..., model=...)}
 
   c.mc = ml_collections.ConfigDict()
   c.mc.batch_size = 32  # rows (question x choice) per forward pass, rounded to the data axes
