@@ -38,7 +38,8 @@ from eval import items
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, tiny=False, checkpoint="", name="", limit=0, out_dir="", tasks="")
+  a = common.parse_arg(arg, tiny=False, checkpoint="", name="", limit=0, out_dir="", tasks="",
+                       served="")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.methods = ml_collections.ConfigDict()
@@ -62,6 +63,10 @@ def get_config(arg=None):
   c.progress = True
   c.pairwise = ""
   c.served = ml_collections.ConfigDict()  # e.g. {"chatgpt": dict(base_url=..., model=...)}
+  for name in filter(None, a.served.split("+")):  # served=chatgpt+vllm: keys to fill from flags
+    c.served[name] = ml_collections.ConfigDict(dict(
+        base_url="", model="", api_key_env="OPENAI_API_KEY", concurrency=8, timeout_s=120.0,
+        retry_budget_s=300.0))
 
   c.mc = ml_collections.ConfigDict()
   c.mc.batch_size = 32  # rows (question x choice) per forward pass, rounded to the data axes
