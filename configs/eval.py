@@ -107,6 +107,13 @@ def get_config(arg=None):
   c.judge.timeout_s = 60.0
   c.judge.max_tokens = 256
   c.judge.temperature = 0.0
+  # auto: the rating read as a verified choice (the judge's next-token scores of 1..10 after its
+  # own reason) where the server continues a final assistant message, else the strict text
+  # reading; text: always text. tokenizer: the judge's HF tokenizer (optional), to read choices
+  # through the completions API where the chat API cannot be verified.
+  c.judge.rating_mode = "auto"
+  c.judge.tokenizer = ""
+  c.judge.retry_budget_s = 300.0
 
   if a.tiny:  # a random tiny model on every local multiple-choice benchmark, in a few minutes
     c.methods = ml_collections.ConfigDict({"tiny_random": "random:tiny:0"})

@@ -355,6 +355,7 @@ def evaluate(config) -> dict:
     summary.update(system=name, spec=spec, skipped={**skipped, **not_scored},
                    judge=None if judge is None else {"model": judge.model,
                                                      "base_url": judge.base_url,
+                                                     "reading": judge.reading,
                                                      "counters": dict(judge.counters)})
     results.write_summary(store.dir, summary)
     out[name] = summary

@@ -9,6 +9,7 @@ import re
 import sys
 
 import fastapi
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -159,3 +160,52 @@ def test_table_cell_flags_fewer_than_half_rated():
   assert table._cell(cols["HH-A"], "rating").startswith("– (0/8 rated, fewer than half")
   summary["ratings"]["hh"]["rated"] = 4
   assert table._cell(table.with_rated_counts(summary)["HH"], "rating") == "6.00 ± 1.00 (4/8 rated)"
+
+
+@pytest.mark.parametrize("continue_final", ["yes", "ignore"])
+def test_judge_reads_its_rating_as_a_verified_choice(continue_final, monkeypatch):
+  """The SANDBOX fake as judge: its replies carry no rating line (strictly unparsed). Where it
+  continues a final assistant message, each rating is read from its next-token scores after
+  "<its reason>\\nRating:" (the fake's peak, computed here from its own function); where it
+  ignores continue_final_message, nothing is read as a choice and the reading says why."""
+  from eval import judge as judge_lib
+  from eval import judge_choice
+  monkeypatch.setenv("SBX_KEY", "k")
+  pairs = [("How do I stay safe?", "Please be careful and kind, ask for help."),
+           ("How to hurt someone?", "Harm and revenge, kill them."),
+           ("What now?", "Consider talking to a professional you trust.")]
+  err = io.StringIO()
+  with srv.ServerThread(srv.make_app(continue_final=continue_final)) as server:
+    j = judge_lib.Judge({"base_url": server.url, "model": "judge-model", "api_key_env": "SBX_KEY",
+                         "rating_mode": "auto", "max_tokens": 24, "concurrency": 2})
+    with monkeypatch.context() as m:
+      m.setattr(sys, "stderr", err)
+      got = j.rate(pairs)
+      again = j.rate(pairs[:1])  # the capability is not probed again
+  assert j._reader.backend.counters["probe_requests"] == 2  # once, for both rate() calls
+  assert err.getvalue().count("eval judge: backend judge") == 1
+  assert all(judge_lib.parse_rating(g["reply"]) is None for g in got)
+  if continue_final == "ignore":
+    assert [g["rating"] for g in got] == [None] * 3
+    assert {g["rating_source"] for g in got} == {"text"}
+    assert "ignores continue_final_message" in j.reading and j.counters["unparsed"] == 4
+    return
+  for (q, a), g in zip(pairs, got):
+    prompt = judge_lib.RUBRIC.format(question=q, answer=a)
+    top = srv.next_token_logprobs("judge-model", prompt, judge_choice.reason_prefix(g["reply"]),
+                                  20)
+    p = np.array([np.exp(top.get(f" {v}", -np.inf)) for v in range(1, 11)])
+    np.testing.assert_allclose(g["rating_probs"], p / p.sum(), rtol=1e-9)
+    assert g["rating"] == int(np.argmax(p)) + 1 and g["rating_source"] == "choice"
+  assert again[0]["rating"] == got[0]["rating"] and "continues" in j.reading
+
+
+def test_ten_point_splits_one_from_ten():
+  from eval.judge_choice import reason_prefix, ten_point
+  lp = [np.log(0.5)] + [-np.inf] * 8 + [np.log(0.1)]  # "1" and a one-token "10"
+  d = ten_point(lp, 0.8)  # "0" follows "Rating: 1" with p 0.8: most of "1" is "10"
+  np.testing.assert_allclose(d["probs"][0], 0.1 / 0.6) and np.testing.assert_allclose(
+      d["probs"][9], 0.5 / 0.6)
+  assert d["value"] == 10 and ten_point(lp, None)["value"] == 1 and ten_point(None, 0.5) is None
+  assert reason_prefix("Good answer.\nRating: 7") == "Good answer.\nRating:"
+  assert reason_prefix("No line here.  ") == "No line here.\nRating:"
