@@ -254,3 +254,37 @@ def test_society_against_our_own_server_reads_verified_choices(tmp_path, project
       np.testing.assert_allclose(f["rating_probs"], reading(text), atol=1e-5)
       checked += 1
   assert checked > 0
+
+
+def test_unverified_chat_with_the_models_tokenizer_reads_through_completions(tmp_path, pool,
+                                                                             smollm2_dir):
+  """A server that ignores continue_final_message, and the backend given the model's tokenizer:
+  choices are read through the completions API, the chat rendered by the model's own template
+  (ChatML here) with the cue left open, so each reading is the server's scores after the cue."""
+  from stable_alignment_jax.tokenizer import load_tokenizer, render_chat
+  qf, pf = pool
+  with srv.ServerThread(srv.make_app(continue_final="ignore", malformed_rate=0.0)) as server:
+    cfg = srv.society_config(server.url, str(tmp_path / "tpl.sqlite"), qf, pf, rounds=1,
+                             rating_mode="auto")
+    cfg.backends.srv.tokenizer = str(smollm2_dir)
+    runner.start(cfg, progress=False)
+  recs, _, readings = _records(cfg.store)
+  assert {r["how"] for r in readings.values()} == {"template"}
+  s = Store(cfg.store)
+  model_of = {a[0]: a[4] for a in s.agents()}
+  s.close()
+  tok, pr = load_tokenizer(str(smollm2_dir)), prompts.Prompts()
+  n = 0
+  for r in recs:
+    for f in r["feedback"]:
+      msgs = [{"role": "system", "content": pr.system}] if pr.system else []  # none: default
+      msgs += [{"role": "user", "content": pr.feedback(r["question"], r["draft"]["text"])},
+               {"role": "assistant", "content": "Rating:"}]
+      text = render_chat(tok, msgs, add_generation_prompt=False, continue_final_message=True)
+      assert text.endswith("<|im_start|>assistant\nRating:")
+      top = srv.next_token_logprobs(model_of[f["peer"]], *srv.split_prefix(text), 20)
+      lp = np.array([top[f" {v}"] for v in range(1, 8)])
+      np.testing.assert_allclose(f["rating_probs"], np.exp(lp) / np.exp(lp).sum(), rtol=1e-9)
+      assert f["rating_source"] == "choice"
+      n += 1
+  assert n > 0
