@@ -158,8 +158,8 @@ class Judge:
       self.counters[key] += n
 
   def _call(self, prompt: str) -> str:
-    last = ""
-    for attempt in range(self.max_retries + 1):
+    last, attempt, t0 = "", 0, time.monotonic()
+    while True:
       try:
         resp = self.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": prompt}],
@@ -172,12 +172,17 @@ class Judge:
           raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) "
                                  f"rejected the request: HTTP "
                                  f"{getattr(e, 'status_code', '?')}") from None
-      if attempt < self.max_retries:
-        self._count("retries")
-        time.sleep(self._jitter.uniform(0.5, 1.0) * self.backoff_s * 2 ** attempt)
+      # Retried while the call has been failing for less than the time budget (a restart of
+      # the server costs minutes, not the run); max_retries >= 0 also caps the count.
+      spent = time.monotonic() - t0
+      if spent >= self.retry_budget_s or 0 <= self.max_retries <= attempt:
+        break
+      self._count("retries")
+      time.sleep(self._jitter.uniform(0.5, 1.0) * min(30.0, self.backoff_s * 2 ** attempt))
+      attempt += 1
     self._count("failed")
     raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) unreachable "
-                           f"after {self.max_retries} retries (last error: {last})")
+                           f"for {spent:.0f} s after {attempt} retries (last error: {last})")
 
   def _reply(self, kind: str, question: str, answer: str, prompt: str) -> str:
     if self.cache is not None:
