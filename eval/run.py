@@ -400,18 +400,7 @@ def main(argv):
   for name, summary in out.items():
     if name.startswith("_"):
       continue
-    print(f"[{name}] {printed_columns(summary)}")
-
-
-def printed_columns(summary: dict) -> dict[str, str]:
-  """The printed line's cells: mean ± std, and for a judge-scored column how many answers the
-  judge rated (flagged when fewer than half)."""
-  out = {}
-  for k, v in table_lib.with_rated_counts(summary).items():
-    cell = "–" if v.get("value") is None else f"{v['value']:.4f}±{(v['std'] or 0):.4f}"
-    note = table_lib.rated_note(v)
-    out[k] = f"{cell} ({note})" if note else cell
-  return out
+    print(f"[{name}] {table_lib.printed_columns(summary)}")
 
 
 def cli():

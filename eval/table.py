@@ -74,6 +74,17 @@ def rated_note(col: dict) -> str:
   return note
 
 
+def printed_columns(summary: dict) -> dict[str, str]:
+  """eval.run's printed line: mean±std per column, and on a judge-scored column how many
+  answers the judge rated (flagged when fewer than half)."""
+  out = {}
+  for k, v in with_rated_counts(summary).items():
+    cell = "–" if v.get("value") is None else f"{v['value']:.4f}±{(v['std'] or 0):.4f}"
+    note = rated_note(v)
+    out[k] = f"{cell} ({note})" if note else cell
+  return out
+
+
 def _cell(col: dict | None, kind: str) -> str:
   note = rated_note(col)
   if not col or col.get("value") is None:

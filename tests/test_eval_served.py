@@ -122,7 +122,7 @@ def test_served_system_gets_hh_rows_with_rated_counts_and_mc_skipped(shared_data
   assert len(answers) == N and ratings == want
   rated = sum(v is not None for v in want.values())
   assert rated == 1  # one kind answer in four
-  line = run.printed_columns(s)
+  line = table.printed_columns(s)
   assert line["HH"].endswith(f"({rated}/{N} rated, fewer than half: judge replies unparsed)")
   md = table.make_table([str(out)], str(tmp_path / "t"))
   row = next(x for x in md.splitlines() if x.startswith("| api_sys |"))
