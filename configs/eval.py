@@ -22,6 +22,11 @@ Keys (evaluate(config) in eval/run.py reads them):
                   critique / list feedback / echo the prompt; eval/answer_format.py): their
                   question source, the SANDBOX question file left out of it, sizes, sampling
   pairwise        "x:y,..." judge system x's answers against y's, both orders
+  served          name -> {base_url, model, api_key_env[, concurrency, timeout_s,
+                  retry_budget_s]}: systems behind an OpenAI-compatible endpoint (vLLM,
+                  llama.cpp, OpenAI, our serve.py; eval/served.py). HH / HH-A / answer format
+                  from their chat replies; MC tasks only where the endpoint returns prompt
+                  logprobs (completions echo), else skipped with the reason in summary.json
 """
 
 import os
@@ -33,7 +38,8 @@ from eval import items
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, tiny=False, checkpoint="", name="", limit=0, out_dir="", tasks="")
+  a = common.parse_arg(arg, tiny=False, checkpoint="", name="", limit=0, out_dir="", tasks="",
+                       served="")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.methods = ml_collections.ConfigDict()
@@ -60,6 +66,11 @@ def get_config(arg=None):
   c.out_dir = a.out_dir or "runs/eval"
   c.progress = True
   c.pairwise = ""
+  c.served = ml_collections.ConfigDict()  # e.g. {"chatgpt": dict(base_url=..., model=...)}
+  for name in filter(None, a.served.split("+")):  # served=chatgpt+vllm: keys to fill from flags
+    c.served[name] = ml_collections.ConfigDict(dict(
+        base_url="", model="", api_key_env="OPENAI_API_KEY", concurrency=8, timeout_s=120.0,
+        retry_budget_s=300.0))
 
   c.mc = ml_collections.ConfigDict()
   c.mc.batch_size = 32  # rows (question x choice) per forward pass, rounded to the data axes
@@ -95,11 +106,18 @@ def get_config(arg=None):
   c.judge.api_key_env = "OPENAI_API_KEY"
   c.judge.cache = os.path.join(c.out_dir, "judge_cache.sqlite")
   c.judge.concurrency = 8
-  c.judge.max_retries = 5
+  c.judge.max_retries = -1  # -1: retried for retry_budget_s of failure (below), not a count
   c.judge.backoff_s = 0.5
   c.judge.timeout_s = 60.0
   c.judge.max_tokens = 256
   c.judge.temperature = 0.0
+  # auto: the rating read as a verified choice (the judge's next-token scores of 1..10 after its
+  # own reason) where the server continues a final assistant message, else the strict text
+  # reading; text: always text. tokenizer: the judge's HF tokenizer (optional), to read choices
+  # through the completions API where the chat API cannot be verified.
+  c.judge.rating_mode = "auto"
+  c.judge.tokenizer = ""
+  c.judge.retry_budget_s = 300.0
 
   if a.tiny:  # a random tiny model on every local multiple-choice benchmark, in a few minutes
     c.methods = ml_collections.ConfigDict({"tiny_random": "random:tiny:0"})

@@ -77,8 +77,9 @@ def get_config(arg=None):
 
   # How peer ratings and observer scores are read (sandbox/judging.py): text = the strict parse
   # of the written format; choice = the next-token scores of "1".."7" after the format's cue
-  # (JAX backend: the model's logits; OpenAI-compatible: the server's logprobs, text where it
-  # returns none); auto = choice where the backend kind can score, text elsewhere.
+  # (JAX backend: the model's logits; OpenAI-compatible: the server's logprobs, once a probe has
+  # verified that it continues the cue, text where it cannot); auto = choice where the backend
+  # kind can score, text elsewhere.
   c.rating_mode = "auto"
 
   c.memory = ml_collections.ConfigDict(dict(threshold=0.5, accept="better"))
@@ -89,10 +90,17 @@ def get_config(arg=None):
   c.agent_models = ml_collections.ConfigDict({
       "a": dict(backend="server", model="agent-model", count=-1)})
   c.observer = ml_collections.ConfigDict(dict(backend="server", model="observer-model"))
+  # retry_budget_s: how long the server may keep failing (connection refused, 5xx, 429,
+  # timeouts) before the run stops with the `resume` command; retries back off exponentially
+  # from backoff_s to backoff_max_s; max_retries >= 0 also caps the count per call (-1: time
+  # only). tokenizer: the served model's HF tokenizer (directory or hub id), optional: where the
+  # server does not continue a final assistant message, choices are then read through the
+  # completions API with the chat rendered by that template (else ratings are read as text).
   c.backends = ml_collections.ConfigDict({
       "server": dict(kind="openai", base_url="http://127.0.0.1:8000/v1", api="chat",
                      api_key_env="SANDBOX_API_KEY", concurrency=16, timeout_s=60.0,
-                     max_retries=6, backoff_s=0.5, backoff_max_s=30.0, top_logprobs=20),
+                     retry_budget_s=300.0, max_retries=-1, backoff_s=1.0, backoff_max_s=30.0,
+                     top_logprobs=20, tokenizer=""),
   })
   c.sampling = ml_collections.ConfigDict({
       "draft": _sampling(256), "feedback": _sampling(96), "revise": _sampling(256),

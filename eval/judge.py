@@ -7,15 +7,19 @@ line); anything else is kept as `None` and counted, never guessed. Replies are c
 keyed by (judge model, kind, question, answer(s)), so a re-run or a resumed run only calls the
 judge for what it has not seen. Calls run concurrently in threads; 429, 5xx, timeouts and refused
 connections are retried with exponential backoff; a judge that stays down raises
-`JudgeUnavailable` naming the endpoint.
+`JudgeUnavailable` naming the endpoint. With `rating_mode=auto` the 1-10 rating is read as a
+verified choice from the judge's next-token scores after its own reason (judge_choice.py) where
+the server continues a final assistant message, as SANDBOX reads its ratings.
 """
 
 import collections
 import concurrent.futures
+import json
 import os
 import random
 import re
 import sqlite3
+import sys
 import threading
 import time
 from typing import Sequence
@@ -132,6 +136,15 @@ class Judge:
     self.backoff_s = float(get("backoff_s", 0.5))
     self.max_tokens = int(get("max_tokens", 256))
     self.temperature = float(get("temperature", 0.0))
+    # auto: the rating read as a verified choice where the server allows (judge_choice.py),
+    # the strict text reading elsewhere; text: always the text reading.
+    self.rating_mode = get("rating_mode", "text")
+    if self.rating_mode not in ("text", "auto"):
+      raise ValueError(f"judge.rating_mode={self.rating_mode!r}: expected text or auto")
+    self.api_key_env, self.timeout_s = env, float(get("timeout_s", 60.0))
+    self.tokenizer = get("tokenizer", "") or ""
+    self.retry_budget_s = float(get("retry_budget_s", 300.0))
+    self._reader = None
     self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
                                 timeout=float(get("timeout_s", 60.0)))
     cache = get("cache", "")
@@ -145,8 +158,8 @@ class Judge:
       self.counters[key] += n
 
   def _call(self, prompt: str) -> str:
-    last = ""
-    for attempt in range(self.max_retries + 1):
+    last, attempt, t0 = "", 0, time.monotonic()
+    while True:
       try:
         resp = self.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": prompt}],
@@ -159,12 +172,17 @@ class Judge:
           raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) "
                                  f"rejected the request: HTTP "
                                  f"{getattr(e, 'status_code', '?')}") from None
-      if attempt < self.max_retries:
-        self._count("retries")
-        time.sleep(self._jitter.uniform(0.5, 1.0) * self.backoff_s * 2 ** attempt)
+      # Retried while the call has been failing for less than the time budget (a restart of
+      # the server costs minutes, not the run); max_retries >= 0 also caps the count.
+      spent = time.monotonic() - t0
+      if spent >= self.retry_budget_s or 0 <= self.max_retries <= attempt:
+        break
+      self._count("retries")
+      time.sleep(self._jitter.uniform(0.5, 1.0) * min(30.0, self.backoff_s * 2 ** attempt))
+      attempt += 1
     self._count("failed")
     raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) unreachable "
-                           f"after {self.max_retries} retries (last error: {last})")
+                           f"for {spent:.0f} s after {attempt} retries (last error: {last})")
 
   def _reply(self, kind: str, question: str, answer: str, prompt: str) -> str:
     if self.cache is not None:
@@ -191,15 +209,74 @@ class Judge:
         raise
 
   def rate(self, pairs: Sequence[tuple[str, str]]) -> list[dict]:
-    """[(question, answer)] -> [{"rating": int|None, "reply": str}] in order."""
-    def one(question, answer):
-      reply = self._reply("rate", question, answer, RUBRIC.format(question=question,
-                                                                   answer=answer))
-      rating = parse_rating(reply)
-      if rating is None:
+    """[(question, answer)] -> [{"rating": int|None, "rating_source": "text"|"choice",
+    "reply": str, ...}] in order. A choice reading (judge_choice.py) also keeps its
+    distribution (`rating_probs`, 1..10) and the reply's own text rating (`rating_text`)."""
+    pairs = list(pairs)
+    prompts = [RUBRIC.format(question=q, answer=a) for q, a in pairs]
+    replies = self._map(lambda q, a, p: self._reply("rate", q, a, p),
+                        [(q, a, p) for (q, a), p in zip(pairs, prompts)])
+    choices = self._choices(pairs, prompts, replies)
+    out = []
+    for reply, c in zip(replies, choices):
+      text = parse_rating(reply)
+      if c is not None:
+        self._count("rated_choice")
+        out.append({"rating": c["value"], "rating_source": "choice", "rating_probs": c["probs"],
+                    "rating_text": text, "reply": reply})
+        continue
+      if text is None:
         self._count("unparsed")
-      return {"rating": rating, "reply": reply}
-    return self._map(one, list(pairs))
+      out.append({"rating": text, "rating_source": "text", "reply": reply})
+    return out
+
+  def _choices(self, pairs, prompts, replies) -> list[dict | None]:
+    """Choice readings where the judge server verifiably allows them (cached beside the
+    replies), else None each."""
+    if self.rating_mode == "text" or not pairs:
+      return [None] * len(pairs)
+    if self._reader is None:
+      from eval.judge_choice import ChoiceReader
+      from stable_alignment_jax.sandbox.backends.openai_backend import BackendUnavailable
+      self._reader = ChoiceReader(self.base_url, self.model, self.api_key_env,
+                                  concurrency=self.concurrency, timeout_s=self.timeout_s,
+                                  tokenizer=self.tokenizer, retry_budget_s=self.retry_budget_s)
+      try:
+        self._reader.verified()
+      except (BackendUnavailable, RuntimeError) as e:
+        self._reader = None
+        raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}): {e}"
+                               ) from None
+      print(f"eval judge: {self._reader.reading.line('judge', self.model)}", file=sys.stderr)
+    if not self._reader.reading.verified:
+      return [None] * len(pairs)
+    found, todo = {}, []
+    for i, ((q, a), reply) in enumerate(zip(pairs, replies)):
+      hit = self.cache.get(self.model, "rate_choice", q, a + "\x1e" + reply) \
+          if self.cache is not None else None
+      if hit is not None:
+        found[i] = json.loads(hit)
+      else:
+        todo.append(i)
+    from stable_alignment_jax.sandbox.backends.openai_backend import BackendUnavailable
+    try:
+      got = self._reader.read([prompts[i] for i in todo], [replies[i] for i in todo])
+    except (BackendUnavailable, RuntimeError) as e:
+      raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}), reading "
+                             f"ratings as choices: {e}") from None
+    for i, g in zip(todo, got):
+      found[i] = g
+      if self.cache is not None:
+        q, a = pairs[i]
+        self.cache.put(self.model, "rate_choice", q, a + "\x1e" + replies[i], json.dumps(g))
+    return [found[i] for i in range(len(pairs))]
+
+  @property
+  def reading(self) -> str | None:
+    """How ratings were read (None: text mode, or nothing rated yet this run)."""
+    if self._reader is None or self._reader.reading is None:
+      return None
+    return self._reader.reading.line("judge", self.model)
 
   def compare(self, triples: Sequence[tuple[str, str, str]]) -> list[dict]:
     """[(question, answer_x, answer_y)] -> per triple the verdict for x against y.

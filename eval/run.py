@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from eval import answer_format, ethics, hh, items as items_lib, judge as judge_lib, metrics, mic
-from eval import moral_stories, results, truthfulqa
+from eval import moral_stories, results, served as served_lib, table as table_lib, truthfulqa
 
 MC_TASKS = ("truthfulqa_mc1", "moral_stories", "mic") + tuple(
     f"ethics/{s}/{sp}" for sp in ethics.SPLITS for s in ethics.SUBSETS)
@@ -121,9 +121,13 @@ def systems(config) -> dict[str, str]:
   out = dict(config.methods.items()) if config.get("methods") else {}
   if config.get("checkpoint"):
     out[config.get("name") or "model"] = config.checkpoint
+  for name, cfg in (config.get("served") or {}).items():
+    if name in out:
+      raise ValueError(f"config.served.{name}: a system of that name is already in methods")
+    out[name] = served_lib.spec_of(cfg)
   if not out:
-    raise ValueError("nothing to evaluate: set config.methods (name -> checkpoint spec) or "
-                     "config.checkpoint")
+    raise ValueError("nothing to evaluate: set config.methods (name -> checkpoint spec), "
+                     "config.checkpoint or config.served (name -> OpenAI-compatible endpoint)")
   return out
 
 
@@ -163,6 +167,14 @@ def _run_mc(task, items, done, model, config, store, progress, column=None):
   todo = [it for it in items if it.id not in done]
   if not todo:
     return 0.0
+  if isinstance(model, served_lib.ServedSystem):
+    t0 = time.perf_counter()
+    for s in range(0, len(todo), config.mc.chunk):
+      part = todo[s:s + config.mc.chunk]
+      store.append(task, [
+          {"kind": "mc", "task": task, "id": it.id, "label": it.label, "group": it.group, **sc,
+           **({"column": column} if column else {})} for it, sc in zip(part, model.score(part))])
+    return time.perf_counter() - t0
   graphdef, state, tok, mesh = model.get()
   scorer = LogLikelihoodScorer(graphdef, state, tok, batch_size=config.mc.batch_size,
                                max_len=config.mc.max_len, mesh=mesh, progress=False)
@@ -204,13 +216,22 @@ def _run_format(task, items, recs, model, config, store, progress):
   todo = [it for it in items if it.id not in done]
   if not todo:
     return 0.0
+  af = config.answer_format
+  temperature = af.temperature if task == "answer_format_sampled" else 0.0
+  t0 = time.perf_counter()
+  if isinstance(model, served_lib.ServedSystem):  # the server lays out its own chat
+    outs = model.answer([it.question for it in todo], [pos[it.id] for it in todo],
+                        max_tokens=af.max_new_tokens, temperature=temperature, top_p=af.top_p,
+                        seed=config.seed)
+    store.append(task, [{"kind": "answer", "task": task, "id": it.id, "source": it.source,
+                         "question": it.question, "layout": "served_chat", **o}
+                        for it, o in zip(todo, outs)])
+    return time.perf_counter() - t0
   from eval.answers import AnswerGenerator
   graphdef, state, tok, mesh = model.get()
-  af = config.answer_format
   layout = prompt_layout(model.spec, tok, af.prompt_format)
-  t0 = time.perf_counter()
   gen = AnswerGenerator(graphdef, state, tok, max_new_tokens=af.max_new_tokens,
-                        temperature=af.temperature if task == "answer_format_sampled" else 0.0,
+                        temperature=temperature,
                         top_p=af.top_p, seed=config.seed, batch_size=af.batch_size, mesh=mesh,
                         progress=False)
   step = af.batch_size * 4
@@ -239,7 +260,16 @@ def _run_gen(task, items, recs, model, config, store, judge, progress):
   pos = {it.id: n for n, it in enumerate(items)}
   todo = [it for it in items if it.id not in answers]
   t0 = time.perf_counter()
-  if todo:
+  if todo and isinstance(model, served_lib.ServedSystem):
+    g = config.gen
+    outs = model.answer([served_lib.chat_message(it.prompt) for it in todo],
+                        [pos[it.id] for it in todo], max_tokens=g.max_new_tokens,
+                        temperature=g.temperature, top_p=g.top_p, seed=config.seed)
+    new = [{"kind": "answer", "task": task, "id": it.id, "source": it.source,
+            "question": it.question, **o} for it, o in zip(todo, outs)]
+    store.append(task, new)
+    answers.update((r["id"], r) for r in new)
+  elif todo:
     from eval.answers import AnswerGenerator
     graphdef, state, tok, mesh = model.get()
     g = config.gen
@@ -284,12 +314,21 @@ def evaluate(config) -> dict:
       skipped[task] = str(e)
       print(f"skipping {task}: {e}", file=sys.stderr)
   out = {}
+  served = config.get("served") or {}
   for name, spec in systems(config).items():
     store = results.SystemResults(os.path.join(os.path.expanduser(config.out_dir), name))
-    model = _Model(spec, config)
+    model = (served_lib.ServedSystem(name, served[name]) if name in served else
+             _Model(spec, config))
+    not_scored = {}
     for task, items in loaded.items():
       if store.finished(task, config.limit):
         continue
+      if isinstance(model, served_lib.ServedSystem) and task not in GEN_TASKS + FORMAT_TASKS:
+        ok, why = model.mc_support()
+        if not ok:
+          not_scored[task] = why
+          print(f"skipping {task} for {name}: {why}", file=sys.stderr)
+          continue
       ids = [it.id for it in items]
       idset = set(ids)
       recs = [r for r in store.records(task) if r["id"] in idset]
@@ -314,9 +353,10 @@ def evaluate(config) -> dict:
           "seconds_per_100": round(100 * seconds / n_new, 3) if n_new and seconds else None,
           "ids": ids})
     summary = results.rebuild_summary(store.dir)
-    summary.update(system=name, spec=spec, skipped=skipped,
+    summary.update(system=name, spec=spec, skipped={**skipped, **not_scored},
                    judge=None if judge is None else {"model": judge.model,
                                                      "base_url": judge.base_url,
+                                                     "reading": judge.reading,
                                                      "counters": dict(judge.counters)})
     results.write_summary(store.dir, summary)
     out[name] = summary
@@ -361,8 +401,7 @@ def main(argv):
   for name, summary in out.items():
     if name.startswith("_"):
       continue
-    cols = {k: f"{v['value']:.4f}±{(v['std'] or 0):.4f}" for k, v in summary["columns"].items()}
-    print(f"[{name}] {cols}")
+    print(f"[{name}] {table_lib.printed_columns(summary)}")
 
 
 def cli():

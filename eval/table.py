@@ -51,12 +51,48 @@ def _is_system_dir(path: str) -> bool:
   return os.path.isdir(path) and any(f.endswith(".jsonl") for f in os.listdir(path))
 
 
+def with_rated_counts(summary: dict) -> dict:
+  """The summary's columns with, on each judge-scored one, `rated` (answers the judge's reply
+  gave a score for) and `of` (answers judged); a column nothing was rated in is kept (value
+  None) so the gap shows instead of vanishing."""
+  cols = dict(summary.get("columns", {}))
+  for col, task in metrics.RATING_COLUMNS.items():
+    r = (summary.get("ratings") or {}).get(task)
+    if r is not None:
+      base = cols.get(col) or {"value": None, "std": None, "kind": "rating"}
+      cols[col] = {**base, "rated": r["rated"], "of": r["n"]}
+  return cols
+
+
+def rated_note(col: dict) -> str:
+  """"k/n rated", and a warning when fewer than half of the answers were rated."""
+  if not col or "of" not in col:
+    return ""
+  note = f"{col['rated']}/{col['of']} rated"
+  if 2 * col["rated"] < col["of"]:
+    note += ", fewer than half: judge replies unparsed"
+  return note
+
+
+def printed_columns(summary: dict) -> dict[str, str]:
+  """eval.run's printed line: mean±std per column, and on a judge-scored column how many
+  answers the judge rated (flagged when fewer than half)."""
+  out = {}
+  for k, v in with_rated_counts(summary).items():
+    cell = "–" if v.get("value") is None else f"{v['value']:.4f}±{(v['std'] or 0):.4f}"
+    note = rated_note(v)
+    out[k] = f"{cell} ({note})" if note else cell
+  return out
+
+
 def _cell(col: dict | None, kind: str) -> str:
+  note = rated_note(col)
   if not col or col.get("value") is None:
-    return "–"
+    return f"– ({note})" if note else "–"
   fmt = "{:.2f}" if kind == "rating" else "{:.3f}"
   std = col.get("std")
-  return fmt.format(col["value"]) + ("" if std is None else " ± " + fmt.format(std))
+  cell = fmt.format(col["value"]) + ("" if std is None else " ± " + fmt.format(std))
+  return f"{cell} ({note})" if note else cell
 
 
 def _reference_rows(path: str | None, extra=()) -> dict:
@@ -80,7 +116,7 @@ def make_table(inputs, out_dir: str, reference: str | None = None) -> str:
   """Writes results.md/json and the PNG plots under out_dir; returns the markdown."""
   found = find_systems(inputs)
   summaries = {name: results.rebuild_summary(path) for name, path in found.items()}
-  rows = {name: s["columns"] for name, s in summaries.items()}
+  rows = {name: with_rated_counts(s) for name, s in summaries.items()}
   extra = list(dict.fromkeys(c for cols in rows.values() for c, v in cols.items()
                              if c not in metrics.COLUMNS and v.get("extra")))
   rows.update(_reference_rows(reference, extra))
@@ -90,7 +126,8 @@ def make_table(inputs, out_dir: str, reference: str | None = None) -> str:
   for name, cols in rows.items():
     lines.append(f"| {name} | " + " | ".join(_cell(cols.get(c), kinds[c])
                                               for c in columns) + " |")
-  md = "\n".join(lines) + "\n\nHH/HH-A: mean judge rating 1-10 ± std of ratings; other columns: " \
+  md = "\n".join(lines) + "\n\nHH/HH-A: mean judge rating 1-10 ± std of ratings (k/n rated: " \
+      "answers whose judge reply gave a rating, of those judged); other columns: " \
       "accuracy ± bootstrap standard error; – = not evaluated.\n"
   shown = [c for c in answer_format.TASK_COLUMNS.values() if c in columns]
   if shown:

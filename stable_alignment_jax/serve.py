@@ -7,7 +7,10 @@
 Then any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`.
 
 Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. Chat messages go through the chat template: by default the
+POST /v1/chat/completions. Both POST endpoints return `logprobs` (chat: `logprobs` +
+`top_logprobs`; completions: `logprobs=N`, N <= 20): the model's next-token log-probabilities,
+equal to TextSampler's scores. A final assistant message is continued (vLLM's
+`continue_final_message`, `add_generation_prompt=false`), so SANDBOX reads verified choices here. Chat messages go through the chat template: by default the
 checkpoint's own (its jinja template, rendered by transformers; generation stops at its
 end-of-turn token), else Alpaca (chat_templates.py, whose turn marker is added to the
 request's stop strings). /v1/completions sends the prompt as raw text.
@@ -42,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stable_alignment_jax.serving import logprobs as logprobs_lib
 from stable_alignment_jax.serving.engine import ContextError, Engine, Output
 from stable_alignment_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, parse
 from stable_alignment_jax.text_sampler import Delta
@@ -135,6 +139,15 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     except Exception as e:  # noqa: BLE001
       raise generation_error(e) from None
 
+  async def scored(prompts, outs, top_n: int) -> list:
+    """Each output's token logprobs (serving/logprobs.py), scored off the event loop."""
+    try:
+      return [await asyncio.to_thread(logprobs_lib.score, engine.sampler, p,
+                                      logprobs_lib.counted_tokens(engine.sampler, o), top_n)
+              for p, o in zip(prompts, outs)]
+    except Exception as e:  # noqa: BLE001
+      raise generation_error(e) from None
+
   async def events(req, prompts, max_tokens, stop) -> AsyncIterator[tuple[int, Delta]]:
     try:
       async for item in engine.stream(rows(req, prompts, max_tokens, stop)):
@@ -184,8 +197,12 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                                         prompt_tokens, req))
     flat = await run(req, prompts, max_tokens, req.stops())
     usage = _usage(prompt_tokens, flat)
-    choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
-               for i, o in enumerate(flat)]
+    lps = [None] * len(flat)
+    if req.logprobs is not None:
+      lps = [logprobs_lib.completion_format(s) for s in await scored(
+          [prompts[i // req.n] for i in range(len(flat))], flat, req.logprobs)]
+    choices = [{"index": i, "text": o.text, "logprobs": lp, "finish_reason": o.finish_reason}
+               for i, (o, lp) in enumerate(zip(flat, lps))]
     return {**head, "choices": choices, "usage": usage}
 
   @app.post("/v1/chat/completions")
@@ -207,8 +224,13 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                                   len(prompt), req))
     outs = await run(req, [prompt], max_tokens, stop)
     usage = _usage(len(prompt), outs)
+    lps = [None] * len(outs)
+    if req.logprobs:
+      lps = [logprobs_lib.chat_format(s) for s in await scored(
+          [prompt] * len(outs), outs, req.top_logprobs or 0)]
     choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
-                "logprobs": None, "finish_reason": o.finish_reason} for i, o in enumerate(outs)]
+                "logprobs": lp, "finish_reason": o.finish_reason}
+               for i, (o, lp) in enumerate(zip(outs, lps))]
     return {**head, "choices": choices, "usage": usage}
 
   def _include_usage(req) -> bool:

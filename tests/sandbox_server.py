@@ -14,7 +14,16 @@ of a completions prompt), which the reply continues. With `logprobs="yes"` a log
 gets the next token's top logprobs: after "Rating:" / "Moral:" / "Engagement:" a distribution
 over " 1".." 7" peaked at the score the text reply would carry, plus some non-digit tokens;
 `logprobs="none"` returns none (`"logprobs": null`), `"refuse"` answers HTTP 400 as a server
-that does not implement them.
+that does not implement them. Any other logprobs request (e.g. a capability probe) gets a fixed
+distribution over a few words.
+
+Every reply's `usage.prompt_tokens` counts the prompt as the server built it, a chatml rendering
+split into words, punctuation and whitespace runs, so a client can check what the server did with
+a final assistant message. `continue_final="ignore"` behaves as llama.cpp's server does: it drops
+`continue_final_message`, closes the assistant turn and opens a new reply, whose first token
+after a cue is "1" (no reading of the cue at all). `space_after_cue=True`: the next token after a
+cue is a bare " " (as SmolLM2's is), and only after "Rating: " do the digits ("5") come.
+`app.state.hang = True` makes every request wait forever (a server that never answers).
 
   python tests/sandbox_server.py --port=8123 --delay=0.2      # standalone, for benchmarks
 """
@@ -129,6 +138,34 @@ def next_token_logprobs(model: str, prompt: str, prefix: str, n: int) -> dict[st
   return {t: float(math.log(w / total)) for t, w in ranked}
 
 
+_TOKEN = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]|\s+")
+
+
+def chatml(msgs: list[dict], continue_final: bool) -> str:
+  """The prompt a chatml server builds: the final assistant message left open when continued,
+  else every turn closed and a new assistant header opened."""
+  out = ""
+  for n, m in enumerate(msgs):
+    out += f"<|im_start|>{m.get('role')}\n{m.get('content', '')}"
+    if not (continue_final and n == len(msgs) - 1):
+      out += "<|im_end|>\n"
+  return out if continue_final else out + "<|im_start|>assistant\n"
+
+
+def count_tokens(text: str) -> int:
+  return len(_TOKEN.findall(text))
+
+
+def fresh_reply_logprobs(n: int) -> dict[str, float]:
+  """The first token of a new reply to a judging prompt (the answer llama.cpp gives when it
+  ignores continue_final_message): "1" almost surely."""
+  weights = {"1": 0.9, "I": 0.05, "The": 0.03, "5": 0.02}
+  return {t: float(math.log(w)) for t, w in list(weights.items())[:max(1, n)]}
+
+
+PROBE_TOP = {" the": math.log(0.5), " one": math.log(0.3), ".": math.log(0.2)}
+
+
 def generate(model: str, prompt: str, seed, max_tokens: int, malformed_rate: float,
              prefix: str = "") -> str:
   rng = _rng(model, prompt, seed)
@@ -161,11 +198,15 @@ def embed_text(model: str, text: str, dim: int = 32) -> list[float]:
 
 
 def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: float = 0.0,
-             slow_s: float = 2.0, fault_seed: int = 0, logprobs: str = "yes") -> fastapi.FastAPI:
+             slow_s: float = 2.0, fault_seed: int = 0, logprobs: str = "yes",
+             continue_final: str = "yes", space_after_cue: bool = False) -> fastapi.FastAPI:
   if logprobs not in ("yes", "none", "refuse"):
     raise ValueError(f"logprobs={logprobs!r}: expected yes, none or refuse")
+  if continue_final not in ("yes", "ignore"):
+    raise ValueError(f"continue_final={continue_final!r}: expected yes or ignore")
   app = fastapi.FastAPI()
   app.state.stats = collections.Counter()
+  app.state.hang = False
   faults = random.Random(fault_seed)
   lock = threading.Lock()
 
@@ -182,8 +223,23 @@ def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: f
     await asyncio.sleep(slow_s)  # longer than the client's timeout
     return JSONResponse({"error": {"message": "too slow", "type": "server_error"}}, 503)
 
-  async def reply(body: dict, prompt: str, prefix: str, chat: bool, top_n: int):
+  def top_for(model, prompt, prefix, top_n, fresh):
+    if fresh:  # a new reply opened after the judge's cue: its first token, not a reading
+      judging = "Rating: <an integer" in prompt or "Moral: <an integer" in prompt
+      return fresh_reply_logprobs(top_n) if judging else dict(PROBE_TOP)
+    if space_after_cue and prefix.endswith(("Rating:", "Moral:", "Engagement:")):
+      return {" ": math.log(0.9), "\n": math.log(0.06), " I": math.log(0.04)}
+    if space_after_cue and prefix.endswith(("Rating: ", "Moral: ", "Engagement: ")):
+      top = next_token_logprobs(model, prompt, prefix.rstrip(" "), top_n)
+      return {t.strip(): v for t, v in top.items()} if top else None
+    top = next_token_logprobs(model, prompt, prefix, top_n)
+    return dict(PROBE_TOP) if top is None else top
+
+  async def reply(body: dict, prompt: str, prefix: str, chat: bool, top_n: int,
+                  prompt_tokens: int = 0, fresh: bool = False):
     app.state.stats["requests"] += 1
+    while app.state.hang:
+      await asyncio.sleep(0.05)
     if top_n and logprobs == "refuse":
       app.state.stats["logprobs_refused"] += 1
       return JSONResponse({"error": {"message": "logprobs are not supported",
@@ -194,14 +250,15 @@ def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: f
     if delay_s:
       await asyncio.sleep(delay_s)
     model = body.get("model", "")
-    top = next_token_logprobs(model, prompt, prefix, top_n) if top_n else None
+    top = top_for(model, prompt, prefix, top_n, fresh) if top_n else None
     if top is not None:
       text = max(top, key=top.get)  # greedy: the most likely next token (max_tokens=1)
     else:
       text = generate(model, prompt, body.get("seed"), body.get("max_tokens", 16),
-                      malformed_rate, prefix)
+                      malformed_rate, "" if fresh else prefix)
     app.state.stats["ok"] += 1
-    app.state.stats["logprobs" if top is not None else "texts"] += 1
+    app.state.stats["logprobs" if top is not None and top != PROBE_TOP else
+                    "probes" if top is not None else "texts"] += 1
     lp = None
     if top is not None and logprobs == "yes":
       lp = ({"content": [{"token": text, "logprob": top[text], "bytes": None,
@@ -215,24 +272,32 @@ def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: f
     return {"id": f"gen-{app.state.stats['ok']}", "object": "chat.completion" if chat else
             "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                      "total_tokens": prompt_tokens}}
 
   @app.post("/v1/chat/completions")
   async def chat(request: fastapi.Request):
     body = await request.json()
     msgs = list(body.get("messages", []))
     prefix = ""
-    if body.get("continue_final_message") and msgs and msgs[-1].get("role") == "assistant":
+    continuing = (continue_final == "yes" and body.get("continue_final_message")
+                  and msgs and msgs[-1].get("role") == "assistant")
+    n_tokens = count_tokens(chatml(msgs, bool(continuing)))
+    fresh = bool(msgs) and msgs[-1].get("role") == "assistant" and not continuing
+    if continuing:
       prefix = msgs.pop()["content"]
+    elif fresh:
+      msgs.pop()  # ignored as a start: the reply is a new turn after it
     prompt = "\n".join(m.get("content", "") for m in msgs)
     top_n = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
-    return await reply(body, prompt, prefix, True, top_n)
+    return await reply(body, prompt, prefix, True, top_n, n_tokens, fresh)
 
   @app.post("/v1/completions")
   async def completions(request: fastapi.Request):
     body = await request.json()
     prompt, prefix = split_prefix(body.get("prompt", ""))
-    return await reply(body, prompt, prefix, False, int(body.get("logprobs") or 0))
+    return await reply(body, prompt, prefix, False, int(body.get("logprobs") or 0),
+                       count_tokens(body.get("prompt", "")))
 
   @app.post("/v1/embeddings")
   async def embeddings(request: fastapi.Request):
@@ -250,14 +315,22 @@ def make_app(*, fault_rate: float = 0.0, malformed_rate: float = 0.1, delay_s: f
 class ServerThread:
   """Runs an app with uvicorn on 127.0.0.1 (a free port) in a daemon thread."""
 
-  def __init__(self, app):
+  def __init__(self, app, port: int = 0):
     self.app = app
     self.sock = socket.socket()
-    self.sock.bind(("127.0.0.1", 0))
+    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self.sock.bind(("127.0.0.1", port))
     self.port = self.sock.getsockname()[1]
     self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
     self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                    daemon=True)
+
+  def outage(self, seconds: float) -> "ServerThread":
+    """Stops the server (connections refused from now on), waits `seconds`, and serves the
+    same app again on the same port; returns the new server (close it when done)."""
+    self.__exit__()
+    time.sleep(seconds)
+    return ServerThread(self.app, self.port).__enter__()
 
   @property
   def url(self) -> str:

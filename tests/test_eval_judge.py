@@ -46,6 +46,8 @@ def make_judge_app():
     if m := _PAIR.search(prompt):
       a, b = judge_score(m.group(1)), judge_score(m.group(2))
       text = "Reason: compared.\nPreferred: " + ("A" if a > b else "B" if b > a else "tie")
+    elif _ANSWER.search(prompt) is None:  # not a rubric (e.g. a capability probe): plain text
+      text = "Hello."
     else:
       answer = _ANSWER.search(prompt).group(1)
       if "GARBLED" in answer:

@@ -262,12 +262,12 @@ def test_openai_backend_one_client_one_bound_and_plain_bodies(monkeypatch):
     bodies, live = [], [0, 0]  # in flight now, most in flight
     post = b._post
 
-    async def counting(body):
+    async def counting(api, body):
       bodies.append(body)
       live[0] += 1
       live[1] = max(live)
       try:
-        return await post(body)
+        return await post(api, body)
       finally:
         live[0] -= 1
 
@@ -282,7 +282,8 @@ def test_openai_backend_one_client_one_bound_and_plain_bodies(monkeypatch):
       return texts, scores
 
     texts, scores = asyncio.run(go())
-    assert server.stats["ok"] == 7 + 5 + 2
+    # + the capability probe of the one choice model, once: two requests
+    assert server.stats["ok"] == 7 + 5 + 2 + 2 and b.counters["probe_requests"] == 2
   assert live[1] == 3
   assert len(texts) == 7 and all(isinstance(t, str) and t for t in texts)
   for r, s in zip(cho, scores):
@@ -294,7 +295,7 @@ def test_openai_backend_one_client_one_bound_and_plain_bodies(monkeypatch):
   assert {k: g[k] for k in ("max_tokens", "temperature", "top_p")} == {
       "max_tokens": 8, "temperature": 0.7, "top_p": 0.9}
   assert "continue_final_message" not in g
-  c = next(x for x in bodies if x["model"] == "obs")
+  c = next(x for x in bodies if x["model"] == "obs" and x["seed"] == 4)
   assert c["messages"][-1] == {"role": "assistant", "content": "Rating:"}
   assert c["continue_final_message"] is True and c["add_generation_prompt"] is False
   assert c["logprobs"] is True and c["top_logprobs"] == 20 and c["max_tokens"] == 1

@@ -222,7 +222,8 @@ def test_bad_input_gives_openai_errors_and_server_keeps_serving(srv):
       param="messages", code="context_length_exceeded")
   _assert_error(_post(srv, "/v1/completions", {**ok, "max_tokens": ctx}), 400, param="max_tokens",
                 code="context_length_exceeded")
-  _assert_error(_post(srv, "/v1/completions", {**ok, "logprobs": 3}), 400, param="logprobs")
+  _assert_error(_post(srv, "/v1/completions", {**ok, "echo": True}), 400, param="echo")
+  _assert_error(_post(srv, "/v1/completions", {**ok, "logprobs": 21}), 400, param="logprobs")
   _assert_error(_post(srv, "/v1/chat/completions", {
       "model": MODEL, "messages": [{"role": "tool", "content": "x"}]}), 400, param="messages")
   _assert_error(_post(srv, "/v1/completions", ok, key=None), 401, code="invalid_api_key")
@@ -242,6 +243,78 @@ def test_bad_input_gives_openai_errors_and_server_keeps_serving(srv):
   assert r.status_code == 200
   assert r.json()["choices"][0]["text"] == direct(srv, srv.tok.encode("hi", bos=True),
                                                   max_new_tokens=8)[1]
+
+
+def _ref_logprobs(srv, ids: list[int]) -> "np.ndarray":
+  """log-softmax of the next token over the whole vocabulary, from the reference Sampler."""
+  import numpy as np
+  return np.asarray(srv.ref.next_token_logprobs([ids], list(range(srv.tok.vocab_size))))[0]
+
+
+def test_chat_logprobs_continue_the_final_message_and_equal_sampler_scores(srv):
+  """The chat endpoint with a final assistant message continued (vLLM's spelling): its
+  logprobs are the next-token scores after the prompt as laid out by hand, to 1e-5, and the
+  top_logprobs are the highest of them, in order."""
+  import numpy as np
+  msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Rate it"},
+          {"role": "assistant", "content": "Rating:"}]
+  r = _post(srv, "/v1/chat/completions", {
+      "model": MODEL, "messages": msgs, "max_tokens": 3, "temperature": 0, "logprobs": True,
+      "top_logprobs": 5, "continue_final_message": True, "add_generation_prompt": False})
+  assert r.status_code == 200, r.text
+  body = r.json()
+  layout = "Be kind.\n\n### Instruction:\nRate it\n\n### Response:\nRating:"  # by hand
+  ids = srv.tok.encode(layout, bos=True)
+  assert body["usage"]["prompt_tokens"] == len(ids)
+  content = body["choices"][0]["logprobs"]["content"]
+  gen, _ = direct(srv, ids, max_new_tokens=3)
+  gen = [t for t in gen if t != srv.tok.eos_id]
+  assert len(content) == len(gen) and "".join(c["token"] for c in content) == \
+      body["choices"][0]["message"]["content"]
+  for j, c in enumerate(content):
+    want = _ref_logprobs(srv, ids + gen[:j])
+    assert abs(c["logprob"] - want[gen[j]]) < 1e-5
+    top = np.argsort(-want, kind="stable")[:5]
+    assert [t["token"] for t in c["top_logprobs"]] == [srv.tok.decode([int(t)]) for t in top]
+    np.testing.assert_allclose([t["logprob"] for t in c["top_logprobs"]], want[top], atol=1e-5)
+  # The same request without logprobs gives the same text; bad combinations are refused.
+  plain = srv.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3,
+                                             temperature=0)
+  assert plain.choices[0].message.content == body["choices"][0]["message"]["content"]
+  assert plain.choices[0].logprobs is None
+  bad = {"model": MODEL, "max_tokens": 1}
+  _assert_error(_post(srv, "/v1/chat/completions", {**bad, "messages": msgs[:2],
+                "continue_final_message": True}), 400, param="continue_final_message")
+  _assert_error(_post(srv, "/v1/chat/completions", {**bad, "messages": msgs,
+                "add_generation_prompt": True}), 400, param="continue_final_message")
+  _assert_error(_post(srv, "/v1/chat/completions", {**bad, "messages": msgs,
+                "top_logprobs": 3}), 400, param="top_logprobs")
+  _assert_error(_post(srv, "/v1/chat/completions", {**bad, "messages": msgs, "logprobs": True,
+                "stream": True}), 400, param="logprobs")
+
+
+def test_completion_logprobs_equal_sampler_scores(srv):
+  import numpy as np
+  prompt = "Moral:"
+  res = srv.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                      logprobs=3)
+  ids = srv.tok.encode(prompt, bos=True)
+  gen, text = direct(srv, ids, max_new_tokens=4)
+  gen = [t for t in gen if t != srv.tok.eos_id]
+  lp = res.choices[0].logprobs
+  # (a byte token that is part of a UTF-8 character reads as U+FFFD alone, so the pieces
+  # need not concatenate to the text here)
+  assert res.choices[0].text == text and len(lp.tokens) == len(gen)
+  assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(gen))]
+  for j in range(len(gen)):
+    want = _ref_logprobs(srv, ids + gen[:j])
+    assert abs(lp.token_logprobs[j] - want[gen[j]]) < 1e-5
+    top = np.argsort(-want, kind="stable")[:3]
+    # Values against the reference; a random byte model's pieces are often UTF-8 fragments
+    # with one text each (the likelier kept), so only the distinct values are compared.
+    got = sorted(lp.top_logprobs[j].values(), reverse=True)
+    assert 1 <= len(got) <= 3 and abs(got[0] - want[top[0]]) < 1e-5
+    assert all(np.min(np.abs(want[top] - v)) < 1e-5 for v in got)
 
 
 def _listening_addresses(port: int) -> set[str]:

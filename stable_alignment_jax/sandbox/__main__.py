@@ -38,6 +38,8 @@ def _status(path: str) -> None:
     rows = store.step_rows()
     print(f"run {store.get_meta('run_id')}: {len(rows)}/{total} steps, "
           f"{store.count('episodes')} episodes, {store.count('calls')} logged calls")
+    for reading in (store.get_meta("choice_readings") or {}).values():
+      print(reading["line"])
     for row in metrics.per_round(store.episodes(), rows):
       print(json.dumps(row))
   finally:
@@ -45,8 +47,15 @@ def _status(path: str) -> None:
 
 
 def main(argv):
+  from stable_alignment_jax.sandbox.backends.openai_backend import BackendUnavailable
   try:
     _main(argv)
+  except BackendUnavailable as e:
+    # A server outage longer than the retry budget: every finished step and every call that
+    # returned is in the store; `resume` picks up from there.
+    path = _store_path()
+    sys.exit(f"sandbox: stopped: {e}. Everything done so far is saved in {path}; continue with: "
+             f"python -m stable_alignment_jax.sandbox resume --store={path}")
   except (FileNotFoundError, FileExistsError, KeyError, ValueError, EnvironmentError) as e:
     # Bad input: one clear line, no traceback.
     sys.exit(f"sandbox: error: {e.args[0] if e.args else e}")

@@ -8,8 +8,11 @@
   expected value. The peer's reason is written afterwards, as the continuation of
   "Rating: <chosen>\nReason:": the order the format asks for, so the reason explains the number
   it follows (a reason written first would change what the prompt asks). A call whose backend
-  returns no scores (an OpenAI-compatible server without logprobs) falls back to text for that
-  call: its source says "text" and the step counts it under `choice_fallback`.
+  returns no scores falls back to text for that call: its source says "text" and the step
+  counts it under `choice_fallback`. An OpenAI-compatible backend scores only where it has
+  verified, once per model, that the server continues the cue (backends/choice_reading.py: a
+  server that opens a fresh reply instead, or gives no logprobs, is read as text throughout),
+  so a "choice" source always means a reading of the cue's continuation.
 - auto: choice where the backend kind can score (backends.CHOICE_KINDS), text elsewhere.
 
 Nothing is guessed: an unparsable text stays null.

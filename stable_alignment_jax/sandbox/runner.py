@@ -9,6 +9,7 @@ and runs the steps not yet marked complete.
 import collections
 import json
 import os
+import sys
 import time
 
 import ml_collections
@@ -192,6 +193,23 @@ def _step_counters(episodes: list[dict]) -> dict:
   return dict(c)
 
 
+def announce_choice_readings(cfg, calls: CallLog, store: Store) -> dict:
+  """Learns, once per backend and model, whether ratings can be read as verified choices
+  (backends/choice_reading.py), says so on stderr and keeps it in the store for `status`."""
+  models: dict[str, set] = collections.defaultdict(set)
+  for g in cfg.agent_models.values():
+    models[g.backend].add(g.model)
+  models[cfg.observer.backend].add(cfg.observer.model)
+  models = {n: sorted(ms) for n, ms in models.items() if judging.uses_choice(cfg, n)}
+  readings = calls.choice_readings(models)
+  for r in readings.values():
+    print(f"sandbox: {r['line']}", file=sys.stderr)
+  if readings:
+    with store.transaction():
+      store.set_meta("choice_readings", readings)
+  return readings
+
+
 def _continue(path, backends, embedder, replay, progress, max_steps):
   store = Store(path)
   cfg = ml_collections.ConfigDict(store.get_meta("config"))
@@ -201,6 +219,8 @@ def _continue(path, backends, embedder, replay, progress, max_steps):
   ctx = back_scatter.StepContext(
       agents=agents, questions=questions, prompts=prompts_lib.Prompts(cfg.prompts.to_dict()),
       calls=calls, embed=_cached_embedder(store, embedder, calls.replay), cfg=cfg)
+  if not replay:
+    announce_choice_readings(cfg, calls, store)
   steps = plan(cfg)
   done = store.completed_steps()
   pending = [s for s in steps if (s[0], s[1]) not in done]

@@ -1,14 +1,19 @@
 """The OpenAI wire format: request bodies (validated with pydantic) and error bodies.
 
 Unknown fields are ignored, as OpenAI-compatible servers commonly do, but fields that would change
-the meaning of the answer and that we do not implement (logprobs, echo, suffix, penalties, tools,
-logit_bias, JSON response formats) are refused with a 400 naming the field, never silently dropped.
+the meaning of the answer and that we do not implement (echo, suffix, penalties, tools,
+logit_bias, JSON response formats, logprobs while streaming) are refused with a 400 naming the
+field, never silently dropped. `logprobs` / `top_logprobs` are served (serving/logprobs.py), as are
+vLLM's `continue_final_message` / `add_generation_prompt` in the combinations this server means:
+a final assistant message is always continued, so a request asking to close it is refused.
 """
 
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOP_LOGPROBS = 20  # vLLM's and OpenAI's chat limit
 
 
 class APIError(Exception):
@@ -72,7 +77,12 @@ class CompletionRequest(_Common):
   best_of: int | None = None
 
   def check(self):
-    self.refuse_unsupported({"logprobs": self.logprobs, "echo": self.echo, "suffix": self.suffix})
+    self.refuse_unsupported({"echo": self.echo, "suffix": self.suffix})
+    if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+      raise APIError(400, f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+    if self.logprobs is not None and self.stream:
+      raise APIError(400, "logprobs with stream is not supported by this server",
+                     param="logprobs")
     if self.best_of is not None and self.best_of != self.n:
       raise APIError(400, "best_of other than n is not supported by this server", param="best_of")
 
@@ -92,13 +102,35 @@ class ChatRequest(_Common):
   max_tokens: int | None = Field(None, ge=0)
   max_completion_tokens: int | None = Field(None, ge=0)
   logprobs: bool | None = None
+  top_logprobs: int | None = None
+  continue_final_message: bool | None = None  # vLLM's
+  add_generation_prompt: bool | None = None  # vLLM's
   tools: list[Any] | None = None
   functions: list[Any] | None = None
   response_format: dict[str, Any] | None = None
 
   def check(self):
-    self.refuse_unsupported({"logprobs": self.logprobs, "tools": self.tools,
-                             "functions": self.functions})
+    self.refuse_unsupported({"tools": self.tools, "functions": self.functions})
+    if self.top_logprobs is not None:
+      if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}]",
+                       param="top_logprobs")
+      if self.top_logprobs and not self.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if self.logprobs and self.stream:
+      raise APIError(400, "logprobs with stream is not supported by this server",
+                     param="logprobs")
+    last_assistant = isinstance(self.messages[-1], dict) and \
+        self.messages[-1].get("role") == "assistant"
+    if self.continue_final_message and self.add_generation_prompt:
+      raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                     param="continue_final_message")
+    if self.continue_final_message and not last_assistant:
+      raise APIError(400, "continue_final_message: the last message must be the assistant's",
+                     param="continue_final_message")
+    if last_assistant and (self.continue_final_message is False or self.add_generation_prompt):
+      raise APIError(400, "this server continues a final assistant message; closing it and "
+                     "opening a new reply is not supported", param="continue_final_message")
     if self.response_format and self.response_format.get("type") != "text":
       raise APIError(400, "response_format: only {'type': 'text'} is supported",
                      param="response_format")

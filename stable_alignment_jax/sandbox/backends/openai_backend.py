@@ -1,32 +1,54 @@
 """OpenAI-compatible chat/completions through the official `openai` SDK's client.
 
-Works against OpenAI, vLLM, Ollama or our own server via `base_url`. The API key is read from
-the env var named by `api_key_env` and kept only in the client: one client (one connection
-pool) per backend for the whole run, the documented JSON bodies posted through it as they are
-(the SDK's typed `create` would re-validate each one). Calls in flight are bounded by one
-asyncio semaphore per backend; 429, 5xx, timeouts and dropped connections are retried with exponential
-backoff and full jitter (the SDK's own retries are off so every retry is counted here).
+Works against OpenAI, vLLM, llama.cpp, Ollama or our own server via `base_url`. The API key is
+read from the env var named by `api_key_env` and kept only in the client: one client (one
+connection pool) per backend for the whole run, the documented JSON bodies posted through it as
+they are (the SDK's typed `create` would re-validate each one). Calls in flight are bounded by one
+asyncio semaphore per backend.
+
+Outages: 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
+full jitter (the SDK's own retries are off so every retry is counted here) for as long as the
+server has been failing less than `retry_budget_s` (wall-clock, shared by all calls: any success
+resets it). When the budget is spent the call raises `BackendUnavailable` naming the server and
+the last error; the results that did arrive are handed to the caller (`partial`) so they are
+saved.
 
 A request's `system` is the chat's system message (chat API) or the text before the prompt
 (completions API); its `prefix` is the start of the assistant's reply: the chat API sends it
-as a final assistant message with vLLM's `continue_final_message` (so the model continues it),
-the completions API appends it to the prompt. `choose` reads a choice from the server's
-logprobs of the next token after the prefix (chat: `logprobs` + `top_logprobs`; completions:
-`logprobs=N`), one token each; the choices' tokens are matched by their stripped text, and a
-choice outside the server's top N counts as probability 0. A server that returns no logprobs,
-or refuses them (HTTP 4xx), gives None: the caller reads that judgement as text.
+as a final assistant message with vLLM's `continue_final_message`, the completions API appends
+it to the prompt.
+
+Choice readings (`choose`) are only made where they can be trusted (choice_reading.py): once per
+model the backend probes whether the server returns logprobs and really continues a final
+assistant message (many servers, llama.cpp among them, ignore `continue_final_message` and open
+a fresh reply, whose first token is no reading of the cue). Unverified, and with a `tokenizer`
+configured, the backend renders the chat with the model's own template itself and reads through
+the completions API; otherwise `choose` gives None (the judgement is read as text) without a
+request. A choice's log-probability is that of its token ("5" or " 5") after the prefix; where
+the server's next token is a bare space, the choice after that space is read too and the two
+spellings summed.
 """
 
 import asyncio
 import collections
-import math
 import random
+import time
 
 import openai
 
+from stable_alignment_jax.sandbox.backends import choice_reading
 from stable_alignment_jax.sandbox.embedders import require_env
 
 RETRYABLE = {"429", "5xx", "timeout", "connection"}
+
+
+class BackendUnavailable(RuntimeError):
+  """The server kept failing for the whole retry budget. `partial`: {index in the call batch:
+  result} of the calls that did complete (the caller saves them)."""
+
+  def __init__(self, message: str, partial: dict | None = None):
+    super().__init__(message)
+    self.partial = partial or {}
 
 
 def transient_error(e: Exception) -> str | None:
@@ -54,15 +76,22 @@ class OpenAIBackend:
     self.api_key = require_env(cfg.api_key_env)  # fails before the run starts if unset
     self.concurrency = int(cfg.get("concurrency", 8))
     self.timeout_s = float(cfg.get("timeout_s", 60.0))
-    self.max_retries = int(cfg.get("max_retries", 6))
+    # Outages are budgeted in time; max_retries (older configs) caps the count when >= 0.
+    self.retry_budget_s = float(cfg.get("retry_budget_s", 300.0))
+    self.max_retries = int(cfg.get("max_retries", -1))
     self.backoff_s = float(cfg.get("backoff_s", 0.5))
     self.backoff_max_s = float(cfg.get("backoff_max_s", 30.0))
     self.top_logprobs = int(cfg.get("top_logprobs", 20))
+    self.tokenizer_path = cfg.get("tokenizer", "") or ""
     if self.concurrency < 1:
       raise ValueError(f"config.backends.{name}.concurrency must be >= 1")
     self.counters = collections.Counter()
     self._client = self._sem = None
     self._jitter = random.Random()  # jitter only spaces retries; it never touches results
+    self._down_since: float | None = None  # first failure of the current outage
+    self.readings: dict[str, choice_reading.Reading] = {}  # model -> how choices are read
+    self._probe_locks: dict[str, asyncio.Lock] = {}
+    self._template = None
 
   def _get_client(self):
     # Created inside the running loop: the async HTTP pool (and the semaphore bounding this
@@ -71,84 +100,128 @@ class OpenAIBackend:
       self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
                                         max_retries=0, timeout=self.timeout_s)
       self._sem = asyncio.Semaphore(self.concurrency)
+      self._probe_locks = {}
     return self._client
+
+  async def _gather(self, reqs, call) -> list:
+    outs = await asyncio.gather(*(self._one(r, call) for r in reqs), return_exceptions=True)
+    for o in outs:
+      if isinstance(o, BackendUnavailable):
+        o.partial = {i: x for i, x in enumerate(outs) if not isinstance(x, BaseException)}
+        raise o
+    for o in outs:
+      if isinstance(o, BaseException):
+        raise o
+    return list(outs)
 
   async def complete(self, reqs) -> list[str]:
     self._get_client()
-    return list(await asyncio.gather(*(self._one(r, self._call) for r in reqs)))
+    return await self._gather(reqs, self._call)
 
   async def choose(self, reqs) -> list[list[float] | None]:
     self._get_client()
-    return list(await asyncio.gather(*(self._one(r, self._choice) for r in reqs)))
+    await self.probe(sorted({r.model for r in reqs}))
+    return await self._gather(reqs, self._choice)
 
-  def _messages(self, r) -> list[dict]:
+  async def probe(self, models) -> dict[str, "choice_reading.Reading"]:
+    """How choices are read for each model: learned once per model (the first caller probes,
+    the others wait for its answer)."""
+    self._get_client()
+    for m in models:
+      lock = self._probe_locks.setdefault(m, asyncio.Lock())
+      async with lock:
+        if m not in self.readings:
+          self.readings[m] = await choice_reading.probe(self, m)
+          self.counters["probe_requests"] += self.readings[m].requests
+    return {m: self.readings[m] for m in models}
+
+  def template(self):
+    """The model's own chat template (our tokenizer loader), for the completions reading."""
+    if self._template is None:
+      from stable_alignment_jax.tokenizer import load_tokenizer
+      self._template = load_tokenizer(self.tokenizer_path)
+    return self._template
+
+  def _messages(self, r, prefix: str | None = None) -> list[dict]:
     msgs = [{"role": "system", "content": r.system}] if r.system else []
     msgs.append({"role": "user", "content": r.prompt})
-    if r.prefix:
-      msgs.append({"role": "assistant", "content": r.prefix})
+    prefix = r.prefix if prefix is None else prefix
+    if prefix:
+      msgs.append({"role": "assistant", "content": prefix})
     return msgs
 
-  def _text_prompt(self, r) -> str:
-    return (f"{r.system}\n\n" if r.system else "") + r.prompt + r.prefix
+  def _text_prompt(self, r, prefix: str) -> str:
+    return (f"{r.system}\n\n" if r.system else "") + r.prompt + prefix
 
-  def _body(self, r, **fields) -> dict:
-    """The request body as the API documents it. Our requests are plain, already-checked
-    values, so they go out as JSON directly: the SDK's typed `create` re-transforms every
-    parameter and builds a pydantic model of every reply, most of the client's CPU per call."""
+  def _body(self, r, prefix: str | None = None, **fields) -> tuple[str, dict]:
+    """(path, body) as the API documents it. Our requests are plain, already-checked values, so
+    they go out as JSON directly: the SDK's typed `create` re-transforms every parameter and
+    builds a pydantic model of every reply, most of the client's CPU per call. A request with a
+    prefix to a model whose continuation is unverified but whose template we hold goes to the
+    completions API with the chat rendered here."""
     body = {"model": r.model, "seed": r.seed, **fields}
+    prefix = r.prefix if prefix is None else prefix
+    reading = self.readings.get(r.model)
+    if self.api == "chat" and prefix and reading is not None and reading.how == "template":
+      from stable_alignment_jax.tokenizer import render_chat
+      body["prompt"] = render_chat(self.template(), self._messages(r, prefix),
+                                   add_generation_prompt=False, continue_final_message=True)
+      return "completions", body
     if self.api == "chat":
-      body["messages"] = self._messages(r)
-      if r.prefix:  # vLLM: continue the final (assistant) message instead of opening a turn
+      body["messages"] = self._messages(r, prefix)
+      if prefix:  # vLLM: continue the final (assistant) message instead of opening a turn
         body.update(continue_final_message=True, add_generation_prompt=False)
-    else:
-      body["prompt"] = self._text_prompt(r)
-    return body
+      return "chat", body
+    body["prompt"] = self._text_prompt(r, prefix)
+    return "completions", body
 
-  async def _post(self, body: dict) -> dict:
+  async def _post(self, api: str, body: dict) -> dict:
     # The SDK's own request path: auth, base URL, timeouts and its typed errors (which `_one`
     # classifies) stay; the reply comes back as the JSON dict.
-    path = "/chat/completions" if self.api == "chat" else "/completions"
+    path = "/chat/completions" if api == "chat" else "/completions"
     return await self._client.post(path, body=body, cast_to=object)
 
   async def _call(self, r) -> str:
-    resp = await self._post(self._body(r, max_tokens=r.max_tokens, temperature=r.temperature,
-                                       top_p=r.top_p))
+    api, body = self._body(r, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+    resp = await self._post(api, body)
     choice = resp["choices"][0]
-    text = choice["message"].get("content") if self.api == "chat" else choice.get("text")
+    text = choice["message"].get("content") if api == "chat" else choice.get("text")
     return text or ""
 
-  async def _choice(self, r) -> list[float] | None:
+  async def next_tokens(self, r, prefix: str) -> dict[str, float] | None:
+    """The server's top next tokens {token: logprob} after `prefix`; None when it gives none.
+    A 4xx refusal propagates (openai.APIStatusError)."""
     fields = dict(max_tokens=1, temperature=0.0)
-    if self.api == "chat":
-      fields.update(logprobs=True, top_logprobs=self.top_logprobs)
+    api, body = self._body(r, prefix, **fields)
+    if api == "chat":
+      body.update(logprobs=True, top_logprobs=self.top_logprobs)
     else:
-      fields.update(logprobs=self.top_logprobs)
-    try:
-      resp = await self._post(self._body(r, **fields))
-    except openai.APIStatusError as e:
-      if e.status_code >= 500 or e.status_code == 429:
-        raise
-      # The server refuses logprobs (or this request): this judgement is read as text.
-      self.counters["choice_refused"] += 1
+      body.update(logprobs=self.top_logprobs)
+    resp = await self._post(api, body)
+    return choice_reading.top_tokens(resp, api)
+
+  async def _choice(self, r) -> list[float] | None:
+    if not self.readings[r.model].verified:
+      self.counters["choice_unverified"] += 1  # read as text; no request spent on it
       return None
-    lp = resp["choices"][0].get("logprobs")
-    if self.api == "chat":
-      content = (lp or {}).get("content")
-      top = ({t["token"]: t["logprob"] for t in content[0].get("top_logprobs") or ()}
-             if content else None)
-    else:
-      tops = (lp or {}).get("top_logprobs")
-      top = dict(tops[0] or {}) if tops else None
+    top = await self.next_tokens(r, r.prefix)
     if not top:
       self.counters["choice_no_logprobs"] += 1
       return None
-    return choice_logprobs(top, r.choices)
+    space = choice_reading.space_token(top)
+    after_space = None
+    if space is not None:  # "Rating:" -> " " -> "5": read the digit after the space too
+      self.counters["choice_after_space"] += 1
+      after_space = await self.next_tokens(r, r.prefix + space)
+    return choice_reading.choice_logprobs(top, r.choices, space, after_space)
 
   async def _one(self, r, call):
-    for attempt in range(self.max_retries + 1):
+    attempt = 0
+    while True:
       try:
         async with self._sem:
           out = await call(r)
+        self._down_since = None
         self.counters["calls"] += 1
         return out
       except openai.APIError as e:
@@ -157,14 +230,20 @@ class OpenAIBackend:
           raise RuntimeError(f"backend {self.name} ({self.base_url}): HTTP "
                              f"{getattr(e, 'status_code', '?')} for model {r.model!r}: "
                              f"{e.message}") from None
-      if attempt == self.max_retries:
+        last = f"{kind}: {e.message}"
+      now = time.monotonic()
+      if self._down_since is None:
+        self._down_since = now
+      spent = now - self._down_since
+      if spent >= self.retry_budget_s or 0 <= self.max_retries <= attempt:
         self.counters["failed"] += 1
-        raise RuntimeError(f"backend {self.name} ({self.base_url}): gave up after "
-                           f"{self.max_retries} retries (last error: {kind})")
+        raise BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
+                                 f"{spent:.0f} s ({attempt} retries of this call; "
+                                 f"last error: {last})")
       self.counters[f"retry_{kind}"] += 1
       delay = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
       await asyncio.sleep(self._jitter.uniform(0, delay))
-    raise AssertionError("unreachable")
+      attempt += 1
 
   async def aclose(self):
     if self._client is not None:
@@ -176,8 +255,4 @@ def choice_logprobs(top: dict[str, float], choices) -> list[float] | None:
   """A server's top next tokens {token: logprob} -> one log-prob per choice: the tokens whose
   stripped text is the choice (" 5" and "5") summed; -inf for a choice not among them; None
   when no choice is."""
-  out = []
-  for c in choices:
-    ps = [lp for tok, lp in top.items() if tok.strip() == c and lp is not None]
-    out.append(math.log(sum(math.exp(p) for p in ps)) if ps else -math.inf)
-  return out if any(math.isfinite(x) for x in out) else None
+  return choice_reading.choice_logprobs(top, choices)

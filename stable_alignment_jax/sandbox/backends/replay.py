@@ -67,20 +67,48 @@ class CallLog:
 
       async def run_all():
         return await asyncio.gather(*(getattr(self.backends[n], method)(groups[n])
-                                      for n in names))
+                                      for n in names), return_exceptions=True)
 
       results = self.loop.run_until_complete(run_all())
+      error = None
       for name, outs in zip(names, results):
-        for r, out in zip(groups[name], outs):
+        if isinstance(outs, BaseException):
+          # A server that stayed down: the calls that did complete are logged below before
+          # the error propagates, so a resume does not pay for them again.
+          error = error or outs
+          outs = getattr(outs, "partial", {})
+        else:
+          outs = dict(enumerate(outs))
+        for i, out in outs.items():
+          r = groups[name][i]
           found[r.key] = out if method == "complete" else json.dumps(out)
+      missing = [k for k in missing if k in found]
       self.counters["calls_made"] += len(missing)
+      if error is not None:
+        self._log(by_key, missing, found)
+        raise error
+    self._log(by_key, unique if self.replay else missing, found)
+    return [found[k] for k in keys]
+
+  def _log(self, by_key: dict, keys: list[str], found: dict) -> None:
     new_rows = [(k, by_key[k].backend, by_key[k].model, by_key[k].prompt,
                  json.dumps(_logged_params(by_key[k]), sort_keys=True), by_key[k].seed, found[k])
-                for k in (unique if self.replay else missing)]
+                for k in keys]
     if new_rows:
       with self.store.transaction():
         self.store.add_calls(new_rows)
-    return [found[k] for k in keys]
+
+  def choice_readings(self, models: dict[str, list[str]]) -> dict[str, dict]:
+    """{"backend/model": reading} for the backends that probe how they read choices (learned
+    once per backend and model; one line each is logged by the caller)."""
+    out = {}
+    for name, names in models.items():
+      b = self.backends.get(name)
+      if b is None or not hasattr(b, "probe"):
+        continue
+      for m, reading in self.loop.run_until_complete(b.probe(sorted(names))).items():
+        out[f"{name}/{m}"] = {**reading.as_dict(), "line": reading.line(name, m)}
+    return out
 
   def backend_counters(self) -> dict:
     total = collections.Counter()
