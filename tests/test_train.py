@@ -119,8 +119,8 @@ def test_the_data_counts_are_kept_in_the_run_directory(chain):
 def test_the_five_percent_stop_fires_before_any_model_load(tmp_path, monkeypatch):
   def no_model(*a, **k):
     raise AssertionError("a model was loaded")
-  monkeypatch.setattr(train, "_init_params", no_model)
-  monkeypatch.setattr(train.llama, "Llama", no_model)
+  monkeypatch.setattr(train.scaffold, "init_model", no_model)
+  monkeypatch.setattr(train.scaffold.llama, "Llama", no_model)
   # The synthetic rows run up to ~139 tokens: at 120 most responses do not fit whole.
   c = _tiny(stage1, tmp_path, "short", **{"data.max_len": 120, "train.steps": 1})
   with pytest.raises(data.data_lengths.DataLossError) as err:
