@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data_lengths, sharding
+from stable_alignment_jax import checkpoints, data_lengths, losses, sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig, preset
 
@@ -59,6 +60,17 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   if spec.startswith("random:"):
     return preset(spec.split(":")[1], dtype=c.model.dtype, remat=c.model.remat)
   return ModelConfig.from_dict(c.model)
+
+
+def run_model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  """The model a run trains: a run being resumed keeps its own record (run_config.json of
+  checkpoint.dir, once it holds a saved step), a fresh one takes `model_config`."""
+  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
+  if os.path.exists(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG)):
+    with checkpoints.manager(ckpt_dir, read_only=True) as mgr:
+      if mgr.latest_step() is not None:
+        return ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
+  return model_config(c)
 
 
 def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=None):
@@ -250,6 +262,33 @@ class Scaffold:
         self.mgr, step, self.state,
         data_iter={"iterator": self.it.get_state(), "process_count": jax.process_count()},
         config=self.config, extra=extra)
+
+  def steps(self, step_fn, total: int, *, logger, schedule):
+    """The loop over batches of `self.it` from the start step to `total`: each batch validated,
+    stepped, its loss queued for the finite check; logged steps (every train.log_every and each
+    save) fetch the metrics and write them, with lr and timing. Yields (step, metrics logged or
+    None) after each step, then saves on checkpoint.save_every and the last step, so what the
+    caller does at a step (an evaluation) comes before its checkpoint. Call under the mesh."""
+    c = self.c
+    t_log, step_log = time.perf_counter(), self.start
+    for step in range(self.start, total):
+      local = next(self.it)
+      losses.validate_batch(local, where=f"step {step + 1} batch")
+      self.state, metrics = step_fn(self.state, sharding.global_batch(local, self.mesh))
+      done = step + 1
+      is_save = done % c.checkpoint.save_every == 0 or done == total
+      is_log = done % c.train.log_every == 0 or is_save
+      self.check(done, metrics["loss"], now=is_log)
+      logged = None
+      if is_log:
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logged["lr"] = float(schedule(done - 1))
+        now = time.perf_counter()  # metrics were fetched: every step up to here has finished
+        logger.train(done, logged, local, (now - t_log) / max(done - step_log, 1))
+        t_log, step_log = now, done
+      yield done, logged
+      if is_save:
+        self.save(done)
 
   def close(self) -> None:
     self.mgr.wait_until_finished()

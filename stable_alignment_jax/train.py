@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -297,31 +296,19 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
   last = {}
   from tqdm import tqdm
-  bar = tqdm(range(start, total), initial=start, total=total, desc=c.checkpoint.dir,
+  bar = tqdm(initial=start, total=total, desc=c.checkpoint.dir,
              disable=jax.process_index() != 0, mininterval=2.0)
-  t_log, step_log = time.perf_counter(), start
   with sharding.activate(mesh):
-    for step in bar:
-      local = next(it)
-      losses.validate_batch(local, where=f"step {step + 1} batch")
-      run_.state, metrics = step_fn(run_.state, sharding.global_batch(local, mesh))
-      done = step + 1
-      is_save = done % c.checkpoint.save_every == 0 or done == total
-      is_log = done % c.train.log_every == 0 or is_save
-      run_.check(done, metrics["loss"], now=is_log)
-      if is_log:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last["lr"] = float(schedule(done - 1))
-        now = time.perf_counter()  # metrics were fetched, so every step up to here has finished
-        logger.train(done, last, local, (now - t_log) / max(done - step_log, 1))
-        t_log, step_log = now, done
+    for done, logged in run_.steps(step_fn, total, logger=logger, schedule=schedule):
+      bar.update(1)
+      if logged:
+        last = logged
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
         src = eval_source()
         logger.eval(done, evaluate(src, c.train.eval_batches, run_.state,
                                    eval_fn_for(tuple(src.kinds)), load, mesh))
-      if is_save:
-        run_.save(done)
+  bar.close()
   run_.close()
   logger.close()
   return {"steps": total, "start": start, "origin": origin, "final": last, "dir": ckpt_dir,
