@@ -11,7 +11,7 @@ KL coefficient moves toward its target. Experience and the update are each one j
 
   python -m stable_alignment_jax.ppo --config=configs/ppo.py[:tiny]
 
-The run directory holds Orbax items params ({policy, value_head}), opt_state, ref_params,
+The run directory holds Orbax items params ({policy, value_head}), opt_state, frozen (pi_ref),
 data_iter (the prompt iterator), ppo (kl_coef and the rollout RNG key) and config, so a killed
 run resumes with the same rollouts and losses. Its `params["policy"]` is a plain LLaMA state.
 """
