@@ -1,6 +1,6 @@
 """The training scaffold every method shares: the data-position translation, the frozen tree's
 seam, `main` running any method's config, and a SIGKILL at a random step resuming bitwise for
-the reward model and PPO (the preference stages' twin is in test_train.py)."""
+every method: a preference stage, the reward model and PPO."""
 
 import json
 import pathlib
@@ -107,6 +107,12 @@ def _kill_resume(tmp_path, config, steps, extra, keys):
   assert sorted(got) == list(range(1, steps + 1))
   for s in range(5, steps + 1):
     assert {k: got[s][k] for k in keys} == {k: want[s][k] for k in keys}, s
+
+
+def test_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+  # Bitwise on CPU: same data order restored, same compiled program, same params and moments.
+  _kill_resume(tmp_path, "configs/stage1.py:tiny", 80, ["--config.train.eval_every=0"],
+               ("loss", "accuracy", "grad_norm"))
 
 
 def test_reward_model_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
