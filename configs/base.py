@@ -52,6 +52,10 @@ def get_config(arg=None):
   # counted on the entry that is c.data.dataset (configs.common.replay_mixture).
   c.data.mixture = ml_collections.ConfigDict()
 
+  # What this config trains; each method has its own block: preference -> c.loss (train.py),
+  # reward -> the reward model's data and head (reward.py), ppo -> c.ppo and c.reward (ppo.py).
+  # `python -m stable_alignment_jax.main` runs any of them.
+  c.method = "preference"
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sa_cpo"  # sa_cpo | sft | rrhf | dpo | ipo | simpo | orpo
   c.loss.ratio = 0.2  # lambda: weight of the contrastive term (paper)

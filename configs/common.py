@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from stable_alignment_jax import contracts
 from stable_alignment_jax.model import presets
 
 
@@ -52,7 +53,7 @@ def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
 # quarter keeps the earlier formats in every batch of 8+ while 3/4 of each step stays on the
 # stage's own data. It is a design default, not fitted to any result.
 REPLAY_SHARE = 0.25
-STAGE_KINDS = ("imitation", "self_critic", "realignment")
+STAGE_KINDS = contracts.KINDS
 
 
 def replay_mixture(kind: str, share: float, prefix: str = "sandbox_alignment"):

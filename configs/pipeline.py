@@ -26,8 +26,9 @@ import ml_collections
 from configs import (cdpo, common, coh, dpo, ipo, mixed, orpo, ppo, reward, rrhf, sandbox, sft,
                      simpo, stage1, stage2, stage3)
 from configs import eval as eval_config
+from stable_alignment_jax import contracts
 
-DATASETS = {"stage1": "imitation", "stage2": "self_critic", "stage3": "realignment"}
+DATASETS = contracts.STAGE_KINDS
 
 
 def _train_cfg(module, tiny: bool):

@@ -19,7 +19,8 @@ from configs import base, common
 def get_config(arg=None):
   arg = common.parse_arg(arg, tiny=False, society=False)
   c = base.get_config()
-  c.loss.name = "ppo"
+  c.method = "ppo"  # its blocks: c.ppo and c.reward below; no preference-loss block
+  del c.loss
   # The prompts: HH-RLHF dialogues up to the last "Assistant:" (data_prep.hh_rlhf), as TRLX's
   # ppo_hh.py takes them; only `prompt` of each example is read.
   c.data.dataset = "hh_rlhf/all"

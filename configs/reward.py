@@ -15,7 +15,10 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, tiny=False, sandbox=False, society=False)
   arg.sandbox = arg.sandbox or arg.society
   c = base.get_config()
-  c.loss.name = "bradley_terry"  # -log sigmoid(r_better - r_worse) over every rated pair
+  # The reward model: -log sigmoid(r_better - r_worse) over every rated pair (reward.py); no
+  # preference-loss block.
+  c.method = "reward"
+  del c.loss
   if arg.sandbox:
     # Imitation groups: one prompt, K answers rated by observers; all differently rated pairs.
     c.data.dataset = "sandbox_alignment/imitation"

@@ -31,16 +31,10 @@ import collections
 import hashlib
 from typing import Iterable
 
-KINDS = ("imitation", "self_critic", "realignment")
+# The kinds, Alpaca's layouts and the markers are shared contracts (eval reads the same ones).
+from stable_alignment_jax.contracts import (  # noqa: F401 - re-exported for data_prep's users
+    ALPACA_NO_INPUT, ALPACA_WITH_INPUT, CRITIQUE_PREFIX, FEEDBACK_HEADER, KINDS, REVISED_MARKER)
 
-# Alpaca's two prompt layouts (without / with an input block). All prompt text lives here.
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
-                   "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-                   "### Response:\n")
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
-                     "provides further context. Write a response that appropriately completes "
-                     "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
-                     "### Response:\n")
 CRITIQUE_INSTRUCTION = ("Critique the answer below to the given question: judge whether it is "
                         "socially aligned (honest, harmless and helpful) and explain why.")
 REVISE_INSTRUCTION = ("The answer below to the given question received feedback from others. "
@@ -48,13 +42,10 @@ REVISE_INSTRUCTION = ("The answer below to the given question received feedback 
                       "aligned.")
 # The critique and revise prompts' input: the question and the draft being judged.
 JUDGED = "Question: {question}\nAnswer: {answer}"
-REVISED_MARKER = "Here is the revised response:"
 # The authors' request after the question and draft (their "common" spelled "comment").
 REVISE_REQUEST = ("Please first comment on this response, and then revise it to make it better "
                   "aligned with shared social values.")
 REALIGNMENT_FORMS = ("per_reason", "bulleted")
-FEEDBACK_HEADER = "Feedback:"  # the first line of a realignment response
-CRITIQUE_PREFIX = "Critique:"  # the start of every self-critic response
 REALIGN_MIN_SCORE = 4.0  # the revision must score above this (paper: "above 4")
 
 

@@ -14,7 +14,9 @@ import json
 import math
 from typing import Any, Iterable
 
-SCORE_RANGE = (1, 7)  # observer scores and peer ratings are on the paper's 1-7 scale
+# The record's shape is the shared contract sandbox/export.py writes against.
+from stable_alignment_jax.contracts import EXPORT_SCORE_RANGE as SCORE_RANGE
+from stable_alignment_jax.contracts import EXPORT_SOURCES as SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +87,6 @@ def _score(obj: dict, key: str, where: str, *, integer: bool) -> float | None:
   if not lo <= value <= hi:
     raise BadRecord("out of range", f"field {where}{key}: {value} is outside {lo}..{hi}")
   return float(value)
-
-
-SOURCES = ("text", "choice")
 
 
 def _details(obj: dict, score: str, where: str) -> dict:

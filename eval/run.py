@@ -132,15 +132,9 @@ def systems(config) -> dict[str, str]:
 
 
 def tokenizer_for(spec: str, config):
-  from stable_alignment_jax import checkpoints, tokenizer
-  path = config.get("tokenizer", "")
-  if not path:
-    if spec.startswith("random:"):
-      path = "byte"
-    elif checkpoints.is_hf_dir(spec):
-      path = spec
-    else:
-      path = checkpoints.read_run_config(spec)["data"]["tokenizer"]
+  """config.tokenizer, else the one the checkpoint spec implies (the sampler's own default)."""
+  from stable_alignment_jax import text_sampler, tokenizer
+  path = config.get("tokenizer", "") or text_sampler.default_tokenizer(spec)
   return tokenizer.load_tokenizer(os.path.expanduser(path))
 
 

@@ -16,8 +16,7 @@ import dataclasses
 import json
 from typing import Sequence
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
+from stable_alignment_jax.contracts import ALPACA_PREAMBLE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,10 +106,10 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
 
 def save_train_state(mgr: ocp.CheckpointManager, step: int, state: dict, *, data_iter: dict,
                      config: dict, extra: dict | None = None) -> None:
-  """One training step: the trees of `state` (params, opt_state, ref_params when present; flat),
+  """One training step: the trees of `state` (params, opt_state, frozen when present; flat),
   the data iterator's state, the run config, and `extra` JSON items of a trainer's own."""
   trees = {k: ocp.args.StandardSave(flatten(state[k]))
-           for k in ("params", "opt_state", "ref_params") if k in state}
+           for k in ("params", "opt_state", "frozen") if k in state}
   json_items = {k: ocp.args.JsonSave(v) for k, v in (extra or {}).items()}
   mgr.save(step, args=ocp.args.Composite(**trees, **json_items,
                                          data_iter=ocp.args.JsonSave(data_iter),

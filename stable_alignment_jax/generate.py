@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.model import llama
 
 
@@ -52,10 +53,6 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -256,8 +253,8 @@ class Sampler:
     n = len(prompts)
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt: give at least one token (e.g. BOS)")
-    b = _bucket(n, self.min_batch if min_batch is None else min_batch)
-    p = _bucket(max(len(x) for x in prompts), self.min_prompt)
+    b = bucket(n, self.min_batch if min_batch is None else min_batch)
+    p = bucket(max(len(x) for x in prompts), self.min_prompt)
     tokens = np.full((b, p), self.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
     for i, x in enumerate(prompts):
@@ -296,7 +293,7 @@ class Sampler:
     tokens, mask = self._left_pad(prompts)
     b, p = tokens.shape
     max_new_b = np.array([sp.max_new_tokens for sp in params], np.int32)
-    new = _bucket(int(max_new_b.max()), 1)
+    new = bucket(int(max_new_b.max()), 1)
     if p + new > self.cfg.max_seq_len:
       raise ValueError(f"prompt ({max(len(x) for x in prompts)} tokens) + max_new_tokens "
                        f"({int(max_new_b.max())}) exceeds the model context "
@@ -313,7 +310,7 @@ class Sampler:
     prompt_len = mask.sum(axis=1).astype(np.int32)
     eos = np.asarray(self.eos_ids, np.int32)
     self.calls += 1
-    window = min(new, _bucket(self.min_window, 1)) if self.min_window else new
+    window = min(new, bucket(self.min_window, 1)) if self.min_window else new
     carry = self._call(_prefill, self.graphdef, self.state, tokens, mask, max_new_arr,
                        temperature, top_k, top_p, seeds, max_new=new, window=window,
                        cache_dtype=self.cache_dtype, sample=sample)

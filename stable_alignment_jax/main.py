@@ -1,7 +1,10 @@
-"""Trains one stage (or baseline) from an ml_collections config file.
+"""Trains what an ml_collections config file says: its `config.method` (a preference stage or
+baseline, a reward model, or PPO), each on the one training scaffold (scaffold.py).
 
   python -m stable_alignment_jax.main --config=configs/stage3.py
   python -m stable_alignment_jax.main --config=configs/stage1.py:tiny --config.optim.lr=1e-3
+  python -m stable_alignment_jax.main --config=configs/reward.py:tiny
+  python -m stable_alignment_jax.main --config=configs/ppo.py:tiny
 
 On a multi-host TPU pod or GPU cluster run the same command on every host; JAX's distributed
 runtime is initialised from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS /
@@ -19,26 +22,49 @@ from ml_collections import config_flags
 from stable_alignment_jax import runtime
 
 
+# config.method -> the module that trains it (its `run(config)`).
+METHODS = {"preference": "stable_alignment_jax.train", "reward": "stable_alignment_jax.reward",
+           "ppo": "stable_alignment_jax.ppo"}
+
+
+def method_of(config) -> str:
+  """config.method, or a one-line UsageError naming the methods (a config without one is a
+  preference stage: every config file before methods had a name)."""
+  method = config.get("method", "preference")
+  if method not in METHODS:
+    raise app.UsageError(f"config.method={method!r} is not a training method; known: "
+                         f"{sorted(METHODS)}. Datasets, evaluation and SANDBOX have their own "
+                         "commands: python -m data_prep, eval.run, stable_alignment_jax.sandbox")
+  return method
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage1.py:tiny")
+  method = method_of(config)
   runtime.init_distributed()
   runtime.enable_compilation_cache()
+  import importlib
   import jax
-  from stable_alignment_jax import train
+  trainer = importlib.import_module(METHODS[method])
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  # The keys typed as --config.a.b=... (not those the config file set): an HF init_from fills
-  # every other model field from its config.json.
-  train.check_config(config, explicit=config_flags.get_override_values(flags.FLAGS["config"]))
+  if method == "preference":
+    # The keys typed as --config.a.b=... (not those the config file set): an HF init_from
+    # fills every other model field from its config.json.
+    trainer.check_config(config,
+                         explicit=config_flags.get_override_values(flags.FLAGS["config"]))
   if jax.process_index() == 0:
     print(config, flush=True)
-  summary = train.run(config)
+  summary = trainer.run(config)
   if jax.process_index() == 0:
-    final = {k: round(v, 4) for k, v in summary["final"].items()}
-    print(f"[{config.checkpoint.dir}] finished {summary['steps']} steps: {final}", flush=True)
+    final = summary["history"][-1] if method == "ppo" and summary["history"] else \
+        summary.get("final", {})
+    final = {k: round(v, 4) for k, v in final.items() if isinstance(v, (int, float))}
+    print(f"[{config.checkpoint.dir}] {method}: finished at step "
+          f"{summary.get('steps', config.train.steps)}: {final}", flush=True)
 
 
 def cli():

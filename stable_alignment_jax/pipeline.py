@@ -18,8 +18,10 @@ import ml_collections
 from absl import app, logging
 from ml_collections import config_flags
 
+from stable_alignment_jax import contracts
+
 STATE = "pipeline_state.json"
-KINDS = {"stage1": "imitation", "stage2": "self_critic", "stage3": "realignment"}
+KINDS = contracts.STAGE_KINDS
 
 
 class Steps:

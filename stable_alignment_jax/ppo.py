@@ -11,7 +11,7 @@ KL coefficient moves toward its target. Experience and the update are each one j
 
   python -m stable_alignment_jax.ppo --config=configs/ppo.py[:tiny]
 
-The run directory holds Orbax items params ({policy, value_head}), opt_state, ref_params,
+The run directory holds Orbax items params ({policy, value_head}), opt_state, frozen (pi_ref),
 data_iter (the prompt iterator), ppo (kl_coef and the rollout RNG key) and config, so a killed
 run resumes with the same rollouts and losses. Its `params["policy"]` is a plain LLaMA state.
 """
@@ -19,7 +19,6 @@ run resumes with the same rollouts and losses. Its `params["policy"]` is a plain
 import functools
 import json
 import math
-import os
 import zlib
 from typing import Any, Callable
 
@@ -27,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, data_lengths, losses, optim, reward, sharding
+from stable_alignment_jax import (checkpoints, data, data_lengths, losses, optim, reward, scaffold,
+                                  sharding, train_log)
 from stable_alignment_jax import ppo_losses as pl
+from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.generate import Sampler, SamplingParams
-from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- programmatic rewards (tests, smoke runs): (prompts, responses) -> scores [N] -------------
@@ -112,17 +111,13 @@ def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef, logpr
 
 
 def update(state, rollout, key, *, graphdef, tx, epochs, minibatch, loss_kw):
-  """`epochs` passes over the rollout in shuffled minibatches, one optimizer step each."""
+  """`epochs` passes over the rollout in shuffled minibatches, one optimizer step each (the
+  scaffold's `optimizer_step`, as the other methods take theirs); one iteration counted."""
   n = rollout["tokens"].shape[0]
-  grad_fn = jax.value_and_grad(functools.partial(ppo_loss, graphdef=graphdef, **loss_kw),
-                               has_aux=True)
+  loss_fn = lambda params, frozen, mb: ppo_loss(params, mb, graphdef=graphdef, **loss_kw)
 
   def one(state, mb):
-    (loss, m), grads = grad_fn(state["params"], mb)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    m = dict(m, loss=loss, grad_norm=optax.tree.norm(grads))
-    return dict(state, params=params, opt_state=opt_state), m
+    return scaffold.optimizer_step(state, mb, loss_fn=loss_fn, tx=tx)
 
   def epoch(state, k):
     perm = jax.random.permutation(k, n)
@@ -157,10 +152,6 @@ def layout(prompts, responses, length: int, pad_id: int):
     tokens[i, :len(row)] = row
     mask[i, len(p) - 1:len(row) - 1] = 1.0
   return tokens, mask
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def check_config(c: ml_collections.ConfigDict, n_batch_devices: int) -> None:
@@ -207,16 +198,9 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   updates_per_iter = p.epochs * (p.rollout_batch // p.minibatch)
   tx, _ = optim.make_optimizer(c.optim, c.train.steps * updates_per_iter)
 
-  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
-  mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
-  start = mgr.latest_step()
-  if start is None:
-    graphdef, policy, origin = reward.init_trunk(c, mesh)
-    cfg = nnx.merge(graphdef, policy).cfg
-  else:  # the run's own record of its model (a checkpoint's architecture, not config.model)
-    cfg = ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
+  cfg = scaffold.run_model_config(c)
   graphdef, abstract_policy = reward.abstract_trunk(cfg)
-  room = _pow2(max(p.max_prompt_len, 16)) + _pow2(p.max_new_tokens)  # the Sampler's buckets
+  room = bucket(max(p.max_prompt_len, 16)) + bucket(p.max_new_tokens)  # the Sampler's buckets
   if room > cfg.max_seq_len:
     raise ValueError(f"ppo.max_prompt_len={p.max_prompt_len} + ppo.max_new_tokens="
                      f"{p.max_new_tokens} take {room} positions in the sampler (powers of two), "
@@ -225,42 +209,33 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
     raise ValueError(f"tokenizer {c.data.tokenizer} has {tok.vocab_size} ids but the policy's "
                      f"vocab_size is {cfg.vocab_size}")
   abstract = {"policy": abstract_policy, "value_head": reward.abstract_head(cfg.dim)}
-  param_sh = sharding.state_shardings(abstract, mesh)
-  opt_abstract = jax.eval_shape(tx.init, abstract)
-  opt_sh = sharding.state_shardings(opt_abstract, mesh)
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep}
-  if start is None:
-    params = jax.device_put({"policy": policy, "value_head": reward.init_head(cfg.dim)}, param_sh)
-    with sharding.activate(mesh):
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
-    ref_policy = jax.tree.map(jnp.copy, params["policy"])
-    del policy
-    kl_coef, key, start = float(p.init_kl_coef), jax.random.key(c.seed), 0
+
+  def init(sh):
+    policy, origin = scaffold.init_model(c, cfg, mesh, sh["policy"])
+    head = jax.device_put(reward.init_head(cfg.dim), sh["value_head"])
+    return {"policy": policy, "value_head": head}, origin
+
+  # pi_ref, the starting policy, is the state's frozen tree.
+  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(
+      abstract=abstract, init=init, frozen=lambda params: jax.tree.map(jnp.copy, params["policy"]),
+      frozen_abstract=abstract_policy, extra=("ppo",)), it)
+  start, origin = run_.start, run_.origin
+  if run_.extra:
+    kl_coef = float(run_.extra["ppo"]["kl_coef"])
+    key = jax.random.wrap_key_data(jnp.asarray(run_.extra["ppo"]["key"], jnp.uint32))
   else:
-    targets = {"params": abstract, "opt_state": opt_abstract, "ref_params": abstract["policy"]}
-    shard = {"params": param_sh, "opt_state": opt_sh, "ref_params": param_sh["policy"]}
-    got, restored = checkpoints.restore_train_state(mgr, start, targets, shard, extra=("ppo",))
-    state = {"params": got["params"], "opt_state": got["opt_state"],
-             "step": jax.device_put(jnp.int32(start), rep)}
-    ref_policy = got["ref_params"]
-    it.set_state(restored["data_iter"]["iterator"])
-    kl_coef = float(restored["ppo"]["kl_coef"])
-    key = jax.random.wrap_key_data(jnp.asarray(restored["ppo"]["key"], jnp.uint32))
-    origin = f"resumed {ckpt_dir} at iteration {start}"
+    kl_coef, key = float(p.init_kl_coef), jax.random.key(c.seed)
   score_fn = _scorer(c, mesh, tok, cfg)
   run_c = ml_collections.ConfigDict(c.to_dict())
   run_c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
-  if jax.process_index() == 0:
-    with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
-      f.write(run_c.to_json_best_effort(indent=2, sort_keys=True))
-    data_lengths.write(loader.stats, os.path.join(ckpt_dir, "data_stats.json"))
+  run_.write_run_config(run_c, loader.stats)
   print(f"[{c.checkpoint.dir}] policy from: {origin}; {c.train.steps} iterations", flush=True)
 
   length = p.max_prompt_len + p.max_new_tokens
   logprob_chunk = c.train.get("logprob_chunk", 0)  # as the stages: no whole [N, T, V] logits
   row = lambda n: sharding.batch_sharding(mesh, n)
+  rep = run_.replicated
+  param_sh = run_.shardings["params"]
   roll_sh = {"tokens": row(2), "mask": row(2), "old_logp": row(2), "old_values": row(2),
              "advantages": row(2), "returns": row(2)}
   exp_fn = jax.jit(functools.partial(experience, graphdef=graphdef, gamma=p.gamma, lam=p.lam,
@@ -272,18 +247,11 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       update, graphdef=graphdef, tx=tx, epochs=p.epochs, minibatch=p.minibatch,
       loss_kw=dict(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
                    logprob_chunk=logprob_chunk)),
-      in_shardings=(state_sh, roll_sh, rep), out_shardings=(state_sh, None), donate_argnums=0)
-
-  def save(step):
-    checkpoints.save_train_state(
-        mgr, step, {**state, "ref_params": ref_policy},
-        data_iter={"iterator": it.get_state()},
-        config=json.loads(run_c.to_json_best_effort()),
-        extra={"ppo": {"kl_coef": kl_coef,
-                       "key": np.asarray(jax.random.key_data(key)).tolist()}})
+      in_shardings=(run_.shardings, roll_sh, rep), out_shardings=(run_.shardings, None),
+      donate_argnums=0)
+  logger = train_log.Logger(run_.dir, cfg, mesh, tensorboard=c.train.tensorboard)
 
   history, last = [], {}
-  log = open(os.path.join(ckpt_dir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
   sampling = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
                   top_k=p.top_k)
   with sharding.activate(mesh):
@@ -293,39 +261,35 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       prompts = prompts_of(next(it))
       key, k_sample, k_update = jax.random.split(key, 3)
       seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))
-      sampler = Sampler(graphdef, state["params"]["policy"], eos_id=tok.stop_ids,
+      sampler = Sampler(graphdef, run_.state["params"]["policy"], eos_id=tok.stop_ids,
                         pad_id=tok.pad_id, mesh=mesh, min_batch=len(prompts))
       responses = sampler.generate(prompts, [SamplingParams(**sampling, seed=int(s))
                                              for s in seeds])
       tokens, mask = layout(prompts, responses, length, tok.pad_id)
       scores = score_fn(prompts, responses, tokens, mask)
-      rollout, em = exp_fn(state["params"], ref_policy, tokens, mask, scores,
+      rollout, em = exp_fn(run_.state["params"], run_.state["frozen"], tokens, mask, scores,
                            jnp.float32(kl_coef))
-      state, um = upd_fn(state, rollout, k_update)
+      run_.state, um = upd_fn(run_.state, rollout, k_update)
+      run_.check(step + 1, um["loss"], now=True)  # the rollout needs the host each iteration
       m = {k: float(v) for k, v in jax.device_get({**em, **um}).items()}
-      m.update(kl_coef=kl_coef, iteration=step + 1,
+      m.update(kl_coef=kl_coef, step=step + 1,
                rollout_crc=zlib.crc32(tokens.tobytes()) ^ zlib.crc32(scores.tobytes()))
-      if not math.isfinite(m["loss"]):
-        raise FloatingPointError(f"non-finite PPO loss at iteration {step + 1}; the last good "
-                                 f"checkpoint in {ckpt_dir} is {mgr.latest_step()}")
       kl_coef = pl.adaptive_kl_coef(kl_coef, m["kl"], target=p.kl_target, horizon=p.kl_horizon,
                                     n_steps=len(prompts))
       history.append(m)
       last = {"prompts": prompts, "responses": responses, "tokens": tokens, "mask": mask,
               "scores": scores, "old_logp": np.asarray(rollout["old_logp"])}
-      if log:
-        log.write(json.dumps(m) + "\n")
-        log.flush()
+      logger.write("train", step + 1, {k: v for k, v in m.items() if k != "step"})
       if (step + 1) % c.train.log_every == 0:
         print(f"[ppo {step + 1}] score={m['score']:.3f} kl={m['kl']:.3f} "
               f"loss={m['loss']:.4f} kl_coef={kl_coef:.4f}", flush=True)
       if (step + 1) % c.checkpoint.save_every == 0 or step + 1 == c.train.steps:
-        save(step + 1)
-  mgr.wait_until_finished()
-  mgr.close()
-  if log:
-    log.close()
-  return {"dir": ckpt_dir, "start": start, "origin": origin, "history": history, "state": state,
+        run_.save(step + 1, extra={"ppo": {
+            "kl_coef": kl_coef, "key": np.asarray(jax.random.key_data(key)).tolist()}})
+  run_.close()
+  logger.close()
+  return {"dir": run_.dir, "start": start, "origin": origin, "history": history,
+          "state": run_.state,
           "graphdef": graphdef, "kl_coef": kl_coef, "last_rollout": last}
 
 

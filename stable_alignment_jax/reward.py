@@ -14,26 +14,24 @@ config; run_config.json), with params = {"trunk": llama state, "head": {"w", "b"
 reads it back for PPO.
 """
 
-import dataclasses
 import functools
 import json
 import math
-import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data, data_lengths, losses, optim, sharding, train_log
-from stable_alignment_jax.model import llama
+from stable_alignment_jax import (checkpoints, data, data_lengths, optim, scaffold, sharding,
+                                  train_log)
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.ppo_losses import last_index, masked_mean
 from stable_alignment_jax.tokenizer import load_tokenizer
+
+METHOD = "reward"  # config.method of a reward-model run
 
 # --- the scalar head ------------------------------------------------------------------------
 
@@ -49,18 +47,16 @@ def apply_head(head: dict, h: jax.Array) -> jax.Array:
 
 
 def init_trunk(c: ml_collections.ConfigDict, mesh, spec: str | None = None):
-  """(graphdef, params, origin) of the LLaMA a run starts from: `spec` (default
-  checkpoint.init_from: a run directory, HF directory or hub id, or random:<preset>), or a random
-  init of config.model when empty. A checkpoint brings its own architecture."""
-  spec = c.checkpoint.init_from if spec is None else spec
-  if not spec:
-    cfg = ModelConfig.from_dict(c.model)
-    graphdef, params = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed)), mesh)
-    return graphdef, params, "random init"
-  graphdef, params = checkpoints.load_model(spec, dtype=c.model.dtype, mesh=mesh)
-  # The checkpoint's architecture with this run's compute settings (remat for training).
-  cfg = dataclasses.replace(nnx.merge(graphdef, params).cfg, remat=c.model.remat)
-  return abstract_trunk(cfg)[0], params, spec
+  """(graphdef, params, origin) of the LLaMA a run starts from (`scaffold.init_model`): `spec`
+  (default checkpoint.init_from), or a random init of config.model when empty. A checkpoint
+  brings its own architecture (config.model is filled from it), with this run's remat."""
+  if spec is not None:
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.checkpoint.init_from = spec
+  checkpoints.fill_model_from_init(c)
+  cfg = scaffold.model_config(c)
+  params, origin = scaffold.init_model(c, cfg, mesh)
+  return abstract_trunk(cfg)[0], params, origin
 
 
 def sequence_scores(graphdef, params, tokens, loss_mask):
@@ -100,14 +96,10 @@ def batch_loss(params, batch, *, graphdef):
   return loss, dict(metrics, reward_mean=masked_mean(s, batch["response_mask"]))
 
 
-def train_step(state, batch, *, graphdef, tx):
-  (loss, metrics), grads = jax.value_and_grad(
-      functools.partial(batch_loss, graphdef=graphdef), has_aux=True)(state["params"], batch)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
-  return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+def reward_loss(params, frozen, batch, *, graphdef):
+  """The method's `loss_fn` for the scaffold (no frozen tree)."""
+  del frozen
+  return batch_loss(params, batch, graphdef=graphdef)
 
 
 def eval_step(params, batch, *, graphdef):
@@ -119,7 +111,7 @@ def eval_step(params, batch, *, graphdef):
 
 def abstract_trunk(cfg: ModelConfig):
   """(graphdef, abstract state) of a LLaMA of this config: restore targets, no memory."""
-  return nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))
+  return scaffold.abstract_model(cfg)
 
 
 def abstract_head(dim: int) -> dict:
@@ -135,9 +127,9 @@ def abstract_params(cfg: ModelConfig):
 def load(directory: str, *, mesh, dtype: str | None = None):
   """(graphdef, params) of the latest step of a reward run directory, sharded on `mesh`."""
   run = checkpoints.read_run_config(directory)
-  if run.get("loss", {}).get("name") != "bradley_terry":
-    raise ValueError(f"{directory}: not a reward-model run (its loss.name is "
-                     f"{run.get('loss', {}).get('name')!r}, expected 'bradley_terry')")
+  if run.get("method") != METHOD:
+    raise ValueError(f"{directory}: not a reward-model run (its config.method is "
+                     f"{run.get('method')!r}, expected {METHOD!r})")
   fields = dict(run["model"])
   if dtype:
     fields["dtype"] = dtype
@@ -174,93 +166,49 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
            else math.ceil(c.train.epochs * loader.stats["kept"] / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
 
-  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
-  mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
-  start = mgr.latest_step()
-  it = iter(loader)
-  if start is None:
-    graphdef, trunk, origin = init_trunk(c, mesh)
-    cfg = nnx.merge(graphdef, trunk).cfg
-  else:
-    cfg = ModelConfig.from_dict(checkpoints.read_run_config(ckpt_dir)["model"])
-    origin = f"resumed {ckpt_dir} at step {start}"
+  # A resumed run's model is its own record (a checkpoint's architecture, not config.model).
+  cfg = scaffold.run_model_config(c)
   graphdef, abstract = abstract_params(cfg)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {c.data.tokenizer} has {tokenizer.vocab_size} ids but the "
                      f"model's vocab_size is {cfg.vocab_size}")
-  param_sh = sharding.state_shardings(abstract, mesh)
-  opt_abstract = jax.eval_shape(tx.init, abstract)
-  opt_sh = sharding.state_shardings(opt_abstract, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
-  if start is None:
-    params = jax.device_put({"trunk": trunk, "head": init_head(cfg.dim)}, param_sh)
-    with sharding.activate(mesh):
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = {"params": params, "opt_state": opt_state,
-             "step": jax.device_put(jnp.int32(0), replicated)}
-    start = 0
-  else:
-    state, saved = checkpoints.restore_train_state(
-        mgr, start, {"params": abstract, "opt_state": opt_abstract}, state_sh)
-    state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(saved["data_iter"]["iterator"])
-  # The run records the model it trained (a checkpoint's own architecture, not config.model).
-  c = ml_collections.ConfigDict(c.to_dict())
+
+  def init(sh):
+    trunk, origin = scaffold.init_model(c, cfg, mesh, sh["trunk"])
+    return {"trunk": trunk, "head": jax.device_put(init_head(cfg.dim), sh["head"])}, origin
+
+  it = iter(loader)
+  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(abstract=abstract, init=init), it)
+  start, origin = run_.start, run_.origin
+  # The run records the model it trained.
   c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
-  if jax.process_index() == 0:
-    with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
-      f.write(c.to_json_best_effort(indent=2, sort_keys=True))
-    data_lengths.write(loader.stats, os.path.join(ckpt_dir, "data_stats.json"))
+  run_.write_run_config(c, loader.stats)
   print(f"[{c.checkpoint.dir}] reward model from: {origin}; {total} steps", flush=True)
 
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in
               (("tokens", 3), ("loss_mask", 3), ("ratings", 2), ("response_mask", 2), ("cut", 2))
               if k != "cut" or c.data.get("truncation", "drop") == "cut"}
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                    donate_argnums=0)
+  step_fn = run_.jit_step(functools.partial(
+      scaffold.train_step, loss_fn=functools.partial(reward_loss, graphdef=graphdef), tx=tx),
+      batch_sh)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                    in_shardings=(param_sh, batch_sh))
-  logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
+                    in_shardings=(run_.shardings["params"], batch_sh))
+  logger = train_log.Logger(run_.dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             peak_flops_per_device=c.train.peak_flops_per_device)
 
-  def save(step):
-    checkpoints.save_train_state(
-        mgr, step, state, data_iter={"iterator": it.get_state(),
-                                     "process_count": jax.process_count()},
-        config=json.loads(c.to_json_best_effort()))
-
   last, held_out = {}, {}
-  t_log, step_log = time.perf_counter(), start
   with sharding.activate(mesh):
-    for step in range(start, total):
-      local = next(it)
-      losses.validate_batch(local, where=f"step {step + 1} batch")
-      state, metrics = step_fn(state, sharding.global_batch(local, mesh))
-      done = step + 1
-      is_save = done % c.checkpoint.save_every == 0 or done == total
-      if done % c.train.log_every == 0 or is_save:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(last["loss"]):
-          raise FloatingPointError(f"non-finite reward loss at step {done}; the last good "
-                                   f"checkpoint in {ckpt_dir} is step {mgr.latest_step()}")
-        last["lr"] = float(schedule(done - 1))
-        now = time.perf_counter()
-        logger.train(done, last, local, (now - t_log) / max(done - step_log, 1))
-        t_log, step_log = now, done
+    for done, logged in run_.steps(step_fn, total, logger=logger, schedule=schedule):
+      last = logged or last
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
-        held_out = evaluate(c, state["params"], eval_fn, load_data, mesh, eval_src)
+        held_out = evaluate(c, run_.state["params"], eval_fn, load_data, mesh, eval_src)
         logger.eval(done, held_out)
-      if is_save:
-        save(done)
     if c.train.eval_every and not held_out:  # a finished run, re-run: its summary still scores
-      held_out = evaluate(c, state["params"], eval_fn, load_data, mesh, eval_src)
-  mgr.wait_until_finished()
-  mgr.close()
+      held_out = evaluate(c, run_.state["params"], eval_fn, load_data, mesh, eval_src)
+  run_.close()
   logger.close()
   return {"steps": total, "start": start, "origin": origin, "final": last, "eval": held_out,
-          "dir": ckpt_dir, "data": loader.stats, "state": state, "graphdef": graphdef}
+          "dir": run_.dir, "data": loader.stats, "state": run_.state, "graphdef": graphdef}
 
 
 class Subset:

@@ -64,7 +64,7 @@ def _log_records(run_dir: str) -> list[dict]:
   with open(path) as f:
     for line in f:
       rec = json.loads(line)
-      by_step[(rec.get("split", "train"), rec.get("step", rec.get("iteration")))] = rec
+      by_step[(rec.get("split", "train"), rec.get("step"))] = rec
   return list(by_step.values())
 
 
@@ -109,8 +109,9 @@ def train_policy(c: ml_collections.ConfigDict) -> dict[str, Any]:
   policy = export_policy(s["dir"], s["state"],
                          source=f"ppo {s['dir']} iteration {steps} (init {c.checkpoint.init_from})")
   # The whole run's iterations, also those of a run killed and resumed (metrics.jsonl).
-  history = sorted(_log_records(s["dir"]), key=lambda r: r["iteration"])
-  keys = ("iteration", "score", "kl", "kl_coef", "reward", "response_len", "loss")
+  history = sorted((r for r in _log_records(s["dir"]) if r.get("split") == "train"),
+                   key=lambda r: r["step"])
+  keys = ("step", "score", "kl", "kl_coef", "reward", "response_len", "loss")
   out = {"dir": policy, "run_dir": s["dir"], "origin": s["origin"], "steps": steps,
          "final": history[-1] if history else {},
          "history": [{k: r[k] for k in keys if k in r} for r in history]}

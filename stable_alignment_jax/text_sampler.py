@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.generate import Sampler, SamplingParams
 from stable_alignment_jax import chat_templates as templates
 
@@ -119,12 +120,6 @@ def default_tokenizer(spec: str) -> str:
   if not name:
     raise ValueError(f"{spec}/{checkpoints.RUN_CONFIG}: no data.tokenizer; pass a tokenizer")
   return name
-
-
-def bucket(n: int, minimum: int) -> int:
-  """The length `n` is padded to: the next power of two, at least `minimum`, so every length of
-  a bucket shares one compiled program."""
-  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def _pow2_floor(n: int) -> int:

@@ -2,7 +2,8 @@
 
 Read top to bottom: optimizer -> loss over the [B, K, T] batch -> train step (gradient
 accumulation inside, one optax update) -> state init/restore (born sharded) -> the loop.
-The state is a plain dict {params, opt_state, step[, ref_params]}; the model's graphdef is static.
+The state, its init, restore, saving and the finite check are the scaffold's (scaffold.py); the
+reference model, when a loss needs one, is its `frozen` tree. The model's graphdef is static.
 """
 
 import functools
@@ -10,20 +11,16 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from flax import nnx
 
-from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, sharding,
-                                  train_log)
+from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, scaffold,
+                                  sharding, train_log)
 from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
-from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
 
@@ -160,39 +157,24 @@ def shared_prefix_for(setting: int, min_prompt_len: int, max_len: int) -> tuple[
 
 # --- the step ---------------------------------------------------------------------------------
 
+def preference_loss(params, frozen, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0):
+  """The method's `loss_fn` for the scaffold: `frozen` is the reference model (or None)."""
+  return batch_loss(params, batch, graphdef=graphdef, table=table, ref_params=frozen,
+                    logprob_chunk=logprob_chunk, shared_prefix=shared_prefix)
+
+
 def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=0,
                shared_prefix=0):
-  """One optimizer update; the batch is split into `accum_steps` micro-batches scanned in order."""
-  params = state["params"]
-  grad_fn = jax.value_and_grad(
-      functools.partial(batch_loss, graphdef=graphdef, table=table,
-                        ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk,
-                        shared_prefix=shared_prefix),
-      has_aux=True)
-  if accum_steps == 1:
-    (loss, metrics), grads = grad_fn(params, batch)
-  else:
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-
-    def body(acc, mb):
-      (l, m), g = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, acc, (l, m, g)), None
-
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-        lambda x: x[0], micro)))
-    zero = (zero[0][0], zero[0][1], zero[1])
-    (loss, metrics, grads), _ = jax.lax.scan(body, zero, micro)
-    loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
-  updates, opt_state = tx.update(grads, state["opt_state"], params)
-  params = optax.apply_updates(params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
-  return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1), metrics
+  """One optimizer update (`scaffold.train_step`); the batch is split into `accum_steps`
+  micro-batches scanned in order."""
+  loss_fn = functools.partial(preference_loss, graphdef=graphdef, table=table,
+                              logprob_chunk=logprob_chunk, shared_prefix=shared_prefix)
+  return scaffold.train_step(state, batch, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps)
 
 
 def eval_step(state, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0):
   loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, table=table,
-                             ref_params=state.get("ref_params"), logprob_chunk=logprob_chunk,
+                             ref_params=state.get("frozen"), logprob_chunk=logprob_chunk,
                              shared_prefix=shared_prefix)
   return dict(metrics, loss=loss)
 
@@ -231,34 +213,6 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   shared_prefix_for(c.train.get("shared_prefix", 0), 0, c.data.max_len)
 
 
-def _init_params(c, cfg, graphdef, abstract, shardings, mesh):
-  init = c.checkpoint.init_from
-  if not init:
-    with sharding.activate(mesh):
-      make = lambda: nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(c.seed)))[1]
-      return jax.jit(make, out_shardings=shardings)(), "random init"
-  ours = ("dtype", "param_dtype", "remat", "max_seq_len")  # a run's choices, not the weights'
-  arch = lambda m, skip=ours: {k: v for k, v in vars(m).items() if k not in skip}
-  path = checkpoints.resolve(init)
-  if checkpoints.is_hf_dir(path):
-    from stable_alignment_jax.model import convert
-    hf = convert.read_hf_config(path)  # config.model was filled from it by check_config
-    skip = ours + ("scan_layers",)  # either layout loads from HF
-    if arch(hf, skip) != arch(cfg, skip):
-      raise ValueError(f"checkpoint.init_from={init}: its config.json describes "
-                       f"{arch(hf, skip)}, this config's model is {arch(cfg, skip)}")
-    _, params = checkpoints.load_hf(path, mesh=mesh, **{
-        k: getattr(cfg, k) for k in checkpoints.RUN_MODEL_FIELDS + ("max_seq_len",)})
-    return params, f"HF checkpoint {init}"
-  init = path
-  prev = ModelConfig.from_dict(checkpoints.read_run_config(init)["model"])
-  if arch(prev) != arch(cfg):
-    raise ValueError(f"checkpoint.init_from={init}: its model {arch(prev)} differs from this "
-                     f"config's model {arch(cfg)}")
-  params, step = checkpoints.restore_params(init, abstract, shardings)
-  return params, f"{init} (step {step})"
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -290,41 +244,15 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
            else math.ceil(c.train.epochs * epoch / c.data.batch_size))
   tx, schedule = optim.make_optimizer(c.optim, total)
 
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(c.seed))))
-  param_sh = sharding.state_shardings(abstract, mesh)
-  opt_abstract = jax.eval_shape(tx.init, abstract)
-  opt_sh = sharding.state_shardings(opt_abstract, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  graphdef, abstract = scaffold.abstract_model(cfg)
   needs_ref = table_needs_reference(table)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
-  if needs_ref:
-    state_sh["ref_params"] = param_sh
-
-  ckpt_dir = os.path.abspath(os.path.expanduser(c.checkpoint.dir))
-  mgr = checkpoints.manager(ckpt_dir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   it = iter(loader)
-  start = mgr.latest_step()
-  if start is not None:
-    abstract_state = {"params": abstract, "opt_state": opt_abstract,
-                      **({"ref_params": abstract} if needs_ref else {})}
-    state, saved = checkpoints.restore_train_state(mgr, start, abstract_state, state_sh)
-    state["step"] = jax.device_put(jnp.int32(start), replicated)
-    it.set_state(_iterator_state(saved["data_iter"], jax.process_count()))
-    origin = f"resumed {ckpt_dir} at step {start}"
-  else:
-    params, origin = _init_params(c, cfg, graphdef, abstract, param_sh, mesh)
-    with sharding.activate(mesh):
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = {"params": params, "opt_state": opt_state,
-             "step": jax.device_put(jnp.int32(0), replicated)}
-    if needs_ref:
-      state["ref_params"] = jax.tree.map(jnp.copy, params)
-    start = 0
-  if jax.process_index() == 0:
-    os.makedirs(ckpt_dir, exist_ok=True)
-    with open(os.path.join(ckpt_dir, checkpoints.RUN_CONFIG), "w") as f:
-      f.write(_config_json(c))
-    data_lengths.write(loader.stats, os.path.join(ckpt_dir, DATA_STATS))
+  # The reference model (DPO-style losses) is the starting params, frozen beside them.
+  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(
+      abstract=abstract, init=lambda sh: scaffold.init_model(c, cfg, mesh, sh),
+      frozen=(lambda p: jax.tree.map(jnp.copy, p)) if needs_ref else None), it)
+  start, origin, ckpt_dir, state_sh = run_.start, run_.origin, run_.dir, run_.shardings
+  run_.write_run_config(c, loader.stats)
   logging.info("stage %s: params from %s; %d steps, data %s", c.checkpoint.dir, origin, total,
                loader.stats)
   print(f"[{c.checkpoint.dir}] params loaded from: {origin}", flush=True)
@@ -342,10 +270,9 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   prefix, why = shared_prefix_for(c.train.get("shared_prefix", 0), loader.stats["min_prompt_len"],
                                   c.data.max_len)
   print(f"[{c.checkpoint.dir}] shared prefix {prefix} tokens ({why})", flush=True)
-  step_fn = jax.jit(
+  step_fn = run_.jit_step(
       functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
-                        accum_steps=accum, logprob_chunk=chunk, shared_prefix=prefix),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+                        accum_steps=accum, logprob_chunk=chunk, shared_prefix=prefix), batch_sh)
 
   @functools.cache
   def eval_fn_for(kinds: tuple):  # the eval split's own kinds (the stage's data alone)
@@ -367,76 +294,25 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
         for e in loader.stats["entries"]]}) + "\n")
     logger.jsonl.flush()
 
-  def save(step):
-    checkpoints.save_train_state(
-        mgr, step, state, data_iter={"iterator": it.get_state(),
-                                     "process_count": jax.process_count()},
-        config=json.loads(_config_json(c)))
-
-  pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
   last = {}
   from tqdm import tqdm
-  bar = tqdm(range(start, total), initial=start, total=total, desc=c.checkpoint.dir,
+  bar = tqdm(initial=start, total=total, desc=c.checkpoint.dir,
              disable=jax.process_index() != 0, mininterval=2.0)
-  t_log, step_log = time.perf_counter(), start
   with sharding.activate(mesh):
-    for step in bar:
-      local = next(it)
-      losses.validate_batch(local, where=f"step {step + 1} batch")
-      state, metrics = step_fn(state, sharding.global_batch(local, mesh))
-      pending.append((step + 1, metrics["loss"]))
-      done = step + 1
-      is_save = done % c.checkpoint.save_every == 0 or done == total
-      if done % c.train.log_every == 0 or is_save:
-        _check_finite(pending, ckpt_dir, mgr)
-        pending.clear()
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last["lr"] = float(schedule(done - 1))
-        now = time.perf_counter()  # metrics were fetched, so every step up to here has finished
-        logger.train(done, last, local, (now - t_log) / max(done - step_log, 1))
-        t_log, step_log = now, done
+    for done, logged in run_.steps(step_fn, total, logger=logger, schedule=schedule):
+      bar.update(1)
+      if logged:
+        last = logged
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}")
       if c.train.eval_every and (done % c.train.eval_every == 0 or done == total):
         src = eval_source()
-        logger.eval(done, evaluate(src, c.train.eval_batches, state,
+        logger.eval(done, evaluate(src, c.train.eval_batches, run_.state,
                                    eval_fn_for(tuple(src.kinds)), load, mesh))
-      if is_save:
-        save(done)
-  mgr.wait_until_finished()
-  mgr.close()
+  bar.close()
+  run_.close()
   logger.close()
   return {"steps": total, "start": start, "origin": origin, "final": last, "dir": ckpt_dir,
-          "data": loader.stats, "state": state}
-
-
-def _iterator_state(saved: dict, process_count: int) -> dict:
-  """The data iterator state to resume with, also when the process count changed.
-
-  Each process reads an interleaved 1/P of the example stream, so `next_index` counts this
-  process's examples: P_old * n examples were consumed globally, i.e. P_old * n / P_new per new
-  process. Within an epoch this is exact; across epochs the order can differ slightly when
-  P_old and P_new drop a different remainder of the epoch.
-  """
-  state, old = dict(saved["iterator"]), saved.get("process_count", process_count)
-  if old != process_count:
-    if set(state) != {"next_index"}:
-      raise ValueError(f"cannot translate data iterator state {state} from {old} to "
-                       f"{process_count} processes")
-    state["next_index"] = state["next_index"] * old // process_count
-    logging.warning("resuming with %d processes from a %d-process checkpoint: data position "
-                    "%s", process_count, old, state)
-  return state
-
-
-def _check_finite(pending, ckpt_dir, mgr) -> None:
-  values = np.asarray(jax.device_get([l for _, l in pending]))
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    first = pending[int(bad[0])][0]
-    mgr.wait_until_finished()
-    raise FloatingPointError(
-        f"non-finite loss at step {first} (steps {pending[0][0]}..{pending[-1][0]} checked); "
-        f"the last good checkpoint in {ckpt_dir} is step {mgr.latest_step()} and was kept")
+          "data": loader.stats, "state": run_.state}
 
 
 def evaluate(source, n_batches: int, state, eval_fn, load, mesh) -> dict[str, float]:

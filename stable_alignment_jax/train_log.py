@@ -61,15 +61,16 @@ class Logger:
                                       reference=self.ref)  # model FLOPs, as the planner counts
     if self.peak_total:
       metrics["mfu"] = model_flops / max(seconds, 1e-9) / self.peak_total
-    self._write("train", step, metrics)
+    self.write("train", step, metrics)
 
   def eval(self, step, metrics):
-    self._write("eval", step, metrics)
+    self.write("eval", step, metrics)
     if jax.process_index() == 0:
       shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
       print(f"[eval step {step}] {shown}", flush=True)
 
-  def _write(self, prefix, step, metrics):
+  def write(self, prefix, step, metrics):
+    """One record of `prefix` ("train", "eval") keyed `step`, every method alike."""
     if self.writer:
       for k, v in metrics.items():
         self.writer.add_scalar(f"{prefix}/{k}", v, step)

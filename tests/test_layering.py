@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grimp
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("stable_alignment_jax", "eval", "data_prep", "configs", "experiments")
@@ -22,19 +23,39 @@ def _lint(cwd):
 def test_contracts_are_kept():
   r = _lint(ROOT)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-  assert "7 kept, 0 broken" in r.stdout
+  assert "9 kept, 0 broken" in r.stdout
 
 
-def test_a_forbidden_import_breaks_its_contract(tmp_path):
+def _planted(tmp_path, module: str, line: str):
+  """lint-imports over a copy of the tree with `line` appended to `module`'s file."""
   for pkg in PACKAGES:
     shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
   shutil.copy(ROOT / "pyproject.toml", tmp_path)
-  llama = tmp_path / "stable_alignment_jax" / "model" / "llama.py"
-  llama.write_text(llama.read_text() + "\nfrom stable_alignment_jax import sharding  # noqa\n")
-  r = _lint(tmp_path)
+  path = tmp_path / (module.replace(".", "/") + ".py")
+  path.write_text(path.read_text() + f"\n{line}  # noqa\n")
+  return _lint(tmp_path)
+
+
+def test_a_forbidden_import_breaks_its_contract(tmp_path):
+  r = _planted(tmp_path, "stable_alignment_jax.model.llama",
+               "from stable_alignment_jax import sharding")
   assert r.returncode != 0
   assert "model imports nothing else of ours BROKEN" in r.stdout
   assert "stable_alignment_jax.model.llama -> stable_alignment_jax.sharding" in r.stdout
+
+
+@pytest.mark.parametrize("module,line,contract", [
+    ("stable_alignment_jax.contracts", "from stable_alignment_jax import tokenizer",
+     "contracts import nothing of ours"),
+    ("stable_alignment_jax.serving.batcher", "from stable_alignment_jax import scaffold",
+     "sampling and serving never import training"),
+    ("stable_alignment_jax.text_sampler", "from stable_alignment_jax import train",
+     "sampling and serving never import training"),
+])
+def test_a_planted_import_breaks_each_new_contract(tmp_path, module, line, contract):
+  r = _planted(tmp_path, module, line)
+  assert r.returncode != 0
+  assert f"{contract} BROKEN" in r.stdout
 
 
 def _modules():

@@ -271,13 +271,13 @@ def test_kill_resume_gives_the_same_rollouts_and_losses(full_run, tmp_path):
   assert len(stopped["history"]) == 6
   resumed = ppo.run(c, stop_after=8)
   assert resumed["start"] == 4
-  full = {m["iteration"]: m for m in out["history"]}
+  full = {m["step"]: m for m in out["history"]}
   for m in stopped["history"] + resumed["history"]:
-    want = full[m["iteration"]]
-    assert m["rollout_crc"] == want["rollout_crc"], m["iteration"]
+    want = full[m["step"]]
+    assert m["rollout_crc"] == want["rollout_crc"], m["step"]
     for k in ("loss", "pg_loss", "vf_loss", "score", "kl", "kl_coef"):
-      assert m[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (m["iteration"], k)
-  assert [m["iteration"] for m in resumed["history"]] == [5, 6, 7, 8]
+      assert m[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), (m["step"], k)
+  assert [m["step"] for m in resumed["history"]] == [5, 6, 7, 8]
 
 
 def test_a_reward_model_scores_ppo_rollouts_on_hh_rlhf(shared_data, tmp_path):
@@ -368,7 +368,9 @@ def test_configs_build_and_refuse_unknown_args():
   assert c.train.steps == round(6000 / per_iteration)
   assert ppo_config.get_config("tiny").reward.model == ""
   assert reward_config.get_config("sandbox").data.num_responses == 3
-  assert reward_config.get_config().loss.name == "bradley_terry"
+  # Each says its method in its own block, no preference-loss tag.
+  assert reward_config.get_config().method == "reward" and "loss" not in reward_config.get_config()
+  assert c.method == "ppo" and "loss" not in c
   with pytest.raises(KeyError, match="unknown config arg"):
     ppo_config.get_config("tiny,big")
 
@@ -391,4 +393,4 @@ def test_the_documented_commands_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-  assert '"iteration": 2' in out.stdout
+  assert '"step": 2' in out.stdout

@@ -100,7 +100,7 @@ def test_both_parts_start_from_the_start_with_its_tokenizer_and_prompt_format(se
   assert out["reward"]["eval"]["pairs"] == 16
   assert 0.0 <= out["reward"]["eval"]["accuracy"] <= 1.0
   assert out["reward"]["steps"] == 6
-  assert [h["iteration"] for h in out["ppo"]["history"]] == [1, 2]
+  assert [h["step"] for h in out["ppo"]["history"]] == [1, 2]
   assert np.isfinite(out["ppo"]["final"]["score"]) and "kl" in out["ppo"]["final"]
   json.dumps(out)  # the pipeline's step ledger stores it
 

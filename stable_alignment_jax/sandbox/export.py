@@ -12,13 +12,15 @@ over 1..7) and `<score>_expected` (its mean), for <score> in rating / moral / en
 
 import json
 
+from stable_alignment_jax.contracts import (EXPORT_ANSWER_KEYS as ANSWER_KEYS,
+                                            EXPORT_DETAIL_SUFFIXES as DETAIL_SUFFIXES,
+                                            EXPORT_FEEDBACK_KEYS as FEEDBACK_KEYS,
+                                            EXPORT_SCORE_RANGE as SCORE_RANGE,
+                                            EXPORT_SOURCES as SOURCES, EXPORT_TOP_KEYS as TOP_KEYS)
 from stable_alignment_jax.sandbox.store import Store
 
-TOP_KEYS = ("run_id", "round", "agent", "agent_model", "question", "draft", "feedback", "revised")
-ANSWER_KEYS = ("text", "moral", "engagement")
-FEEDBACK_KEYS = ("peer", "rating", "reason")
-SOURCES = ("text", "choice")
-DETAIL_SUFFIXES = ("_source", "_probs", "_expected")
+_LO, _HI = SCORE_RANGE
+_N_SCORES = _HI - _LO + 1
 
 
 def records(store: Store) -> list[dict]:
@@ -63,12 +65,12 @@ def _check_details(obj: dict, score: str, where: str) -> None:
   probs = obj.get(score + "_probs")
   if probs is not None:
     _check(source == "choice", f"{where}.{score}_probs", "given for a score not read as a choice")
-    _check(isinstance(probs, list) and len(probs) == 7 and all(
+    _check(isinstance(probs, list) and len(probs) == _N_SCORES and all(
         isinstance(p, float) and 0.0 <= p <= 1.0 for p in probs)
         and abs(sum(probs) - 1.0) < 1e-6, f"{where}.{score}_probs",
         "not 7 probabilities summing to 1")
   mean = obj.get(score + "_expected")
-  _check(mean is None or (isinstance(mean, float) and 1.0 <= mean <= 7.0),
+  _check(mean is None or (isinstance(mean, float) and _LO <= mean <= _HI),
          f"{where}.{score}_expected", f"{mean!r} is not a float in [1, 7]")
 
 
@@ -88,7 +90,7 @@ def validate_record(rec: dict, where: str = "record") -> None:
     _check(isinstance(ans["text"], str), f"{where}.{part}.text", "not a string")
     for k in ("moral", "engagement"):
       v = ans[k]
-      _check(v is None or (isinstance(v, float) and 1.0 <= v <= 7.0), f"{where}.{part}.{k}",
+      _check(v is None or (isinstance(v, float) and _LO <= v <= _HI), f"{where}.{part}.{k}",
              f"{v!r} is neither null nor a float in [1, 7]")
       _check_details(ans, k, f"{where}.{part}")
   _check(isinstance(rec["feedback"], list), f"{where}.feedback", "not a list")
@@ -98,7 +100,7 @@ def validate_record(rec: dict, where: str = "record") -> None:
     _check_keys(fb, FEEDBACK_KEYS, ("rating",), w)
     _check(_is_int(fb["peer"]) and fb["peer"] != rec["agent"], f"{w}.peer",
            "not an int naming another agent")
-    _check(fb["rating"] is None or (_is_int(fb["rating"]) and 1 <= fb["rating"] <= 7),
+    _check(fb["rating"] is None or (_is_int(fb["rating"]) and _LO <= fb["rating"] <= _HI),
            f"{w}.rating", f"{fb['rating']!r} is neither null nor an int in 1..7")
     _check_details(fb, "rating", w)
     _check(isinstance(fb["reason"], str), f"{w}.reason", "not a string")

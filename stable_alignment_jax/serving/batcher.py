@@ -26,12 +26,8 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.text_sampler import Completion, Delta, Row, TextSampler
-
-
-def bucket(n: int, minimum: int) -> int:
-  """The sampler's shape rounding: the next power of two >= n, at least `minimum`."""
-  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 @dataclasses.dataclass

@@ -14,7 +14,8 @@ from typing import AsyncIterator, Sequence
 from stable_alignment_jax.generate import SamplingParams
 from stable_alignment_jax.serving.batcher import Batcher
 from stable_alignment_jax.text_sampler import (  # noqa: F401 - ContextError is re-exported
-    Completion, ContextError, Delta, Row, TextSampler, bucket)
+    Completion, ContextError, Delta, Row, TextSampler)
+from stable_alignment_jax.contracts import bucket
 
 Output = Completion  # what a request gets back per choice
 
