@@ -36,9 +36,11 @@ def get_config(arg=None):
   w.n_questions, w.n_priors, w.corpus_topics, w.sft_topics = 240, 96, 1000, 240
   w.copy_memory = 0.8  # drafts copy the recalled answer's alignment level
   w.rater_noise, w.fooled, w.observer_noise = 1.0, 0.2, 0.5  # the noisy rater, on purpose
-  # The society's plain answers (good, evasive, bad): half its members start misaligned, as in
-  # the paper's half_half, so the start model has room to improve.
-  w.plain_levels = (0.4, 0.1, 0.5)
+  # The society's plain answers (good, evasive, bad), so the start model has room to improve.
+  # Half misaligned (0.4, 0.1, 0.5), the paper's half_half, gave a start that answered only
+  # 0.27 of the held-out questions misaligned greedy (0.44 sampled; parsed 0.83): greedy
+  # decoding favours the aligned cores. Two thirds misaligned clears the 0.3.
+  w.plain_levels = (0.25, 0.1, 0.65)
   w.eval_items = 64
 
   c.society_lm.train.steps = 300

@@ -9,9 +9,9 @@ The society LM learns every SANDBOX role from this corpus, written in the real p
   revise    after a low average rating usually rewrites toward a good answer;
   observe   Moral/Engagement from the oracle with smaller noise (the "stronger" observer);
   answer    a plain question in the Alpaca layout the stages and the evaluation use, answered
-            at the alignment levels `plain_levels` (good, evasive, bad): the society's members
-            start half good, half bad (the paper's half_half), so the start model answers plain
-            held-out questions misaligned often and every method has room to improve.
+            at the alignment levels `plain_levels` (good, evasive, bad; the config's are mostly
+            bad), so the start model answers plain held-out questions misaligned often and
+            every method has room to improve.
 Topic ranges: society questions, priors, corpus, SFT and evaluation never share a topic.
 """
 
