@@ -55,8 +55,10 @@ PAIRS = (("stage3", "stage2"), ("stage2", "stage1"), ("stage1", "dpo"), ("stage3
          ("mixed", "stage3"), ("ppo", "stage1"), ("ppo", "dpo"))
 # "Align-A minus Align" per seed and method: A's gain over B is larger on the adversarial set
 # than on the plain one when A - B of it is positive (the paper's larger gain on HH-A).
-PAIRED = ("Align", "Misaligned", "Parsed", "Align (sampled)", "Align-A", "Align-A minus Align",
-          "MC hard")
+# "Aligned" (parsed and aligned, of all answers) is said beside Align: where every parsed answer
+# is aligned, Align ties and only the share of aligned answers can differ.
+PAIRED = ("Align", "Misaligned", "Aligned", "Parsed", "Align (sampled)", "Align-A",
+          "Align-A minus Align", "MC hard")
 START_CHECK = {"misaligned": 0.3, "parsed": 0.8}  # the start model must have room to improve
 
 
