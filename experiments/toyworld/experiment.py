@@ -1,10 +1,12 @@
 """The toy-society experiment as pipeline steps (`experiments/toyworld/config.py` names this class).
 
 Order: world -> society_lm -> per seed: one SANDBOX per initial setting run with that seed ->
-rater accuracy -> data (the settings' exports pooled) -> SFT (on the initial good answers), IL
-(stage1), IL+SC and IL+SC+RA without replay (the paper as written) and with replay (the default
-recipe), mixed (the authors' 5:1:1 run), PPO (reward model on the society's ratings) -> oracle
-eval per system -> report. Seed-major, so a partial run has whole seeds. Every step is in the
+rater accuracy -> data (the settings' exports pooled) -> SFT (on the initial good answers), DPO
+(on the imitation groups' rated pairs), IL (stage1), IL step-matched (IL continued for stage 2's
+and stage 3's steps, each segment restarting warmup and AdamW as the stages do, so it has
+IL+SC+RA's steps and lr schedule), IL+SC and IL+SC+RA without replay (the paper as written) and
+with replay (the default recipe), mixed (the authors' 5:1:1 run), PPO (reward model on the
+society's ratings) -> oracle eval per system -> report. Seed-major, so a partial run has whole seeds. Every step is in the
 pipeline's ledger, so a killed run resumes; the report is rewritten on every run from whatever
 has finished, and says which systems are missing.
 """
@@ -92,9 +94,11 @@ class ToyPipeline(pipeline.Pipeline):
       items = json.load(f)
     return evaluate.evaluate(spec, world_paths["tokenizer"], items, **self.c.toy_eval)
 
-  def train_one(self, name: str, seed: int, card: dict, w: dict, init: str) -> str:
-    """One method's training run of seed `seed` from `init`, on that seed's data."""
-    base = name.replace("_noreplay", "")
+  def train_one(self, name: str, seed: int, card: dict, w: dict, init: str,
+                steps: int | None = None) -> str:
+    """One method's training run of seed `seed` from `init`, on that seed's data; `steps`
+    overrides the config's."""
+    base = "stage1" if name.startswith("il_matched") else name.replace("_noreplay", "")
     run, data = f"{name}_s{seed}", f"data_s{seed}"
     cfg = self.c.stages[base] if base in pipeline.KINDS else self.c.baselines[base]
     if name == "sft":  # the initial good answers, not the society's data
@@ -109,7 +113,20 @@ class ToyPipeline(pipeline.Pipeline):
       kind = pipeline.KINDS.get(base, "imitation")
       s = self._stage_cfg(cfg, kind, card, init, run, w["tokenizer"], data=data)
     s.seed = seed
+    if steps is not None:
+      s.train.steps = steps
     return self.steps.run(run, lambda: pipeline.train_stage(s))["dir"]
+
+  def train_il_matched(self, seed: int, card: dict, w: dict, il_dir: str) -> str:
+    """IL continued from the IL run for as many more steps as stages 2 and 3 train, one segment
+    per stage with that stage's step count: each segment restarts warmup and AdamW exactly as
+    the staged recipe does, so the total steps and the lr schedule equal IL+SC+RA's."""
+    later = [k for k in pipeline.KINDS if k != "stage1"]
+    d = il_dir
+    for i, stage in enumerate(later):
+      name = "il_matched" if i == len(later) - 1 else f"il_matched_{stage}"
+      d = self.train_one(name, seed, card, w, d, steps=self.c.stages[stage].train.steps)
+    return d
 
   def run(self) -> dict:
     c = self.c
@@ -131,7 +148,9 @@ class ToyPipeline(pipeline.Pipeline):
       dirs = {}
       for name in METHODS:
         run = f"{name}_s{seed}"
-        if name == "ppo":
+        if name == "il_matched":
+          d = self.train_il_matched(seed, card, w, dirs["stage1"])
+        elif name == "ppo":
           d = self.steps.run(run, lambda: self.rlhf(card, start, w["tokenizer"],
                                                      data=f"data_s{seed}", name=run,
                                                      seed=seed))["dir"]

@@ -11,25 +11,55 @@ import shutil
 import numpy as np
 
 # The methods of one seed, in training order, and their table labels (experiment.py runs them).
-METHODS = {"sft": "SFT", "stage1": "IL", "stage2_noreplay": "IL+SC (no replay)",
-           "stage3_noreplay": "IL+SC+RA (no replay)", "stage2": "IL+SC", "stage3": "IL+SC+RA",
-           "mixed": "mixed 5:1:1", "ppo": "PPO"}
-COLUMNS = (("gen", "alignment", "Align"), ("gen_sampled", "alignment", "Align (sampled)"),
-           ("gen_adv", "alignment", "Align-A"), ("gen_adv_sampled", "alignment",
-                                                 "Align-A (sampled)"),
-           ("gen", "answer_share", "Answers"), ("gen_sampled", "answer_share",
-                                                "Answers (sampled)"),
-           ("mc", "accuracy", "MC"), ("mc_adv", "accuracy", "MC-A"),
-           ("mc_hard", "accuracy", "MC hard"), ("mc_hard", "confounded", "MC hard, against"),
-           ("gen", "engagement", "Engagement"), ("gen", "parsed_share", "Parsed"))
-SIGNED = ("Align", "Align (sampled)", "Align-A", "Align-A (sampled)")
+METHODS = {"sft": "SFT", "dpo": "DPO", "stage1": "IL", "il_matched": "IL (step-matched)",
+           "stage2_noreplay": "IL+SC (no replay)", "stage3_noreplay": "IL+SC+RA (no replay)",
+           "stage2": "IL+SC", "stage3": "IL+SC+RA", "mixed": "mixed 5:1:1", "ppo": "PPO"}
+# (title, columns): each column is (eval set, key, label). Align* = mean alignment among parsed
+# answers (an unparsed answer is missing); Parsed beside it.
+TABLES = (
+    ("Held-out questions (the HH analogue), greedy and sampled", (
+        ("gen", "alignment", "Align"), ("gen", "parsed_share", "Parsed"),
+        ("gen", "misaligned_share", "Misaligned"), ("gen", "aligned_share", "Aligned"),
+        ("gen", "answer_share", "Answers"), ("gen", "alignment_all", "Align (unparsed = 0)"),
+        ("gen_sampled", "alignment", "Align (sampled)"),
+        ("gen_sampled", "parsed_share", "Parsed (sampled)"),
+        ("gen_sampled", "misaligned_share", "Misaligned (sampled)"),
+        ("gen", "engagement", "Engagement"), ("gen", "cut_share", "Cut by budget"))),
+    ("Adversarial questions (the HH-A analogue, the paper's layout), greedy", (
+        ("gen_adv", "alignment", "Align-A"), ("gen_adv", "parsed_share", "Parsed-A"),
+        ("gen_adv", "misaligned_share", "Misaligned-A"),
+        ("gen_adv", "revision_share", "Reaches a revision"),
+        ("gen_adv", "continue_share", "Continues the misaligned answer"),
+        ("gen_adv", "answer_share", "Answers-A"), ("gen_adv", "cut_share", "Cut-A"))),
+    ("Stage 3's own skill: revise prompts of held-out questions with a misaligned draft, greedy", (
+        ("revise", "shape_share", "Trained shape"), ("revise", "feedback_share", "Feedback"),
+        ("revise", "marker_share", "Marker"), ("revise", "revision_share", "Revision"),
+        ("revise", "stop_share", "Stops"), ("revise", "revision_alignment", "Revision align"),
+        ("revise", "draft_alignment", "Draft align"), ("revise", "gain", "Gain"),
+        ("revise", "improved_share", "Improved"))),
+    ("Likelihood ranking (MC)", (
+        ("mc", "accuracy", "MC"), ("mc_adv", "accuracy", "MC-A"),
+        ("mc_hard", "accuracy", "MC hard"), ("mc_hard", "confounded", "MC hard, against"))),
+)
+COLUMNS = tuple(c for _, cols in TABLES for c in cols)
+SIGNED = ("Align", "Align (unparsed = 0)", "Align (sampled)", "Align-A", "Revision align",
+          "Draft align", "Gain", "Align-A minus Align")
 LABELS = {"start": "society LM (start)", **METHODS}
 ORDER = tuple(LABELS)
-# Paired comparisons across seeds (same society and seed for both methods of a pair).
-PAIRS = (("stage2", "stage1"), ("stage3", "stage1"), ("stage3", "stage2"), ("stage1", "sft"),
-         ("stage3", "sft"), ("stage2", "stage2_noreplay"), ("stage3", "stage3_noreplay"),
-         ("mixed", "stage1"), ("mixed", "stage3"), ("ppo", "stage1"), ("ppo", "sft"))
-PAIRED = ("Align", "Align (sampled)", "Answers", "MC hard")
+# Paired comparisons across seeds (same society and seed for both methods of a pair): the
+# paper's ordering (IL+SC+RA > IL+SC > IL > DPO), the step-matched control, the baselines.
+PAIRS = (("stage3", "stage2"), ("stage2", "stage1"), ("stage1", "dpo"), ("stage3", "stage1"),
+         ("stage3", "il_matched"), ("il_matched", "stage1"), ("stage3", "dpo"),
+         ("stage1", "sft"), ("stage3", "sft"), ("dpo", "sft"),
+         ("stage2", "stage2_noreplay"), ("stage3", "stage3_noreplay"), ("mixed", "stage1"),
+         ("mixed", "stage3"), ("ppo", "stage1"), ("ppo", "dpo"))
+# "Align-A minus Align" per seed and method: A's gain over B is larger on the adversarial set
+# than on the plain one when A - B of it is positive (the paper's larger gain on HH-A).
+# "Aligned" (parsed and aligned, of all answers) is said beside Align: where every parsed answer
+# is aligned, Align ties and only the share of aligned answers can differ.
+PAIRED = ("Align", "Misaligned", "Aligned", "Parsed", "Align (sampled)", "Align-A",
+          "Align-A minus Align", "MC hard")
+START_CHECK = {"misaligned": 0.3, "parsed": 0.8}  # the start model must have room to improve
 
 
 def sign_flip_p(diffs) -> float:
@@ -44,8 +74,13 @@ def sign_flip_p(diffs) -> float:
 
 
 def value(result: dict, label: str) -> float:
+  """One number of one eval result; NaN where it is undefined (e.g. Align with nothing
+  parsed) or the result predates the column."""
+  if label == "Align-A minus Align":
+    return value(result, "Align-A") - value(result, "Align")
   task, key = next((t, k) for t, k, l in COLUMNS if l == label)
-  return float(result[task][key])
+  v = result.get(task, {}).get(key)
+  return float("nan") if v is None else float(v)
 
 
 def collect(done: dict) -> dict:
@@ -63,27 +98,39 @@ def collect(done: dict) -> dict:
 
 
 def mean_std(values) -> tuple[float, float, int]:
+  """Mean, sample std and count of the defined (finite) values."""
   v = np.asarray(values, float)
+  v = v[np.isfinite(v)]
+  if not len(v):
+    return float("nan"), float("nan"), 0
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
+def _cell(label: str, m: float, s: float, n: int, runs: int) -> str:
+  if not n:
+    return "n/a"
+  cell = f"{m:+.3f}" if label in SIGNED else f"{m:.3f}"
+  cell = f"{cell} ± {s:.3f}" if n > 1 else cell  # one run has no spread to show
+  return cell if n == runs else f"{cell} ({n} seeds)"  # seeds where it is undefined said
+
+
 def table(results: dict) -> tuple[str, dict]:
-  rows = {}
-  head = "| Method | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |"
-  lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-  for method in ORDER:
-    if method not in results:
-      continue
-    runs = list(results[method].values())
-    cells, row = [], {}
-    for _, _, label in COLUMNS:
-      m, s, n = mean_std([value(r, label) for r in runs])
-      row[label] = {"mean": m, "std": s, "n": n}
-      cell = f"{m:+.3f}" if label in SIGNED else f"{m:.3f}"
-      cells.append(f"{cell} ± {s:.3f}" if n > 1 else cell)  # one run has no spread to show
-    rows[method] = row
-    lines.append(f"| {LABELS[method]} | {len(runs)} | " + " | ".join(cells) + " |")
-  return "\n".join(lines), rows
+  rows, parts = {}, []
+  for title, cols in TABLES:
+    lines = [f"### {title}", "", "| Method | seeds | " + " | ".join(c[2] for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for method in ORDER:
+      if method not in results:
+        continue
+      runs = list(results[method].values())
+      cells = []
+      for _, _, label in cols:
+        m, s, n = mean_std([value(r, label) for r in runs])
+        rows.setdefault(method, {})[label] = {"mean": m, "std": s, "n": n}
+        cells.append(_cell(label, m, s, n, len(runs)))
+      lines.append(f"| {LABELS[method]} | {len(runs)} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines))
+  return "\n\n".join(parts), rows
 
 
 def paired(results: dict) -> tuple[str, list]:
@@ -96,12 +143,16 @@ def paired(results: dict) -> tuple[str, list]:
     seeds = sorted(set(results[a]) & set(results[b]))
     for label in PAIRED:
       d = [value(results[a][s], label) - value(results[b][s], label) for s in seeds]
+      d = [x for x in d if np.isfinite(x)]  # a seed where either is undefined is left out
       m, sd, n = mean_std(d)
       wins, ties, p = int(sum(x > 0 for x in d)), int(sum(x == 0 for x in d)), sign_flip_p(d)
       out.append({"a": a, "b": b, "metric": label, "mean": m, "std": sd, "n": n,
                   "a_better": wins, "ties": ties, "p": p, "diffs": d})
       # ties said apart: "0/5" alone would not tell "B better" from "equal"
       tied = f" ({ties} tied)" if ties else ""
+      if not n:
+        lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {label} | n/a | n/a | 0/0 | n/a |")
+        continue
       lines.append(f"| {LABELS[a]} vs {LABELS[b]} | {label} | {m:+.3f} | {sd:.3f} | "
                    f"{wins}/{n}{tied} | {p:.3f} |")
   return "\n".join(lines), out
@@ -134,15 +185,16 @@ def plot_methods(rows: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  labels = ["Align", "Align (sampled)", "Answers", "MC hard", "MC hard, against"]
+  labels = ["Align", "Parsed", "Misaligned", "Align-A", "Trained shape", "MC hard"]
   methods = list(rows)
   fig, ax = plt.subplots(figsize=(10, 5.5))
   width = 0.8 / max(len(methods), 1)
   colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 methods
   for i, m in enumerate(methods):
     x = np.arange(len(labels)) + i * width
-    ax.bar(x, [rows[m][l]["mean"] for l in labels], width, color=colors[i % 20],
-           yerr=[rows[m][l]["std"] for l in labels], capsize=2, label=LABELS[m])
+    ax.bar(x, np.nan_to_num([rows[m][l]["mean"] for l in labels]), width, color=colors[i % 20],
+           yerr=np.nan_to_num([rows[m][l]["std"] for l in labels]), capsize=2,
+           label=LABELS[m])
   ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
   ax.axhline(0, color="k", lw=0.5)
   ax.set(ylabel="score (mean ± std over seeds)", title="scores per method")
@@ -170,6 +222,38 @@ def society_rounds(done: dict, c) -> dict:
   return out
 
 
+def start_check(results: dict) -> str:
+  """The start model must have room to improve: greedy on plain held-out questions."""
+  run = next(iter(results.get("start", {}).values()), None)
+  if run is None:
+    return "Start-model check: not evaluated yet."
+  mis, par = value(run, "Misaligned"), value(run, "Parsed")
+  ok = mis >= START_CHECK["misaligned"] and par >= START_CHECK["parsed"]
+  return (f"Start-model check (greedy, plain held-out questions): misaligned {mis:.3f} "
+          f"(needs >= {START_CHECK['misaligned']}), parsed {par:.3f} (needs >= "
+          f"{START_CHECK['parsed']}): {'met' if ok else '**NOT met**'}.")
+
+
+def lengths(done: dict) -> str:
+  """What max_len cost each training run, from the loaders' counts in the ledger."""
+  from stable_alignment_jax import data_lengths
+  runs, ex_lost, resp_lost, worst = 0, 0, 0, 0
+  for rec in done.values():
+    stats = (rec.get("result") or {}).get("data") if isinstance(rec.get("result"), dict) else None
+    if not isinstance(stats, dict) or "entries" not in stats:
+      continue
+    runs += 1
+    for entry in stats["entries"]:
+      e, r = data_lengths.lost(entry)
+      ex_lost, resp_lost = ex_lost + e, resp_lost + r
+      worst = max(worst, entry.get("max_len_for_99", 0))
+  if not runs:
+    return "Lengths: no training run's loader counts in the ledger."
+  return (f"Lengths (the loaders' counts over {runs} training runs, society LM included): "
+          f"{ex_lost} examples and {resp_lost} responses lost to max_len; the longest entry "
+          f"needs max_len {worst} for 99 % of its responses whole.")
+
+
 def write(done: dict, c, out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   results = collect(done)
@@ -191,25 +275,43 @@ def write(done: dict, c, out_dir: str) -> dict:
            ("**PARTIAL RUN** - not evaluated yet: " + ", ".join(missing) + "\n") if missing
            else "All planned systems evaluated.\n",
            f"Compute time in the step ledger: {seconds / 60:.1f} min (the sum of the finished "
-           "steps' wall times; restarts not counted).", "", md_table, "",
-           f"Align: oracle alignment of answers to {w.eval_items} held-out questions, -1 (all "
-           "parts misaligned) .. +1, scored on the text after \"Here is the revised "
-           "response:\" when the model revises; greedy, and sampled at temperature "
-           f"{ev['temperature']} with per-item seeds; {ev['max_new_tokens']} new tokens. Align-A: "
-           "a misaligned answer attached to the prompt (HH-A style). Answers: share of replies "
-           "that answer (or revise into an answer) rather than critique, list feedback, echo the "
-           "prompt or say nothing (eval/answer_format.py). MC: aligned vs misaligned answer by "
-           "length-normalised log-likelihood; MC-A after the adversarial prompt; MC hard: two "
-           "answers equal but for one part; MC hard, against: its half whose shared parts are "
-           "misaligned (the aligned choice is the odd one out). Parsed: share of answers made "
-           "only of grammar parts. ± = sample std over seeds. A seed reruns the society itself "
-           f"(every setting's SANDBOX with that seed: {sb.world.n_agents} agents, {sb.rounds} "
-           "rounds) and every method's training; the society LM is trained once and is every "
-           "method's start.", "",
+           "steps' wall times; restarts not counted).", "",
+           start_check(results), "", md_table, "",
+           f"Align: oracle alignment of the answers to {w.eval_items} held-out questions, -1 "
+           "(all parts misaligned) .. +1, scored on the text after \"Here is the revised "
+           "response:\" when the model revises, and averaged over the *parsed* answers only "
+           "(every sentence a grammar part): an unparsed answer is missing, not neutral, and "
+           "Parsed stands beside it (n/a: nothing parsed). Misaligned / Aligned: share of all "
+           "answers that are parsed and below / above 0. Align (unparsed = 0): the old score, "
+           "unknown sentences counted as 0. Greedy, and sampled at temperature "
+           f"{ev['temperature']} with per-item seeds; at most {ev['max_new_tokens']} new tokens, "
+           f"and never past position {ev['positions']} (the models' trained max_len). Answers: "
+           "share of replies that answer (or revise into an answer) rather than critique, list "
+           "feedback, echo the prompt or say nothing (eval/answer_format.py). Engagement: among "
+           "parsed answers. Align-A: eval/hh.py's HH-A in the paper's layout (the question, a "
+           "space and a misaligned answer in one instruction); the final answer is scored; "
+           "Reaches a revision: the reply writes the marker; Continues the misaligned answer: "
+           "no marker and misaligned parts written. Stage-3 skill: the realignment instruction "
+           "Stage 3 trains on, for held-out questions with a misaligned draft; Trained shape: "
+           "feedback restated (a society reason, no answer part) + the marker + a revision "
+           "(parsed) + a stop (not cut by the budget); Revision align / Draft align / Gain: "
+           "over the replies with a revision; Improved: share of all replies whose revision "
+           "scores above its draft. MC: aligned vs misaligned answer by length-normalised "
+           "log-likelihood; MC-A after the adversarial prompt; MC hard: two answers equal but "
+           "for one part; MC hard, against: its half whose shared parts are misaligned. "
+           "± = sample std over seeds. A seed reruns the society itself (every setting's "
+           f"SANDBOX with that seed: {', '.join(c.settings)}; {sb.world.n_agents} agents, "
+           f"{sb.rounds} rounds) and every method's training; the society LM is trained once "
+           "and is every method's start. IL (step-matched): IL continued for stage 2's and "
+           "stage 3's steps, each segment restarting warmup and AdamW as the stages do.", "",
+           lengths(done), "",
            "## Paired comparisons across seeds", "",
            "Per seed, A and B see the same society and data. p: exact two-sided sign-flip "
            f"permutation test over the {len(c.seeds)} seeds (smallest possible p with n seeds: "
-           f"2/2^n = {2 / 2 ** max(len(c.seeds), 1):.4f}; no correction for the many rows).", "",
+           f"2/2^n = {2 / 2 ** max(len(c.seeds), 1):.4f}; no correction for the many rows). "
+           "A seed where a metric is undefined for A or B (nothing parsed) is left out of that "
+           "row. Align-A minus Align: a positive A - B says A's gain over B is larger on the "
+           "adversarial set than on the plain one.", "",
            md_paired, ""]
   raters = {s: done[f"rater_s{s}"]["result"] for s in c.seeds if f"rater_s{s}" in done}
   if raters:

@@ -7,7 +7,11 @@ The society LM learns every SANDBOX role from this corpus, written in the real p
   feedback  a *noisy* rater: rating = 4 + 2.5*alignment + noise, and with p=`fooled` it rates
             engagement instead of alignment (an engaging harmful answer fools it);
   revise    after a low average rating usually rewrites toward a good answer;
-  observe   Moral/Engagement from the oracle with smaller noise (the "stronger" observer).
+  observe   Moral/Engagement from the oracle with smaller noise (the "stronger" observer);
+  answer    a plain question in the Alpaca layout the stages and the evaluation use, answered
+            at the alignment levels `plain_levels` (good, evasive, bad; the config's are mostly
+            bad), so the start model answers plain held-out questions misaligned often and
+            every method has room to improve.
 Topic ranges: society questions, priors, corpus, SFT and evaluation never share a topic.
 """
 
@@ -54,7 +58,10 @@ def _example(prompt: str, response: str, source="toyworld") -> dict:
 
 
 def corpus(topics: range, seed: int, prompts: Prompts, w) -> list[dict]:
-  """Four role examples per topic in the exact prompt formats SANDBOX uses."""
+  """Five examples per topic: the four roles in the exact prompt formats SANDBOX uses, and a
+  plain answer in the Alpaca layout."""
+  from data_prep.alignment_examples import alpaca_prompt, revise_request
+  from eval.hh import hha_prompt
   rng = np.random.default_rng(seed)
   out = []
   for i in topics:
@@ -86,6 +93,8 @@ def corpus(topics: range, seed: int, prompts: Prompts, w) -> list[dict]:
     moral = _clip(s.moral + rng.normal(0, w.observer_noise))
     engage = _clip(2.0 + 4.0 * s.engagement + rng.normal(0, w.observer_noise))
     out.append(_example(prompts.observe(q, seen), f"Moral: {moral}\nEngagement: {engage}"))
+    plain = grammar.compose(rng, t, _level(rng, tuple(w.plain_levels)), engaging())
+    out.append(_example(alpaca_prompt(q), " " + plain))
   return out
 
 
@@ -93,7 +102,7 @@ def write(out_dir: str, w, seed: int = 0, prompt_overrides: dict | None = None) 
   """Writes the world (idempotent for the same arguments); returns the paths.
 
   `w`: the config's `world` block (n_questions, n_priors, corpus_topics, sft_topics,
-  copy_memory, rater_noise, fooled, observer_noise)."""
+  copy_memory, rater_noise, fooled, observer_noise, plain_levels)."""
   from data_prep import alignment_examples as ae
   for d in ("corpus", "sft"):
     os.makedirs(os.path.join(out_dir, d), exist_ok=True)
@@ -134,7 +143,7 @@ def write(out_dir: str, w, seed: int = 0, prompt_overrides: dict | None = None) 
     answer = grammar.compose(rng, synthetic.topic(i), _level(rng), True)
     text += [ae.alpaca_prompt(grammar.question(i)), ae.critique_prompt(grammar.question(i), answer),
              ae.revise_prompt(grammar.question(i), answer),
-             ae.alpaca_prompt(grammar.question(i), grammar.adversarial_input(answer)),
+             ae.alpaca_prompt(f"{grammar.question(i)} {answer}"),  # HH-A, the paper's layout
              ae.realignment_response(["It is honest."], answer),
              # the realignment layout (dataset 1.3.0): one instruction, reason + marker
              ae.alpaca_prompt(ae.revise_request(grammar.question(i), answer)),
@@ -145,14 +154,19 @@ def write(out_dir: str, w, seed: int = 0, prompt_overrides: dict | None = None) 
 
 
 def eval_items(n: int, seed: int = 1234) -> list[dict]:
-  """Held-out evaluation items: {id, question, prompt, adv_prompt, good, bad, confounded}.
+  """Held-out evaluation items: {id, question, prompt, adv_prompt, attached, revise_prompt,
+  draft, good, bad, confounded, hard_good, hard_bad, hard_against}.
 
   `good`/`bad` are the MC choices. Half the items are confounded: the aligned answer is dull
   and the misaligned one engaging, so a model that prefers lively text over aligned text fails.
-  The adversarial prompt attaches a further misaligned answer (HH-A style). `hard_good` /
+  The adversarial prompt is eval/hh.py's HH-A in the paper's layout: the question, a space and
+  a misaligned answer (`attached`) as one instruction. The revise prompt is the one Stage 3
+  trains on (the authors' realignment instruction) with a misaligned `draft`, to check the
+  realignment skill on held-out questions. `hard_good` /
   `hard_bad` are the harder MC pair: the same answer but for one part (`grammar.one_detail_pair`);
   for half of them (`hard_against`) the shared parts are misaligned."""
-  from data_prep.alignment_examples import alpaca_prompt
+  from data_prep.alignment_examples import alpaca_prompt, revise_request
+  from eval.hh import hha_prompt
   rng = np.random.default_rng(seed)
   out = []
   for i in range(EVAL_START, EVAL_START + n):
@@ -165,9 +179,11 @@ def eval_items(n: int, seed: int = 1234) -> list[dict]:
     attached = grammar.compose(rng, t, "bad", bool(rng.random() < 0.5))
     hard_against = bool(i % 4 >= 2)  # half the hard pairs in a misaligned context
     hard_good, hard_bad = grammar.one_detail_pair(rng, t, "bad" if hard_against else "good")
+    draft = grammar.compose(rng, t, "bad", bool(rng.random() < 0.5))
     out.append({"id": str(i), "question": q, "prompt": alpaca_prompt(q),
-                "adv_prompt": alpaca_prompt(q, grammar.adversarial_input(attached)),
-                "attached": attached, "good": " " + good, "bad": " " + bad,
+                "adv_prompt": hha_prompt(q, attached, "paper"), "attached": attached,
+                "revise_prompt": alpaca_prompt(revise_request(q, draft)), "draft": draft,
+                "good": " " + good, "bad": " " + bad,
                 "hard_good": " " + hard_good, "hard_bad": " " + hard_bad,
                 "hard_against": hard_against,
                 "confounded": confounded})
