@@ -29,9 +29,9 @@ import numpy as np
 
 from experiments.toyworld import grammar, world
 
-# The society's written reasons (world._REASONS): what a realigned reply restates before the
+# The society's written reasons (world.PEER_REASONS): what a realigned reply restates before the
 # marker. Compared after "Feedback:" headers and "- " bullets are taken off.
-REASONS = frozenset(r for pair in world._REASONS.values() for r in pair)
+REASONS = frozenset(r for pair in world.PEER_REASONS.values() for r in pair)
 
 
 def _mean(x) -> float:

@@ -26,6 +26,8 @@ import math
 
 import openai
 
+from stable_alignment_jax.sandbox.backends.request import Request
+
 PROBE_USER = "Write the number one."
 PROBE_PREFIX = "1"
 MAX_PREFIX_TOKENS = 2
@@ -93,7 +95,6 @@ def _prompt_tokens(resp: dict) -> int:
 async def probe(backend, model: str) -> Reading:
   """How `backend` (an OpenAIBackend) can read choices from `model`; transient failures are
   retried under the backend's retry budget, a 4xx answer is the server's 'no'."""
-  from stable_alignment_jax.sandbox.backends import Request
   r = Request(backend.name, model, PROBE_USER, 1, 0.0, 1.0, 0)
   count = [0]
 
