@@ -88,7 +88,7 @@ def _run_driver(arg: str) -> str:
   cmd = [sys.executable, "-m", "stable_alignment_jax.pipeline",
          f"--config={os.path.join('experiments', 'hh_smollm2', 'config.py')}:{arg}"]
   p = subprocess.run(cmd, cwd=subproc.ROOT, env=subproc.jax_env(), capture_output=True,
-                     text=True, timeout=600)
+                     text=True, timeout=1200)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   return p.stdout
 

@@ -24,7 +24,7 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(HERE))), "
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, toy=False, steps=48, seeds=3, lr=0.0, out="", docs="", hh_dir="",
+  a = common.parse_arg(arg, toy=False, steps=12, seeds=3, lr=0.0, out="", docs="", hh_dir="",
                        data_dir="", n_bench=200)
   c = ml_collections.ConfigDict()
   c.pipeline_class = "experiments.hh_smollm2.experiment:HhPipeline"
@@ -45,11 +45,14 @@ def get_config(arg=None):
   # prompt and both replies fit eval_max_len (the first in hash order, a fixed pseudo-random
   # draw); answer format on the first n_questions distinct held-out questions.
   c.held_out = 0.2
-  c.n_pairs = 200
-  c.eval_max_len = 256
+  c.n_pairs = 100
+  c.eval_max_len = 160
   c.n_bench = a.n_bench  # items of each benchmark (ETHICS: n/5 of each subset)
   c.bench_seed = 0
-  c.n_questions = 64
+  # Benchmarks on the start and the first `bench_seeds` seeds of each method (200 items x 3
+  # benchmarks cost more than the held-out pairs; the pair metrics get every seed).
+  c.bench_seeds = 1
+  c.n_questions = 32
   c.max_new_tokens = 64
   c.gen_batch = 16
   c.batch_tokens = 2048  # packed positions per scoring forward
@@ -57,11 +60,14 @@ def get_config(arg=None):
   c.methods = ["sft", "dpo", "sa_cpo"]
   c.seeds = list(range(a.seeds))
   c.sft_seeds = 1  # SFT on the first seed(s) only: the budget (DPO and SA-CPO get every seed)
-  # The learning rate: the probe's candidates, tried with SFT on the train split (seed
-  # probe_seed, not one of the experiment's); the one with the lowest train loss over the last
-  # quarter of its steps is used for every method. lr > 0 skips the probe.
+  # The learning rate: the probe's candidates, each an SFT run of probe_steps on the train split
+  # at constant lr (seed probe_seed, not one of the experiment's, so every candidate sees the
+  # same batches); the lowest mean train loss over the second half of its steps (batches the
+  # model has not seen yet) wins, for every method. lr > 0 skips the probe. The steps are
+  # what the time budget allows (see the report's cost section).
   c.lr = a.lr
   c.probe_lrs = [1e-5, 3e-5, 1e-4]
+  c.probe_steps = 8
   c.probe_seed = 100
 
   t = base.get_config()
@@ -73,7 +79,7 @@ def get_config(arg=None):
   t.data.prompt_format = "auto"  # SmolLM2's ChatML template
   t.data.num_responses = 2
   t.data.batch_size = 4
-  t.data.max_len = 192
+  t.data.max_len = 128
   t.data.mixture = ml_collections.ConfigDict()
   t.loss.by_kind = ml_collections.ConfigDict()
   t.loss.beta = 0.1  # DPO; reference = the start (checkpoint.init_from)
@@ -103,8 +109,8 @@ def toy(c: ml_collections.ConfigDict) -> None:
   c.n_bench = min(c.n_bench, 4)
   c.max_new_tokens, c.gen_batch, c.batch_tokens = 4, 2, 4096
   c.held_out = 0.5
-  c.sft_seeds = 2
   c.probe_lrs = [1e-3, 3e-3]
+  c.probe_steps = 2
   t = c.train
   t.data.batch_size, t.data.max_len = 4, 256
   t.train.steps = t.checkpoint.save_every = 2

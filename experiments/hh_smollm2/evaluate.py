@@ -54,10 +54,13 @@ def chat_prompt(question: str, layout: str):
   return alpaca_prompt(question)
 
 
-def evaluate(spec: str, tokenizer_path: str, pairs: list[dict], bench: dict[str, list],
-             questions: list[str], *, prompt_format: str, max_len: int, batch_tokens: int,
-             max_new_tokens: int, gen_batch: int, progress: bool = True) -> dict:
-  """Raw measurements of the checkpoint `spec` (an HF or run directory)."""
+def evaluate(spec: str, tokenizer_path: str, pairs: list[dict] | None, bench: dict[str, list],
+             questions: list[str] | None, *, prompt_format: str, max_len: int,
+             batch_tokens: int, max_new_tokens: int, gen_batch: int,
+             progress: bool = True) -> dict:
+  """Raw measurements of the checkpoint `spec` (an HF or run directory): the held-out pairs'
+  log-likelihoods (pairs), the benchmarks' credits (bench), the answers to questions; a part
+  given as None or empty is left out."""
   from eval.answers import AnswerGenerator
   from stable_alignment_jax import checkpoints, tokenizer as tok_lib
   from stable_alignment_jax.prompt_format import PromptFormat
@@ -66,10 +69,11 @@ def evaluate(spec: str, tokenizer_path: str, pairs: list[dict], bench: dict[str,
   fmt = PromptFormat(tok, prompt_format)
   kw = dict(max_len=max_len, batch_tokens=batch_tokens, progress=progress)
   out = {"spec": spec}
-  scorer = scoring.GroupScorer(graphdef, state, desc="held-out pairs", **kw)
-  scores = scorer.score([scoring.pair_group(fmt, ex) for ex in pairs])
-  out["pairs"] = {"logp": [s.tolist() for s, _ in scores], "n": [n.tolist() for _, n in scores],
-                  "truncated": scorer.truncated}
+  if pairs:
+    scorer = scoring.GroupScorer(graphdef, state, desc="held-out pairs", **kw)
+    scores = scorer.score([scoring.pair_group(fmt, ex) for ex in pairs])
+    out["pairs"] = {"logp": [s.tolist() for s, _ in scores],
+                    "n": [n.tolist() for _, n in scores], "truncated": scorer.truncated}
   out["benchmarks"] = {}
   for task, items in bench.items():
     scorer = scoring.GroupScorer(graphdef, state, desc=task, **kw)
@@ -81,12 +85,13 @@ def evaluate(spec: str, tokenizer_path: str, pairs: list[dict], bench: dict[str,
       credit.append(metrics.choice_credit(s, it.label))
     out["benchmarks"][task] = {"credit": credit, "truncated": scorer.truncated,
                                "ids": [it.id for it in items]}
-  gen = AnswerGenerator(graphdef, state, tok, max_new_tokens=max_new_tokens, temperature=0.0,
-                        batch_size=gen_batch, progress=progress)
-  answers = gen.generate([chat_prompt(q, prompt_format) for q in questions],
-                         list(range(len(questions))))
-  texts = [a["answer"] for a in answers]
-  out["answers"] = texts
-  out["answer_format"] = answer_format.summarize(texts)
-  out["answer_truncated_prompts"] = gen.truncated
+  if questions:
+    gen = AnswerGenerator(graphdef, state, tok, max_new_tokens=max_new_tokens, temperature=0.0,
+                          batch_size=gen_batch, progress=progress)
+    answers = gen.generate([chat_prompt(q, prompt_format) for q in questions],
+                           list(range(len(questions))))
+    texts = [a["answer"] for a in answers]
+    out["answers"] = texts
+    out["answer_format"] = answer_format.summarize(texts)
+    out["answer_truncated_prompts"] = gen.truncated
   return out

@@ -2,7 +2,8 @@
 
 Order: start model -> split -> learning-rate probe -> eval of the start -> per data-order seed
 (seed-major, so a partial run has whole seeds): SFT (first `sft_seeds` seeds), DPO, SA-CPO, each
-trained from the start and evaluated -> report. Every step is in the pipeline's ledger
+trained from the start and evaluated on the held-out pairs and the answer format -> the
+benchmarks for the start and the first `bench_seeds` seeds of each method -> report. Every step is in the pipeline's ledger
 (`{out}/pipeline_state.json`), so a killed run resumes at the step it was in; the report is
 rewritten from whatever has finished.
 """
@@ -90,27 +91,38 @@ class HhPipeline(pipeline.Pipeline):
     return s
 
   def probe(self, start: dict, data: dict) -> dict:
-    """SFT at each candidate lr on the train split; the lowest mean train loss over the last
-    quarter of steps wins (each batch is new to the model, so that loss is out-of-sample)."""
+    """SFT at each candidate lr (constant: no warmup or decay) on the train split, the same
+    batches for each; the lowest mean train loss over the second half of the steps wins (each
+    batch is new to the model, so that loss is out-of-sample)."""
     curves = {}
     for lr in self.c.probe_lrs:
       name = f"probe_lr{lr:g}"
-      cfg = self.train_cfg(start, data, "sft", self.c.probe_seed, lr, name)
+      cfg = self.train_cfg(start, data, "sft", self.c.probe_seed, lr, name,
+                           steps=self.c.probe_steps)
+      cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio = 0.0, 1.0
       self.steps.run(name, lambda cfg=cfg: pipeline.train_stage(cfg))
       curves[f"{lr:g}"] = report.read_curve(self.path(name))
-    tail = {lr: float(np.mean([r["loss"] for r in cur[-max(1, len(cur) // 4):]]))
+    tail = {lr: float(np.mean([r["loss"] for r in cur[len(cur) // 2:]]))
             for lr, cur in curves.items()}
     best = min(tail, key=tail.get)
     return {"lr": float(best), "tail_loss": tail, "curves": curves,
-            "rule": "lowest mean SFT train loss over the last quarter of the probe's steps"}
+            "rule": f"SFT at constant lr for {self.c.probe_steps} steps on the train split, the "
+                    "same batches for each candidate; lowest mean train loss over the second "
+                    "half of the steps"}
 
-  def evaluate_one(self, name: str, spec: str, start: dict, data: dict) -> dict:
+  def evaluate_one(self, name: str, spec: str, start: dict, data: dict,
+                   bench_only: bool = False) -> dict:
+    """The held-out pairs and the answer format (step eval_<name>), or the benchmarks alone
+    (step bench_<name>, written to <name>_bench.json)."""
     c = self.c
     with open(os.path.join(data["dir"], "validation.jsonl")) as f:
       pairs = [json.loads(line) for line in f]
     with open(os.path.join(data["dir"], "questions.json")) as f:
       questions = json.load(f)
-    bench = evaluate.benchmark_items(c.data_dir, c.n_bench, c.bench_seed) if c.n_bench else {}
+    bench = {}
+    if bench_only:
+      pairs = questions = None
+      bench = evaluate.benchmark_items(c.data_dir, c.n_bench, c.bench_seed)
     t0 = time.time()
     out = evaluate.evaluate(spec, start["tokenizer"], pairs, bench, questions,
                             prompt_format=data["format"], max_len=c.eval_max_len,
@@ -118,7 +130,7 @@ class HhPipeline(pipeline.Pipeline):
                             gen_batch=c.gen_batch)
     out["seconds"] = round(time.time() - t0, 1)
     out["loadavg"] = list(os.getloadavg())  # the machine is shared: how busy it was
-    path = self.path("eval", f"{name}.json")
+    path = self.path("eval", f"{name}{'_bench' if bench_only else ''}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
       json.dump(out, f)
@@ -134,6 +146,7 @@ class HhPipeline(pipeline.Pipeline):
     else:
       lr = self.steps.run("lr_probe", lambda: self.probe(start, data))["lr"]
     self.steps.run("eval_start", lambda: self.evaluate_one("start", start["dir"], start, data))
+    benched = [("start", start["dir"])]
     for i, seed in enumerate(c.seeds):
       for method in c.methods:
         if method == "sft" and i >= c.sft_seeds:
@@ -143,6 +156,14 @@ class HhPipeline(pipeline.Pipeline):
         d = self.steps.run(run, lambda cfg=cfg: pipeline.train_stage(cfg))["dir"]
         self.steps.run(f"eval_{run}", lambda d=d, run=run: self.evaluate_one(run, d, start,
                                                                                data))
+        if i < c.bench_seeds:
+          benched.append((run, d))
+    # The benchmarks last: the pair metrics of every seed come first, and a run cut short by
+    # time still has them.
+    if c.n_bench:
+      for run, d in benched:
+        self.steps.run(f"bench_{run}", lambda d=d, run=run: self.evaluate_one(
+            run, d, start, data, bench_only=True))
     out = report.write(self.steps.done, c, self.path("report"))
     report.copy_to(self.path("report"), c.docs_dir)
     print(out["markdown"], flush=True)

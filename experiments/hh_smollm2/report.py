@@ -89,7 +89,7 @@ def system_metrics(raw: dict, start: dict | None) -> dict:
 
 def paired(vec_a: dict, vec_b: dict, key: str, seed: int = 0) -> dict:
   """A vs B on metric `key`: {seed: vector} each; see the module docstring."""
-  seeds = sorted(set(vec_a) & set(vec_b))
+  seeds = sorted(s for s in set(vec_a) & set(vec_b) if key in vec_a[s] and key in vec_b[s])
   if not seeds:
     return {}
   per_seed = [float(vec_a[s][key].mean() - vec_b[s][key].mean()) for s in seeds]
@@ -124,9 +124,14 @@ def collect(done: dict) -> tuple[dict, dict]:
   with open(evals["start"]) as f:
     start = json.load(f)
   systems, vectors = {}, {}
+  benches = {k[len("bench_"):]: v["result"]["file"] for k, v in done.items()
+             if k.startswith("bench_")}
   for name, path in evals.items():
     with open(path) as f:
       raw = json.load(f)
+    if name in benches:
+      with open(benches[name]) as f:
+        raw["benchmarks"].update(json.load(f)["benchmarks"])
     m, vec = system_metrics(raw, None if name == "start" else start)
     systems[name] = m
     method, _, seed = name.rpartition("_s")
@@ -148,13 +153,12 @@ def summarize(systems: dict, vectors: dict) -> dict:
       continue
     row = {"seeds": len(runs)}
     for key in KEYS:
-      vals = [r.get(key) for r in runs.values()]
-      if all(v is None for v in vals):
+      have = [r for r in runs.values() if r.get(key) is not None]
+      if not have:
         continue
-      mean, std = _mean_std(vals)
-      se = [r.get(key + "_se") for r in runs.values()]
-      row[key] = {"mean": mean, "std": std,
-                  "se": se[0] if len(runs) == 1 and se[0] is not None else None}
+      mean, std = _mean_std([r[key] for r in have])
+      se = have[0].get(key + "_se") if len(have) == 1 else None
+      row[key] = {"mean": mean, "std": std, "se": se, "n_seeds": len(have)}
     table[method] = row
   comparisons = {}
   for a, b in (("sa_cpo", "dpo"), ("sa_cpo", "sft"), ("dpo", "sft"), ("sa_cpo", "start"),
@@ -202,8 +206,9 @@ def markdown(summary: dict, split_info: dict, sizes: dict, wall: dict, probe: di
                  + f" | {_cell(row.get('answer_share'))} |")
   lines += [
       "",
-      "Several seeds: mean ± sample std over data-order seeds; one seed (start, SFT): the value "
-      "± its binomial standard error over the items. Preference accuracy: share of held-out pairs "
+      "Several seeds: mean ± sample std over data-order seeds; one seed (start, SFT, and the "
+      "benchmarks, measured on the first seed of each method only): the value ± its binomial "
+      "standard error over the items. Preference accuracy: share of held-out pairs "
       "whose chosen reply has the higher per-token log-likelihood (ties 1/2). Implicit reward: "
       "DPO's log-ratio against the start (summed log-probs), chosen above rejected.",
       "", "## Paired comparisons", "",
@@ -260,7 +265,8 @@ def markdown(summary: dict, split_info: dict, sizes: dict, wall: dict, probe: di
             f"{wall['probe'] / 60:.1f}, setup {wall['setup'] / 60:.1f})",
             "- load average (1, 5, 15 min) at the end of each evaluation: "
             + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v['loadavg'])}"
-                        for k, v in systems.items() if v.get("loadavg")),
+                        for k, v in systems.items() if v.get("loadavg"))
+            + " (2 cores: a load of 2 is a busy machine, the rest is other work waiting)",
             f"- machine: {os.cpu_count()} CPU cores shared with other work"]
   return "\n".join(lines) + "\n"
 
@@ -309,7 +315,7 @@ def write(done: dict, c, out_dir: str) -> dict:
            "n_bench": c.n_bench, "seeds": list(c.seeds), "sft_seeds": c.sft_seeds}
   sec = {k: v["seconds"] for k, v in done.items()}
   wall = {"total": sum(sec.values()),
-          "eval": sum(v for k, v in sec.items() if k.startswith("eval_")),
+          "eval": sum(v for k, v in sec.items() if k.startswith(("eval_", "bench_"))),
           "probe": sum(v for k, v in sec.items() if k.startswith(("probe_", "lr_probe"))),
           "setup": sum(sec.get(k, 0) for k in ("start", "split"))}
   wall["train"] = wall["total"] - wall["eval"] - wall["probe"] - wall["setup"]
