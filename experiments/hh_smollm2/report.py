@@ -313,10 +313,11 @@ def write(done: dict, c, out_dir: str) -> dict:
            "lr": lr, "warmup": t.optim.warmup_ratio, "clip": t.optim.grad_clip,
            "eval_max_len": c.eval_max_len, "max_new_tokens": c.max_new_tokens,
            "n_bench": c.n_bench, "seeds": list(c.seeds), "sft_seeds": c.sft_seeds}
-  sec = {k: v["seconds"] for k, v in done.items()}
+  # lr_probe's seconds contain its probe_* runs' (steps inside a step): counted once.
+  sec = {k: v["seconds"] for k, v in done.items() if k != "lr_probe"}
   wall = {"total": sum(sec.values()),
           "eval": sum(v for k, v in sec.items() if k.startswith(("eval_", "bench_"))),
-          "probe": sum(v for k, v in sec.items() if k.startswith(("probe_", "lr_probe"))),
+          "probe": sum(v for k, v in sec.items() if k.startswith("probe_")),
           "setup": sum(sec.get(k, 0) for k in ("start", "split"))}
   wall["train"] = wall["total"] - wall["eval"] - wall["probe"] - wall["setup"]
   runs = [k for k in done if k.rpartition("_s")[0] in METHODS]
