@@ -66,12 +66,17 @@ class HhPipeline(pipeline.Pipeline):
         questions.append(e["turns"][0])
     d = self.path("split")
     os.makedirs(d, exist_ok=True)
-    split.write_jsonl(os.path.join(d, "train.jsonl"), train)
+    # Only pairs whose prompt and both whole replies fit the training max_len are trained on:
+    # the loader leaves out a reply that does not fit (never cuts it), and a pair that loses
+    # one reply has no preference left. `train_counts` says what the whole split would lose.
+    train_fit = [e for e in train if split.fits(e, fmt, c.train.data.max_len)]
+    split.write_jsonl(os.path.join(d, "train.jsonl"), train_fit)
     split.write_jsonl(os.path.join(d, "validation.jsonl"), eval_pairs)
     with open(os.path.join(d, "questions.json"), "w") as f:
       json.dump(questions[:c.n_questions], f, indent=1)
     return {"dir": d, "files": files, "format": fmt.name, "pairs": len(pairs),
-            "train_pairs": len(train), "held_out_pairs": len(test),
+            "train_pairs": len(train), "train_fitting": len(train_fit),
+            "held_out_pairs": len(test),
             "train_questions": len({e["question"] for e in train}),
             "held_out_questions": len({e["question"] for e in test}),
             "shared_questions": len(shared), "held_out_fitting": len(fitting),
