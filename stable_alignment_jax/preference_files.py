@@ -35,12 +35,11 @@ the count is in `source.skipped` and a summary warning. `data.bad_rows = "raise"
 one fatal. A dataset without one usable row raises.
 """
 
-import gzip
 import json
 import logging
 import os
 
-from stable_alignment_jax import chat_templates
+from stable_alignment_jax import chat_templates, jsonl
 
 CHOSEN_RATING, REJECTED_RATING = 1.0, 0.0
 BAD_ROWS = ("skip", "raise")
@@ -180,15 +179,10 @@ def row_to_example(row) -> tuple[dict, str, bool]:
 # --- files and datasets ---------------------------------------------------------------------
 
 def _jsonl_rows(path: str):
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        yield f"{path}:{n}", json.loads(line)
-      except json.JSONDecodeError as e:
-        yield f"{path}:{n}", RowError("<line>", f"not valid JSON ({e})")
+  for n, value in jsonl.parsed_lines(path):
+    if isinstance(value, json.JSONDecodeError):
+      value = RowError("<line>", f"not valid JSON ({value})")
+    yield f"{path}:{n}", value
 
 
 def _dataset_rows(spec: str, split: str, builder: str | None = None):
