@@ -18,7 +18,6 @@ endpoint and the last error.
 import collections
 import concurrent.futures
 import os
-import random
 import re
 import threading
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import openai
 
 from stable_alignment_jax.sandbox.backends.openai_backend import transient_error
+from stable_alignment_jax.sandbox.backends.retry import RetryBudget
 
 SPEC_PREFIX = "served:"
 _ALPACA = re.compile(r"### Instruction:\n(.*?)\n\n(?:### Input:\n(.*?)\n\n)?### Response:", re.DOTALL)
@@ -67,12 +67,11 @@ class ServedSystem:
     self.retry_budget_s = float(get("retry_budget_s", 300.0))
     self.backoff_s, self.backoff_max_s = float(get("backoff_s", 1.0)), float(get("backoff_max_s",
                                                                                     30.0))
+    self._retry = RetryBudget(self.retry_budget_s, self.backoff_s, self.backoff_max_s)
     self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
                                 timeout=float(get("timeout_s", 120.0)))
     self.counters = collections.Counter()
     self._lock = threading.Lock()
-    self._down_since: float | None = None
-    self._jitter = random.Random()
     self._mc: tuple[bool, str] | None = None
 
   def _post(self, path: str, body: dict) -> dict:
@@ -80,8 +79,8 @@ class ServedSystem:
     while True:
       try:
         out = self.client.post(path, body=body, cast_to=object)
+        self._retry.succeeded()
         with self._lock:
-          self._down_since = None
           self.counters["calls"] += 1
         return out
       except openai.APIError as e:
@@ -91,15 +90,13 @@ class ServedSystem:
                                   f"{self.model!r}) refused a request: HTTP "
                                   f"{getattr(e, 'status_code', '?')}: {e.message}") from None
         last = f"{kind}: {e.message}"
+      spent, wait_s = self._retry.failed(attempt)
       with self._lock:
-        now = time.monotonic()
-        self._down_since = self._down_since or now
-        spent = now - self._down_since
         self.counters["retries"] += 1
-      if spent >= self.retry_budget_s:
+      if wait_s is None:
         raise ServedUnavailable(f"served system {self.name} ({self.base_url}) kept failing for "
                                 f"{spent:.0f} s (last error: {last})")
-      time.sleep(self._jitter.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** attempt)))
+      time.sleep(wait_s)
       attempt += 1
 
   def _map(self, fn, jobs) -> list:

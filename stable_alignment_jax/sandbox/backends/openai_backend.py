@@ -31,12 +31,11 @@ spellings summed.
 
 import asyncio
 import collections
-import random
-import time
 
 import openai
 
 from stable_alignment_jax.sandbox.backends import choice_reading
+from stable_alignment_jax.sandbox.backends.retry import RetryBudget
 from stable_alignment_jax.sandbox.embedders import require_env
 
 RETRYABLE = {"429", "5xx", "timeout", "connection"}
@@ -87,8 +86,9 @@ class OpenAIBackend:
       raise ValueError(f"config.backends.{name}.concurrency must be >= 1")
     self.counters = collections.Counter()
     self._client = self._sem = None
-    self._jitter = random.Random()  # jitter only spaces retries; it never touches results
-    self._down_since: float | None = None  # first failure of the current outage
+    # One outage clock for all of this backend's calls (any success ends the outage).
+    self._retry = RetryBudget(self.retry_budget_s, self.backoff_s, self.backoff_max_s,
+                              max_retries=self.max_retries)
     self.readings: dict[str, choice_reading.Reading] = {}  # model -> how choices are read
     self._probe_locks: dict[str, asyncio.Lock] = {}
     self._template = None
@@ -221,7 +221,7 @@ class OpenAIBackend:
       try:
         async with self._sem:
           out = await call(r)
-        self._down_since = None
+        self._retry.succeeded()
         self.counters["calls"] += 1
         return out
       except openai.APIError as e:
@@ -231,18 +231,14 @@ class OpenAIBackend:
                              f"{getattr(e, 'status_code', '?')} for model {r.model!r}: "
                              f"{e.message}") from None
         last = f"{kind}: {e.message}"
-      now = time.monotonic()
-      if self._down_since is None:
-        self._down_since = now
-      spent = now - self._down_since
-      if spent >= self.retry_budget_s or 0 <= self.max_retries <= attempt:
+      spent, wait_s = self._retry.failed(attempt)
+      if wait_s is None:
         self.counters["failed"] += 1
         raise BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
                                  f"{spent:.0f} s ({attempt} retries of this call; "
                                  f"last error: {last})")
       self.counters[f"retry_{kind}"] += 1
-      delay = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
-      await asyncio.sleep(self._jitter.uniform(0, delay))
+      await asyncio.sleep(wait_s)
       attempt += 1
 
   async def aclose(self):
