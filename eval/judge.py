@@ -20,7 +20,6 @@ import re
 import sqlite3
 import sys
 import threading
-import time
 from typing import Sequence
 
 import openai
@@ -161,29 +160,24 @@ class Judge:
       self.counters[key] += n
 
   def _call(self, prompt: str) -> str:
-    last, attempt, t0 = "", 0, self._retry.now()
-    while True:
-      try:
-        resp = self.client.chat.completions.create(
+    def refused(e):
+      return JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) "
+                              f"rejected the request: HTTP {getattr(e, 'status_code', '?')}")
+
+    def gave_up(spent, retries, kind, e):
+      self._count("failed")
+      return JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) "
+                              f"unreachable for {spent:.0f} s after {retries} retries (last "
+                              f"error: {kind})")
+
+    resp = self._retry.call(
+        lambda: self.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": prompt}],
-            max_tokens=self.max_tokens, temperature=self.temperature)
-        self._count("calls")
-        return resp.choices[0].message.content or ""
-      except openai.APIError as e:
-        last = transient_error(e)
-        if last is None:
-          raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) "
-                                 f"rejected the request: HTTP "
-                                 f"{getattr(e, 'status_code', '?')}") from None
-      spent, wait_s = self._retry.failed(attempt, started=t0)  # this call's own clock
-      if wait_s is None:
-        break
-      self._count("retries")
-      time.sleep(wait_s)
-      attempt += 1
-    self._count("failed")
-    raise JudgeUnavailable(f"judge endpoint {self.base_url} (model {self.model!r}) unreachable "
-                           f"for {spent:.0f} s after {attempt} retries (last error: {last})")
+            max_tokens=self.max_tokens, temperature=self.temperature),
+        errors=(openai.APIError,), transient=transient_error, refused=refused, gave_up=gave_up,
+        on_retry=lambda kind: self._count("retries"), per_call=True)  # this call's own clock
+    self._count("calls")
+    return resp.choices[0].message.content or ""
 
   def _reply(self, kind: str, question: str, answer: str, prompt: str) -> str:
     if self.cache is not None:

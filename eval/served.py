@@ -20,7 +20,6 @@ import concurrent.futures
 import os
 import re
 import threading
-import time
 
 import numpy as np
 import openai
@@ -74,30 +73,27 @@ class ServedSystem:
     self._lock = threading.Lock()
     self._mc: tuple[bool, str] | None = None
 
+  def _count(self, key: str) -> None:
+    with self._lock:
+      self.counters[key] += 1
+
   def _post(self, path: str, body: dict) -> dict:
-    attempt = 0
-    while True:
-      try:
-        out = self.client.post(path, body=body, cast_to=object)
-        self._retry.succeeded()
-        with self._lock:
-          self.counters["calls"] += 1
-        return out
-      except openai.APIError as e:
-        kind = transient_error(e)
-        if kind is None:
-          raise ServedUnavailable(f"served system {self.name} ({self.base_url}, model "
-                                  f"{self.model!r}) refused a request: HTTP "
-                                  f"{getattr(e, 'status_code', '?')}: {e.message}") from None
-        last = f"{kind}: {e.message}"
-      spent, wait_s = self._retry.failed(attempt)
-      with self._lock:
-        self.counters["retries"] += 1
-      if wait_s is None:
-        raise ServedUnavailable(f"served system {self.name} ({self.base_url}) kept failing for "
-                                f"{spent:.0f} s (last error: {last})")
-      time.sleep(wait_s)
-      attempt += 1
+    def refused(e):
+      return ServedUnavailable(f"served system {self.name} ({self.base_url}, model "
+                               f"{self.model!r}) refused a request: HTTP "
+                               f"{getattr(e, 'status_code', '?')}: {e.message}")
+
+    def gave_up(spent, retries, kind, e):
+      self._count("retries")  # the failure that spent the budget is counted as one too
+      return ServedUnavailable(f"served system {self.name} ({self.base_url}) kept failing for "
+                               f"{spent:.0f} s (last error: {kind}: {e.message})")
+
+    out = self._retry.call(lambda: self.client.post(path, body=body, cast_to=object),
+                           errors=(openai.APIError,), transient=transient_error,
+                           refused=refused, gave_up=gave_up,
+                           on_retry=lambda kind: self._count("retries"))
+    self._count("calls")
+    return out
 
   def _map(self, fn, jobs) -> list:
     if not jobs:

@@ -1,7 +1,10 @@
 """RetryBudget (sandbox/backends/retry.py): when a failing endpoint is given up on and how long
 each wait is, on a fake clock, against the rule computed by hand."""
 
+import asyncio
 import random
+
+import pytest
 
 from stable_alignment_jax.sandbox.backends.retry import RetryBudget
 
@@ -58,3 +61,78 @@ def test_waits_stay_within_the_jittered_backoff():
     cap = min(2.0, 0.25 * 2 ** n)
     waits = [b.failed(n)[1] for _ in range(50)]
     assert all(0.5 * cap <= w <= cap for w in waits) and len(set(waits)) > 1
+
+
+class Flaky(Exception):
+  def __init__(self, kind):
+    super().__init__(kind)
+    self.kind = kind
+
+
+class Refused(Exception):
+  pass
+
+
+class GaveUp(Exception):
+  pass
+
+
+def _script(clock, outcomes, step_s=1.0):
+  """fn() replaying `outcomes` (an exception kind or a value), the clock advancing each call."""
+  calls = []
+
+  def fn():
+    calls.append(clock.t)
+    clock.t += step_s
+    out = outcomes[len(calls) - 1]
+    if isinstance(out, str) and out.startswith("!"):
+      raise Flaky(out[1:])
+    return out
+  return fn, calls
+
+
+def _hooks(log):
+  return dict(errors=(Flaky,), transient=lambda e: None if e.kind == "400" else e.kind,
+              refused=lambda e: Refused(e.kind),
+              gave_up=lambda spent, n, kind, e: GaveUp((spent, n, kind)),
+              on_retry=lambda kind: log.append(kind))
+
+
+def test_call_retries_transient_errors_refuses_others_and_gives_up_on_time():
+  clock, log = Clock(), []
+  b = RetryBudget(3.5, 1e-4, 1e-4, clock=clock)
+  fn, calls = _script(clock, ["!429", "!5xx", "ok"])
+  assert b.call(fn, **_hooks(log)) == "ok" and len(calls) == 3 and log == ["429", "5xx"]
+  fn, calls = _script(clock, ["!5xx", "!400", "never"])
+  with pytest.raises(Refused, match="400"):
+    b.call(fn, **_hooks(log))
+  assert len(calls) == 2
+  # The outage began at the 5xx above (no success since): 1 s spent there, then 1 s per call.
+  fn, calls = _script(clock, ["!timeout"] * 9)
+  with pytest.raises(GaveUp) as e:
+    b.call(fn, **_hooks(log))
+  assert e.value.args[0] == (4.0, 2, "timeout") and len(calls) == 3
+  # A success ends the outage; a per-call budget starts at the call itself.
+  fn, _ = _script(clock, ["ok"])
+  b.call(fn, **_hooks(log))
+  fn, calls = _script(clock, ["!timeout"] * 9)
+  with pytest.raises(GaveUp) as e:
+    b.call(fn, **_hooks(log), per_call=True)
+  assert e.value.args[0] == (4.0, 3, "timeout") and len(calls) == 4
+  # Other exceptions are not the budget's business.
+  with pytest.raises(KeyError):
+    b.call(lambda: {}["x"], **_hooks(log))
+
+
+def test_acall_is_the_same_loop_for_coroutines():
+  clock, log = Clock(), []
+  b = RetryBudget(10.0, 1e-4, 1e-4, max_retries=1, clock=clock)
+  fn, calls = _script(clock, ["!429", "ok"])
+
+  async def afn():
+    return fn()
+  assert asyncio.run(b.acall(afn, **_hooks(log))) == "ok" and log == ["429"]
+  fn, calls = _script(clock, ["!429", "!429", "!429"])
+  with pytest.raises(GaveUp) as e:
+    asyncio.run(b.acall(afn, **_hooks(log)))
+  assert e.value.args[0][1:] == (1, "429") and len(calls) == 2  # max_retries=1

@@ -216,30 +216,27 @@ class OpenAIBackend:
     return choice_reading.choice_logprobs(top, r.choices, space, after_space)
 
   async def _one(self, r, call):
-    attempt = 0
-    while True:
-      try:
-        async with self._sem:
-          out = await call(r)
-        self._retry.succeeded()
-        self.counters["calls"] += 1
-        return out
-      except openai.APIError as e:
-        kind = transient_error(e)
-        if kind is None:
-          raise RuntimeError(f"backend {self.name} ({self.base_url}): HTTP "
-                             f"{getattr(e, 'status_code', '?')} for model {r.model!r}: "
-                             f"{e.message}") from None
-        last = f"{kind}: {e.message}"
-      spent, wait_s = self._retry.failed(attempt)
-      if wait_s is None:
-        self.counters["failed"] += 1
-        raise BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
-                                 f"{spent:.0f} s ({attempt} retries of this call; "
-                                 f"last error: {last})")
+    async def attempt():
+      async with self._sem:
+        return await call(r)
+
+    def refused(e):
+      return RuntimeError(f"backend {self.name} ({self.base_url}): HTTP "
+                          f"{getattr(e, 'status_code', '?')} for model {r.model!r}: {e.message}")
+
+    def gave_up(spent, retries, kind, e):
+      self.counters["failed"] += 1
+      return BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
+                                f"{spent:.0f} s ({retries} retries of this call; "
+                                f"last error: {kind}: {e.message})")
+
+    def on_retry(kind):
       self.counters[f"retry_{kind}"] += 1
-      await asyncio.sleep(wait_s)
-      attempt += 1
+
+    out = await self._retry.acall(attempt, errors=(openai.APIError,), transient=transient_error,
+                                  refused=refused, gave_up=gave_up, on_retry=on_retry)
+    self.counters["calls"] += 1
+    return out
 
   async def aclose(self):
     if self._client is not None:
