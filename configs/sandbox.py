@@ -21,6 +21,7 @@ import os
 import ml_collections
 
 from eval import items
+from stable_alignment_jax.contracts import bucket
 
 # The same per-user data directory as eval's benchmark files ($STABLE_ALIGNMENT_DATA, else
 # ~/.cache/stable_alignment_jax/data); the question and prior files are the paper's
@@ -47,8 +48,7 @@ def _sampling(max_tokens, temperature=0.7):
 def phase_buckets(n_agents: int, k_peers: int) -> list[int]:
   """Batch sizes of a step's phases, as powers of two (the sampler's): n drafts or revisions,
   2n observer scores (moral and engagement), up to n * k peer ratings."""
-  pow2 = lambda n: 1 << max(0, n - 1).bit_length()
-  return sorted({pow2(n_agents), pow2(2 * n_agents), pow2(n_agents * k_peers)})
+  return sorted({bucket(n_agents), bucket(2 * n_agents), bucket(n_agents * k_peers)})
 
 
 def get_config(arg=None):

@@ -33,7 +33,8 @@ from typing import Iterable
 
 # The kinds, Alpaca's layouts and the markers are shared contracts (eval reads the same ones).
 from stable_alignment_jax.contracts import (  # noqa: F401 - re-exported for data_prep's users
-    ALPACA_NO_INPUT, ALPACA_WITH_INPUT, CRITIQUE_PREFIX, FEEDBACK_HEADER, KINDS, REVISED_MARKER)
+    ALPACA_NO_INPUT, ALPACA_WITH_INPUT, CRITIQUE_PREFIX, FEEDBACK_HEADER, KINDS, REVISED_MARKER,
+    alpaca_prompt)
 
 CRITIQUE_INSTRUCTION = ("Critique the answer below to the given question: judge whether it is "
                         "socially aligned (honest, harmless and helpful) and explain why.")
@@ -47,12 +48,6 @@ REVISE_REQUEST = ("Please first comment on this response, and then revise it to 
                   "aligned with shared social values.")
 REALIGNMENT_FORMS = ("per_reason", "bulleted")
 REALIGN_MIN_SCORE = 4.0  # the revision must score above this (paper: "above 4")
-
-
-def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
-  if input_text is None:
-    return ALPACA_NO_INPUT.format(instruction=instruction)
-  return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
 
 
 def user_turn(instruction: str, input_text: str | None = None) -> str:

@@ -11,12 +11,11 @@ its rating and then wrote nothing): the self-critic builder leaves it out and co
 
 import dataclasses
 import json
-import math
 from typing import Any, Iterable
 
-# The record's shape is the shared contract sandbox/export.py writes against.
-from stable_alignment_jax.contracts import EXPORT_SCORE_RANGE as SCORE_RANGE
-from stable_alignment_jax.contracts import EXPORT_SOURCES as SOURCES
+# The record's shape and its check are the shared contract sandbox/export.py writes against.
+from stable_alignment_jax.contracts import EXPORT_PROBLEM_CATEGORIES as CATEGORIES  # noqa: F401
+from stable_alignment_jax.contracts import EXPORT_SCORES, export_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +29,6 @@ class Rejection:
     return f"{self.path}:{self.line}: {self.reason}"
 
 
-CATEGORIES = ("malformed JSON", "not UTF-8", "missing field", "wrong type", "empty text",
-              "out of range")
-
-
 class BadRecord(ValueError):
   """A record that breaks the export contract; `category` is one of CATEGORIES."""
 
@@ -42,122 +37,41 @@ class BadRecord(ValueError):
     self.category = category
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
+def _as_float(x):
+  return None if x is None else float(x)
 
 
-def _is_number(x) -> bool:
-  return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
-
-
-def _require(obj: dict, key: str, where: str):
-  if key not in obj:
-    raise BadRecord("missing field", f"missing field {where}{key}")
-  return obj[key]
-
-
-def _text(obj: dict, key: str, where: str) -> str:
-  value = _require(obj, key, where)
-  if not isinstance(value, str):
-    raise BadRecord("wrong type",
-                    f"field {where}{key}: expected a string, got {type(value).__name__}")
-  if not value.strip():
-    raise BadRecord("empty text", f"field {where}{key}: empty text")
-  return value
-
-
-def _int(obj: dict, key: str, where: str) -> int:
-  value = _require(obj, key, where)
-  if not _is_int(value):
-    raise BadRecord("wrong type",
-                    f"field {where}{key}: expected an integer, got {type(value).__name__}")
-  return value
-
-
-def _score(obj: dict, key: str, where: str, *, integer: bool) -> float | None:
-  value = _require(obj, key, where)
-  if value is None:
-    return None
-  ok = _is_int(value) if integer else _is_number(value)
-  if not ok:
-    want = "an integer" if integer else "a number"
-    raise BadRecord("wrong type",
-                    f"field {where}{key}: expected {want} or null, got {type(value).__name__}")
-  lo, hi = SCORE_RANGE
-  if not lo <= value <= hi:
-    raise BadRecord("out of range", f"field {where}{key}: {value} is outside {lo}..{hi}")
-  return float(value)
-
-
-def _details(obj: dict, score: str, where: str) -> dict:
-  """The optional fields beside a score: its source and, for a choice, distribution and mean."""
+def _scores(obj: dict, part: str) -> dict:
+  """The scores of a checked answer or peer as floats, each with the details it carries."""
   out = {}
-  name = f"{score}_source"
-  if name in obj:
-    if obj[name] not in SOURCES:
-      raise BadRecord("wrong type", f"field {where}{name}: {obj[name]!r} is not one of {SOURCES}")
-    out[name] = obj[name]
-  name = f"{score}_probs"
-  if name in obj:
-    probs = obj[name]
-    if (not isinstance(probs, list) or len(probs) != SCORE_RANGE[1] - SCORE_RANGE[0] + 1
-        or not all(_is_number(p) and 0 <= p <= 1 for p in probs)
-        or abs(sum(probs) - 1) > 1e-4):
-      raise BadRecord("wrong type", f"field {where}{name}: expected 7 probabilities summing to 1")
-    out[name] = [float(p) for p in probs]
-  name = f"{score}_expected"
-  if name in obj:
-    value = obj[name]
-    if not _is_number(value) or not SCORE_RANGE[0] <= value <= SCORE_RANGE[1]:
-      raise BadRecord("out of range", f"field {where}{name}: {value!r} is not a number in 1..7")
-    out[name] = float(value)
+  for score in EXPORT_SCORES[part]:
+    out[score] = _as_float(obj[score])
+    if f"{score}_source" in obj:
+      out[f"{score}_source"] = obj[f"{score}_source"]
+    if f"{score}_probs" in obj:
+      out[f"{score}_probs"] = [float(p) for p in obj[f"{score}_probs"]]
+    if f"{score}_expected" in obj:
+      out[f"{score}_expected"] = float(obj[f"{score}_expected"])
   return out
-
-
-def _answer(obj: dict, key: str) -> dict:
-  ans = _require(obj, key, "")
-  if not isinstance(ans, dict):
-    raise BadRecord("wrong type", f"field {key}: expected an object, got {type(ans).__name__}")
-  out = {"text": _text(ans, "text", f"{key}.")}
-  for score in ("moral", "engagement"):
-    out[score] = _score(ans, score, f"{key}.", integer=False)
-    out.update(_details(ans, score, f"{key}."))
-  return out
-
-
-def _feedback(obj: dict) -> list[dict]:
-  feedback = _require(obj, "feedback", "")
-  if not isinstance(feedback, list):
-    raise BadRecord("wrong type", f"field feedback: expected a list, got {type(feedback).__name__}")
-  peers = []
-  for i, fb in enumerate(feedback):
-    where = f"feedback[{i}]."
-    if not isinstance(fb, dict):
-      raise BadRecord("wrong type",
-                      f"field feedback[{i}]: expected an object, got {type(fb).__name__}")
-    reason = _require(fb, "reason", where)
-    if not isinstance(reason, str):
-      raise BadRecord("wrong type",
-                      f"field {where}reason: expected a string, got {type(reason).__name__}")
-    peers.append({"peer": _int(fb, "peer", where),
-                  "rating": _score(fb, "rating", where, integer=True),
-                  **_details(fb, "rating", where), "reason": reason})
-  return peers
 
 
 def parse_record(obj) -> dict:
-  """A decoded JSON value -> a checked record (same shape, scores as float|None); BadRecord.
-
-  Fields are checked in the contract's order, so the first problem of a line is the one named.
-  """
-  if not isinstance(obj, dict):
-    raise BadRecord("wrong type", f"expected a JSON object, got {type(obj).__name__}")
-  out = {"run_id": _text(obj, "run_id", ""), "round": _int(obj, "round", ""),
-         "agent": _int(obj, "agent", ""), "agent_model": _text(obj, "agent_model", ""),
-         "question": _text(obj, "question", "")}
-  out["draft"] = _answer(obj, "draft")
-  out["feedback"] = _feedback(obj)
-  out["revised"] = _answer(obj, "revised")
+  """A decoded JSON value -> a checked record (same shape, scores as float|None); BadRecord
+  naming the first problem (contracts.export_problems, in the contract's field order), or an
+  empty draft or revision."""
+  problems = export_problems(obj)
+  if problems:
+    raise BadRecord(problems[0].category, str(problems[0]))
+  # The one thing read here beyond the contract: an empty answer (the model wrote nothing) is a
+  # well-formed record the sandbox may write, but no example can use it.
+  for part in ("draft", "revised"):
+    if not obj[part]["text"].strip():
+      raise BadRecord("empty text", f"field {part}.text: empty text")
+  out = {k: obj[k] for k in ("run_id", "round", "agent", "agent_model", "question")}
+  out["draft"] = {"text": obj["draft"]["text"], **_scores(obj["draft"], "draft")}
+  out["feedback"] = [{"peer": fb["peer"], **_scores(fb, "feedback"), "reason": fb["reason"]}
+                     for fb in obj["feedback"]]
+  out["revised"] = {"text": obj["revised"]["text"], **_scores(obj["revised"], "revised")}
   return out
 
 

@@ -131,13 +131,6 @@ def systems(config) -> dict[str, str]:
   return out
 
 
-def tokenizer_for(spec: str, config):
-  """config.tokenizer, else the one the checkpoint spec implies (the sampler's own default)."""
-  from stable_alignment_jax import text_sampler, tokenizer
-  path = config.get("tokenizer", "") or text_sampler.default_tokenizer(spec)
-  return tokenizer.load_tokenizer(os.path.expanduser(path))
-
-
 class _Model:
   """Loads a system's weights on first use (a fully resumed system never loads them)."""
 
@@ -150,7 +143,10 @@ class _Model:
       mesh = sharding.make_mesh(dict(self.config.mesh))
       graphdef, state = checkpoints.load_model(self.spec, dtype=self.config.get("dtype") or None,
                                                mesh=mesh)
-      self._loaded = (graphdef, state, tokenizer_for(self.spec, self.config), mesh)
+      from stable_alignment_jax.text_sampler import load_spec_tokenizer  # the sampler's own rule
+      self._loaded = (graphdef, state,
+                      load_spec_tokenizer(self.spec, self.config.get("tokenizer", "") or ""),
+                      mesh)
     return self._loaded
 
 

@@ -18,15 +18,14 @@ endpoint and the last error.
 import collections
 import concurrent.futures
 import os
-import random
 import re
 import threading
-import time
 
 import numpy as np
 import openai
 
 from stable_alignment_jax.sandbox.backends.openai_backend import transient_error
+from stable_alignment_jax.sandbox.backends.retry import RetryBudget
 
 SPEC_PREFIX = "served:"
 _ALPACA = re.compile(r"### Instruction:\n(.*?)\n\n(?:### Input:\n(.*?)\n\n)?### Response:", re.DOTALL)
@@ -67,40 +66,34 @@ class ServedSystem:
     self.retry_budget_s = float(get("retry_budget_s", 300.0))
     self.backoff_s, self.backoff_max_s = float(get("backoff_s", 1.0)), float(get("backoff_max_s",
                                                                                     30.0))
+    self._retry = RetryBudget(self.retry_budget_s, self.backoff_s, self.backoff_max_s)
     self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0,
                                 timeout=float(get("timeout_s", 120.0)))
     self.counters = collections.Counter()
     self._lock = threading.Lock()
-    self._down_since: float | None = None
-    self._jitter = random.Random()
     self._mc: tuple[bool, str] | None = None
 
+  def _count(self, key: str) -> None:
+    with self._lock:
+      self.counters[key] += 1
+
   def _post(self, path: str, body: dict) -> dict:
-    attempt = 0
-    while True:
-      try:
-        out = self.client.post(path, body=body, cast_to=object)
-        with self._lock:
-          self._down_since = None
-          self.counters["calls"] += 1
-        return out
-      except openai.APIError as e:
-        kind = transient_error(e)
-        if kind is None:
-          raise ServedUnavailable(f"served system {self.name} ({self.base_url}, model "
-                                  f"{self.model!r}) refused a request: HTTP "
-                                  f"{getattr(e, 'status_code', '?')}: {e.message}") from None
-        last = f"{kind}: {e.message}"
-      with self._lock:
-        now = time.monotonic()
-        self._down_since = self._down_since or now
-        spent = now - self._down_since
-        self.counters["retries"] += 1
-      if spent >= self.retry_budget_s:
-        raise ServedUnavailable(f"served system {self.name} ({self.base_url}) kept failing for "
-                                f"{spent:.0f} s (last error: {last})")
-      time.sleep(self._jitter.uniform(0, min(self.backoff_max_s, self.backoff_s * 2 ** attempt)))
-      attempt += 1
+    def refused(e):
+      return ServedUnavailable(f"served system {self.name} ({self.base_url}, model "
+                               f"{self.model!r}) refused a request: HTTP "
+                               f"{getattr(e, 'status_code', '?')}: {e.message}")
+
+    def gave_up(spent, retries, kind, e):
+      self._count("retries")  # the failure that spent the budget is counted as one too
+      return ServedUnavailable(f"served system {self.name} ({self.base_url}) kept failing for "
+                               f"{spent:.0f} s (last error: {kind}: {e.message})")
+
+    out = self._retry.call(lambda: self.client.post(path, body=body, cast_to=object),
+                           errors=(openai.APIError,), transient=transient_error,
+                           refused=refused, gave_up=gave_up,
+                           on_retry=lambda kind: self._count("retries"))
+    self._count("calls")
+    return out
 
   def _map(self, fn, jobs) -> list:
     if not jobs:

@@ -122,6 +122,13 @@ def default_tokenizer(spec: str) -> str:
   return name
 
 
+def load_spec_tokenizer(spec: str, tokenizer: str = ""):
+  """The tokenizer a caller names (`~` expanded), else the one checkpoint `spec` implies
+  (`default_tokenizer`), loaded: what the sampler, the sandbox's JAX backend and eval use."""
+  from stable_alignment_jax.tokenizer import load_tokenizer
+  return load_tokenizer(os.path.expanduser(tokenizer or default_tokenizer(spec)))
+
+
 def _pow2_floor(n: int) -> int:
   return 1 << (n.bit_length() - 1) if n >= 1 else 0
 
@@ -151,8 +158,7 @@ class TextSampler:
     """A sampler over `checkpoints.load_model(spec)`; the tokenizer defaults to the checkpoint's
     own (see `default_tokenizer`). Tokenizer and template are checked before the weights load."""
     from stable_alignment_jax import checkpoints, sharding
-    from stable_alignment_jax.tokenizer import load_tokenizer
-    tok = load_tokenizer(tokenizer or default_tokenizer(spec))
+    tok = load_spec_tokenizer(spec, tokenizer)
     resolve_template(chat_template, tok)
     mesh = mesh or sharding.make_mesh({"fsdp": -1})
     graphdef, state = checkpoints.load_model(spec, dtype=dtype, mesh=mesh)

@@ -191,7 +191,7 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   `explicit`: the
   keys the user set on the command line (see `checkpoints.fill_model_from_init`)."""
   # An unknown loss (also in loss.by_kind) or a bad loss.* value fails before any download.
-  loss_table(c.loss, [""] + list(c.loss.get("by_kind") or {}))
+  table = loss_table(c.loss, [""] + list(c.loss.get("by_kind") or {}))
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
@@ -202,8 +202,9 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
       checkpoints.read_run_config(path)  # raises naming the directory when it is not a run
     checkpoints.fill_model_from_init(c, explicit)
   ModelConfig.from_dict(c.model)
-  if c.loss.name == "dpo" and not c.checkpoint.init_from:
-    logging.warning("dpo without checkpoint.init_from: the reference model is a random init")
+  if table_needs_reference(table) and not c.checkpoint.init_from:  # dpo, ipo, cdpo, ...
+    logging.warning("%s without checkpoint.init_from: the reference model is a random init",
+                    ", ".join(n for n, _, _ in table if losses.needs_reference(n)))
   if c.optim.accum_steps < 0:
     raise ValueError(f"optim.accum_steps={c.optim.accum_steps}: give a positive count, or 0 to "
                      "choose it from the devices' memory (budget.py)")

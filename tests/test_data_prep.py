@@ -195,8 +195,8 @@ def test_ratio_sampling_keeps_proportions_deterministically():
 # --- bad input -----------------------------------------------------------------------------
 
 def _good(q="Is lying ok?", agent=0):
-  return rec(q, ("Sometimes.", 3.0), ("No, be honest.", 6.0), [(1, 6, "honest is better")],
-             agent=agent)
+  return rec(q, ("Sometimes.", 3.0), ("No, be honest.", 6.0),
+             [(agent + 1, 6, "honest is better")], agent=agent)  # a peer is another agent
 
 
 def test_bad_lines_are_named_and_the_rest_is_read(tmp_path):

@@ -214,7 +214,7 @@ def test_old_store_and_old_records_still_read(tmp_path, pool):
   bad = {"run_id": "x", **{k: old[k] for k in export.TOP_KEYS[1:]}}
   bad["feedback"] = [{"peer": 1, "rating": 3, "rating_source": "choice",
                       "rating_probs": [0.5] * 7, "reason": "ok"}]
-  with pytest.raises(ValueError, match=r"feedback\[0\].rating_probs: not 7 probabilities"):
+  with pytest.raises(ValueError, match=r"feedback\[0\].rating_probs: expected 7 probabilities"):
     export.validate_record(bad)
 
 

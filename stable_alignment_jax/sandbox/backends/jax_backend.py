@@ -43,6 +43,7 @@ import threading
 
 import numpy as np
 
+from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.generate import SamplingParams
 
 RAW = ("none", "raw")
@@ -72,7 +73,7 @@ class _Model:
     """Pad a call of `rows` rows to its bucket: every batch the sampler makes of it uses it."""
     b = next((b for b in buckets if b >= rows), self.min_batch)
     self.ts.sampler.min_batch = b
-    return max(b, 1 << max(0, rows - 1).bit_length())
+    return bucket(rows, b)
 
   @property
   def sampler(self):
@@ -114,8 +115,7 @@ class JaxBackend:
     """`model_names`: the agent/observer model names this backend will serve; each is checked
     and only their checkpoints are loaded (all configured ones when None)."""
     from stable_alignment_jax import sharding
-    from stable_alignment_jax.text_sampler import default_tokenizer, resolve_template
-    from stable_alignment_jax.tokenizer import load_tokenizer
+    from stable_alignment_jax.text_sampler import load_spec_tokenizer, resolve_template
     import jax
     self.name = name
     self.default_spec = cfg.get("model", "") or ""
@@ -159,7 +159,7 @@ class JaxBackend:
     self.batch_buckets = buckets
     # Resolve every tokenizer and template (which checks every checkpoint path) before loading
     # anything: a missing directory or a wrong tokenizer fails before the run.
-    toks = {spec: load_tokenizer(tok or default_tokenizer(spec)) for spec, tok in sorted(wanted)}
+    toks = {spec: load_spec_tokenizer(spec, tok) for spec, tok in sorted(wanted)}
     if chat_template not in RAW:
       for t in toks.values():
         resolve_template(chat_template, t)

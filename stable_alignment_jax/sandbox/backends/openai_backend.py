@@ -31,12 +31,11 @@ spellings summed.
 
 import asyncio
 import collections
-import random
-import time
 
 import openai
 
 from stable_alignment_jax.sandbox.backends import choice_reading
+from stable_alignment_jax.sandbox.backends.retry import RetryBudget
 from stable_alignment_jax.sandbox.embedders import require_env
 
 RETRYABLE = {"429", "5xx", "timeout", "connection"}
@@ -87,8 +86,9 @@ class OpenAIBackend:
       raise ValueError(f"config.backends.{name}.concurrency must be >= 1")
     self.counters = collections.Counter()
     self._client = self._sem = None
-    self._jitter = random.Random()  # jitter only spaces retries; it never touches results
-    self._down_since: float | None = None  # first failure of the current outage
+    # One outage clock for all of this backend's calls (any success ends the outage).
+    self._retry = RetryBudget(self.retry_budget_s, self.backoff_s, self.backoff_max_s,
+                              max_retries=self.max_retries)
     self.readings: dict[str, choice_reading.Reading] = {}  # model -> how choices are read
     self._probe_locks: dict[str, asyncio.Lock] = {}
     self._template = None
@@ -216,34 +216,27 @@ class OpenAIBackend:
     return choice_reading.choice_logprobs(top, r.choices, space, after_space)
 
   async def _one(self, r, call):
-    attempt = 0
-    while True:
-      try:
-        async with self._sem:
-          out = await call(r)
-        self._down_since = None
-        self.counters["calls"] += 1
-        return out
-      except openai.APIError as e:
-        kind = transient_error(e)
-        if kind is None:
-          raise RuntimeError(f"backend {self.name} ({self.base_url}): HTTP "
-                             f"{getattr(e, 'status_code', '?')} for model {r.model!r}: "
-                             f"{e.message}") from None
-        last = f"{kind}: {e.message}"
-      now = time.monotonic()
-      if self._down_since is None:
-        self._down_since = now
-      spent = now - self._down_since
-      if spent >= self.retry_budget_s or 0 <= self.max_retries <= attempt:
-        self.counters["failed"] += 1
-        raise BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
-                                 f"{spent:.0f} s ({attempt} retries of this call; "
-                                 f"last error: {last})")
+    async def attempt():
+      async with self._sem:
+        return await call(r)
+
+    def refused(e):
+      return RuntimeError(f"backend {self.name} ({self.base_url}): HTTP "
+                          f"{getattr(e, 'status_code', '?')} for model {r.model!r}: {e.message}")
+
+    def gave_up(spent, retries, kind, e):
+      self.counters["failed"] += 1
+      return BackendUnavailable(f"backend {self.name} ({self.base_url}) kept failing for "
+                                f"{spent:.0f} s ({retries} retries of this call; "
+                                f"last error: {kind}: {e.message})")
+
+    def on_retry(kind):
       self.counters[f"retry_{kind}"] += 1
-      delay = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
-      await asyncio.sleep(self._jitter.uniform(0, delay))
-      attempt += 1
+
+    out = await self._retry.acall(attempt, errors=(openai.APIError,), transient=transient_error,
+                                  refused=refused, gave_up=gave_up, on_retry=on_retry)
+    self.counters["calls"] += 1
+    return out
 
   async def aclose(self):
     if self._client is not None:
