@@ -225,6 +225,8 @@ def markdown(summary: dict, split_info: dict, sizes: dict, wall: dict, probe: di
                    + ", ".join(f"{100 * x:+.1f}" for x in r["per_seed"])
                    + f" | {_p(r.get('t_p'))} | {_p(r['sign_flip_p'])} |")
   tc = split_info["train_counts"]
+  lc = split_info.get("loader") or {"runs": 0, "missing": 0, "dropped": 0, "left_out": 0,
+                                    "cut": 0}
   lines += [
       "", "## Data", "",
       "The HH-RLHF files on this machine are Anthropic's published *test* files (harmless-base, "
@@ -242,13 +244,21 @@ def markdown(summary: dict, split_info: dict, sizes: dict, wall: dict, probe: di
       f"- answer format: the first human turn of {split_info['questions']} distinct held-out "
       f"questions, greedy, {sizes['max_new_tokens']} new tokens, prompt format "
       f"`{split_info['format']}`",
-      f"- training at max_len {sizes['max_len']} (counted in the driver over the whole train "
-      f"split): {json.dumps(tc)}",
+      f"- training at max_len {sizes['max_len']}: only the {split_info['train_fitting']} of "
+      f"{split_info['train_pairs']} train pairs whose prompt and both whole replies fit (the "
+      "loader leaves out a reply that does not fit and never cuts one, and a pair that lost a "
+      "reply has no preference left); the loader's own counts over the "
+      f"{lc['runs']} runs' `data_stats.json`: {lc['dropped']} examples dropped, "
+      f"{lc['left_out']} replies left out, {lc['cut']} cut"
+      + (f", {lc['missing']} runs without a record" if lc["missing"] else "")
+      + "; what the whole train split would lose at this max_len, counted in the driver: "
+      f"{json.dumps(tc)}",
       "", "## Training (identical for every method)", "",
       f"- start: SmolLM2-135M-Instruct (the GGUF of ../shared/models dequantized to f32), "
       f"rendered in its own chat template (`{split_info['format']}`)",
       f"- {sizes['steps']} steps × {sizes['batch']} pairs = {sizes['steps'] * sizes['batch']} "
-      f"pairs per run (of {tc.get('kept', 0)} usable), max_len {sizes['max_len']}, AdamW lr "
+      f"pairs per run (of {split_info['train_fitting']} usable), max_len {sizes['max_len']}, "
+      "AdamW lr "
       f"{sizes['lr']:g} with {sizes['warmup']:.0%} warmup then cosine to 0, grad clip "
       f"{sizes['clip']}; the data order is the seed (one loader permutation per seed, shared "
       "by the three methods)",
@@ -302,6 +312,24 @@ def plot(path: str, curves: dict, summary: dict) -> None:
   plt.close(fig)
 
 
+def loader_counts(run_dirs: list[str]) -> dict:
+  """What the training loader dropped, left out or cut, summed over the runs' data_stats.json
+  (the loader's own record; a run without one is counted as missing)."""
+  out = {"runs": 0, "missing": 0, "dropped": 0, "left_out": 0, "cut": 0}
+  for d in run_dirs:
+    path = os.path.join(d, "data_stats.json")
+    if not os.path.exists(path):
+      out["missing"] += 1
+      continue
+    with open(path) as f:
+      st = json.load(f)
+    out["runs"] += 1
+    out["dropped"] += sum(st.get("dropped", {}).values())
+    out["left_out"] += sum(e.get("responses_left_out", 0) for e in st.get("entries", []))
+    out["cut"] += sum(e.get("responses_cut", 0) for e in st.get("entries", []))
+  return out
+
+
 def write(done: dict, c, out_dir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   systems, vectors = collect(done)
@@ -322,7 +350,8 @@ def write(done: dict, c, out_dir: str) -> dict:
   wall["train"] = wall["total"] - wall["eval"] - wall["probe"] - wall["setup"]
   runs = [k for k in done if k.rpartition("_s")[0] in METHODS]
   curves = {k: read_curve(done[k]["result"]["dir"]) for k in runs}
-  split_info = done["split"]["result"]
+  split_info = dict(done["split"]["result"], loader=loader_counts(
+      [done[k]["result"]["dir"] for k in runs]))
   md = markdown(summary, split_info, sizes, wall, probe, systems)
   results = {"systems": systems, "summary": summary, "sizes": sizes, "wall_seconds": wall,
              "step_seconds": sec, "split": split_info, "curves": curves,
