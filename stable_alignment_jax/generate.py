@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import llama, logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +212,7 @@ def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
   model = nnx.merge(graphdef, state)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
   h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
-  logp = jax.nn.log_softmax(model.logits(h[:, -1]), axis=-1)
-  return logp[:, ids]
+  return logprobs.vocab_logprobs(h[:, -1], model.logits, ids)
 
 
 class Sampler:
