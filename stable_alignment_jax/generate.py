@@ -215,6 +215,16 @@ def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
   return logprobs.vocab_logprobs(h[:, -1], model.logits, ids)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+def _last_logprobs(graphdef, state, tokens, prompt_mask, *, n: int):
+  """log-softmax over the vocabulary after each of the last n positions of left-padded rows:
+  [B, n, V]."""
+  model = nnx.merge(graphdef, state)
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+  h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
+  return logprobs.vocab_logprobs(h[:, -n:], model.logits)
+
+
 class Sampler:
   """Holds a model (graphdef + state) and generates for lists of token-id prompts.
 
@@ -346,6 +356,22 @@ class Sampler:
     self.calls += 1
     out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, ids)
     return np.asarray(out)[:len(prompts)]
+
+  def continuation_logprobs(self, prompt: Sequence[int],
+                            continuation: Sequence[int]) -> np.ndarray:
+    """The next-token distribution (log-softmax over the whole vocabulary) that each token of
+    `continuation` was drawn from: row j follows prompt + continuation[:j]. [J, V] f32. The
+    same numbers as `next_token_logprobs` of those J rows, from ONE forward of
+    prompt + continuation[:-1] instead of J."""
+    if not continuation:
+      return np.zeros((0, self.cfg.vocab_size), np.float32)
+    if not prompt:
+      raise ValueError("empty prompt: give at least one token (e.g. BOS)")
+    row = list(prompt) + list(continuation[:-1])
+    tokens, mask = self._left_pad([row])
+    n = bucket(len(continuation))  # a few compiled shapes; the extra positions are cut below
+    out = self._call(_last_logprobs, self.graphdef, self.state, tokens, mask, n=n)
+    return np.asarray(out)[0, n - len(continuation):]
 
 
 if __name__ == "__main__":

@@ -180,3 +180,23 @@ def test_sampler_next_token_scores_equal_whole_log_softmax(model):
   target = jnp.asarray([[17], [3], [299], [0]], jnp.int32)
   per_target = logprobs.target_logprobs(h[:, -1:], m.logits, target)[:, 0]
   np.testing.assert_array_equal(per_target, jnp.take_along_axis(everything, target, -1)[:, 0])
+
+
+def test_continuation_logprobs_in_one_forward_equal_the_prefixes_next_token_scores(model):
+  """What serving's logprobs read: the J next-token distributions of a reply from one forward
+  over prompt + reply, against `next_token_logprobs` of the J prefixes (J forwards' worth, the
+  way serving computed them before), and the whole log-softmax of each unpadded prefix."""
+  graphdef, state = model
+  sampler = generate.Sampler(graphdef, state, eos_id=0)
+  rng = np.random.default_rng(5)
+  prompt, reply = rng.integers(1, V, 6).tolist(), rng.integers(1, V, 5).tolist()
+  got = sampler.continuation_logprobs(prompt, reply)
+  assert got.shape == (5, V)
+  prefixes = [prompt + reply[:j] for j in range(5)]
+  np.testing.assert_allclose(got, sampler.next_token_logprobs(prefixes, list(range(V))),
+                             rtol=1e-5, atol=1e-5)
+  m = nnx.merge(graphdef, state)
+  for j, row in enumerate(prefixes):
+    logits, _ = m(jnp.asarray([row]))
+    np.testing.assert_allclose(got[j], jax.nn.log_softmax(logits[0, -1]), rtol=1e-5, atol=1e-5)
+  assert sampler.continuation_logprobs(prompt, []).shape == (0, V)
