@@ -4,7 +4,7 @@
 position; the preference losses (policy and reference, `sequence_logprobs`), PPO's per-token
 logp / old_logp / ref_logp, and the MC scorer all call it. The sampler's next-token scores need
 the log-softmax at a set of ids (the whole vocabulary for top_logprobs), not at one target per
-position: `vocab_logprobs` shares the normaliser (`log_normaliser`) with it.
+position: `vocab_logprobs` reads the same `log_softmax`.
 
 Memory: a [N, T, V] f32 logits array is the largest tensor of a step (and its softmax gradient
 another as large). With `chunk` > 0 the positions are cut into chunks (`chunk_plan`) that
@@ -34,18 +34,20 @@ def chunk_plan(t: int, chunk: int) -> tuple[int, int]:
   return n_chunks, -(-t // n_chunks)
 
 
-def log_normaliser(logits: jax.Array) -> jax.Array:
-  """log sum_v exp(logits[..., v]) in f32: subtracted from a logit it gives its log-prob."""
-  return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+def log_softmax(logits: jax.Array) -> jax.Array:
+  """log softmax over the vocabulary (the last axis), in f32: what both the per-target pick and
+  the sampler's scores at chosen ids read."""
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
 def _picked_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log softmax(logits)[..., target]: [..., V], [...] -> f32 [...]. The target logit is picked
-  by a one-hot select that fuses into the reductions instead of a gather (whose gradient would
-  be a scatter into a [..., V] array)."""
-  logits = logits.astype(jnp.float32)
+  """log softmax(logits)[..., target]: [..., V], [...] -> f32 [...]. The target is picked by a
+  one-hot select that fuses into a reduction instead of a gather (whose gradient is a scatter),
+  and from the log-softmax rather than as logit - logsumexp: on XLA:CPU the latter keeps a
+  second logits-sized buffer in the forward pass (2 L instead of 1 L for L the logits' bytes;
+  the same 3 L either way under jax.grad; benchmarks/ppo_memory.py)."""
   hit = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
-  return jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - log_normaliser(logits)
+  return jnp.sum(jnp.where(hit, log_softmax(logits), 0.0), axis=-1)
 
 
 def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, *, chunk: int = 0,
@@ -114,6 +116,5 @@ def vocab_logprobs(hidden: jax.Array, head_fn: Callable, ids: jax.Array | None =
   """log softmax(head_fn(hidden)) at `ids` [J] for every row: [..., D] -> f32 [..., J]; the
   whole vocabulary [..., V] when ids is None. The sampler's next-token scores: one position per
   prompt, whose full distribution (top_logprobs) is V floats a row, so nothing is chunked."""
-  logits = head_fn(hidden).astype(jnp.float32)
-  picked = logits if ids is None else jnp.take(logits, jnp.asarray(ids, jnp.int32), axis=-1)
-  return picked - log_normaliser(logits)[..., None]
+  logp = log_softmax(head_fn(hidden))
+  return logp if ids is None else jnp.take(logp, jnp.asarray(ids, jnp.int32), axis=-1)
