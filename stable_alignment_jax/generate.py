@@ -206,23 +206,14 @@ def _decode(graphdef, state, carry: _Decode, until, prompt_len, max_new_b, tempe
   return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
-  """log p(next token = ids[j]) after each left-padded prompt: [B, J]."""
-  model = nnx.merge(graphdef, state)
-  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
-  return logprobs.vocab_logprobs(h[:, -1], model.logits, ids)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
-def _last_logprobs(graphdef, state, tokens, prompt_mask, *, n: int):
-  """log-softmax over the vocabulary after each of the last n positions of left-padded rows:
-  [B, n, V]."""
+def _next_logprobs(graphdef, state, tokens, prompt_mask, ids=None, *, n: int = 1):
+  """log p(next token = ids[j]) after each of the last n positions of left-padded rows:
+  [B, n, J], or the whole distribution [B, n, V] when ids is None."""
   model = nnx.merge(graphdef, state)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
   h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
-  return logprobs.vocab_logprobs(h[:, -n:], model.logits)
+  return logprobs.vocab_logprobs(h[:, -n:], model.logits, ids)
 
 
 class Sampler:
@@ -355,7 +346,7 @@ class Sampler:
       raise ValueError(f"token ids {token_ids} outside the vocabulary of {self.cfg.vocab_size}")
     self.calls += 1
     out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, ids)
-    return np.asarray(out)[:len(prompts)]
+    return np.asarray(out)[:len(prompts), 0]
 
   def continuation_logprobs(self, prompt: Sequence[int],
                             continuation: Sequence[int]) -> np.ndarray:
@@ -370,7 +361,8 @@ class Sampler:
     row = list(prompt) + list(continuation[:-1])
     tokens, mask = self._left_pad([row])
     n = bucket(len(continuation))  # a few compiled shapes; the extra positions are cut below
-    out = self._call(_last_logprobs, self.graphdef, self.state, tokens, mask, n=n)
+    self.calls += 1
+    out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, n=n)
     return np.asarray(out)[0, n - len(continuation):]
 
 

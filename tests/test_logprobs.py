@@ -170,9 +170,9 @@ def test_sampler_next_token_scores_equal_whole_log_softmax(model):
   h, _ = m.hidden(tokens, positions=positions, key_mask=mask)
   full = jax.nn.log_softmax(m.logits(h[:, -1]), axis=-1)  # the old body of _next_logprobs
   ids = jnp.asarray([3, 17, 299, 3], jnp.int32)
-  np.testing.assert_allclose(generate._next_logprobs(graphdef, state, tokens, mask, ids),
+  np.testing.assert_allclose(generate._next_logprobs(graphdef, state, tokens, mask, ids)[:, 0],
                              full[:, ids], rtol=1e-6, atol=1e-6)
-  everything = generate._next_logprobs(graphdef, state, tokens, mask, jnp.arange(V))
+  everything = generate._next_logprobs(graphdef, state, tokens, mask)[:, 0]
   np.testing.assert_allclose(everything, full, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(logprobs.vocab_logprobs(h[:, -1], m.logits), full, rtol=1e-6,
                              atol=1e-6)
