@@ -94,7 +94,7 @@ def get_config(arg=None):
   c.train.eval_batches = 20
   c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look the device kind up
   c.train.tensorboard = True
-  # Positions per chunk of the LM head + log-softmax (losses.chunked_sequence_logprobs); 0 = the
+  # Positions per chunk of the LM head + log-softmax (model.logprobs); 0 = the
   # whole [B*K, T, V] f32 logits at once. With LLaMA-3's 128k vocabulary those are 185 MB per
   # 360-token row, and about as much again for their gradient: the largest tensor of a step.
   # Chunks of 64 hold 64/360 of that at a time (a 360-token row splits into 6 chunks of 60, none

@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from eval.items import MCItem
-from stable_alignment_jax import losses
+from stable_alignment_jax.model import logprobs
 
 
 @dataclasses.dataclass
@@ -47,8 +47,8 @@ def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int, chunk: 
 
   tokens [N, T] right-padded with -1; row n scores tokens start[n] .. start[n]+length[n]-1,
   each predicted by the hidden state one position earlier. Returns (sum [N], count [N]).
-  chunk > 0: the head runs over that many choice positions at a time (`losses.target_logprobs`),
-  so at most [N, chunk, V] logits exist; 0: all k_max at once.
+  chunk > 0: the head runs over that many choice positions at a time (`model.logprobs`), so at
+  most [N, chunk, V] logits exist; 0: all k_max at once.
   """
   model = nnx.merge(graphdef, state)
   valid = tokens >= 0
@@ -61,11 +61,7 @@ def _rows_logprob(graphdef, state, tokens, start, length, *, k_max: int, chunk: 
   h_k = jnp.take_along_axis(h, jnp.maximum(target_pos - 1, 0)[..., None], axis=1)  # [N, K, D]
   targets = jnp.take_along_axis(safe, target_pos, 1)  # [N, K]
   m = (j < length[:, None]).astype(jnp.float32)
-  if chunk > 0:
-    return losses.target_logprobs(h_k, model.logits, targets, m, chunk), jnp.sum(m, axis=-1)
-  logits = model.logits(h_k)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  logp = picked - jax.nn.logsumexp(logits, axis=-1)  # [N, K]
+  logp = logprobs.target_logprobs(h_k, model.logits, targets, chunk=chunk, mask=m)  # [N, K]
   return jnp.sum(logp * m, axis=-1), jnp.sum(m, axis=-1)
 
 

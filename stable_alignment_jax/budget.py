@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from stable_alignment_jax import losses, sharding
-from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.optim import make_optimizer
 
@@ -77,7 +77,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int,
   scores are recomputed); `none` keeps all intermediates incl. the [H, T] attention weights.
   Head/MLP-sized tensors are split over `tensor`. Logits are f32 and split over vocab: the
   whole [rows, seq, V] and their gradient, or with `logprob_chunk` (train.logprob_chunk) those
-  of one chunk of positions, the only ones that exist at a time (losses.target_logprobs).
+  of one chunk of positions, the only ones that exist at a time (model.logprobs).
   """
   b = np.dtype(cfg.dtype).itemsize
   d, f, h = cfg.dim, cfg.ffn_dim, cfg.n_heads
@@ -92,7 +92,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int,
   layers = cfg.n_layers * tokens * per_token_layer
   if cfg.remat != "none":  # while one layer's backward runs, its intermediates exist in full
     layers += tokens * (4 * d + proj + 2 * h * seq / tensor) * b
-  positions = losses.chunk_plan(seq, logprob_chunk)[1] if logprob_chunk > 0 else seq
+  positions = logprobs.chunk_plan(seq, logprob_chunk)[1] if logprob_chunk > 0 else seq
   logits = 2 * rows * positions * cfg.vocab_size / tensor * 4  # logits + their gradient, f32
   return {"layers": int(layers), "logits": int(logits)}
 

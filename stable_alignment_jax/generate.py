@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import llama, logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,14 +206,14 @@ def _decode(graphdef, state, carry: _Decode, until, prompt_len, max_new_b, tempe
   return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _next_logprobs(graphdef, state, tokens, prompt_mask, ids):
-  """log p(next token = ids[j]) after each left-padded prompt: [B, J]."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+def _next_logprobs(graphdef, state, tokens, prompt_mask, ids=None, *, n: int = 1):
+  """log p(next token = ids[j]) after each of the last n positions of left-padded rows:
+  [B, n, J], or the whole distribution [B, n, V] when ids is None."""
   model = nnx.merge(graphdef, state)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
   h, _ = model.hidden(tokens, positions=positions, key_mask=prompt_mask)
-  logp = jax.nn.log_softmax(model.logits(h[:, -1]), axis=-1)
-  return logp[:, ids]
+  return logprobs.vocab_logprobs(h[:, -n:], model.logits, ids)
 
 
 class Sampler:
@@ -346,7 +346,24 @@ class Sampler:
       raise ValueError(f"token ids {token_ids} outside the vocabulary of {self.cfg.vocab_size}")
     self.calls += 1
     out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, ids)
-    return np.asarray(out)[:len(prompts)]
+    return np.asarray(out)[:len(prompts), 0]
+
+  def continuation_logprobs(self, prompt: Sequence[int],
+                            continuation: Sequence[int]) -> np.ndarray:
+    """The next-token distribution (log-softmax over the whole vocabulary) that each token of
+    `continuation` was drawn from: row j follows prompt + continuation[:j]. [J, V] f32. The
+    same numbers as `next_token_logprobs` of those J rows, from ONE forward of
+    prompt + continuation[:-1] instead of J."""
+    if not continuation:
+      return np.zeros((0, self.cfg.vocab_size), np.float32)
+    if not prompt:
+      raise ValueError("empty prompt: give at least one token (e.g. BOS)")
+    row = list(prompt) + list(continuation[:-1])
+    tokens, mask = self._left_pad([row])
+    n = bucket(len(continuation))  # a few compiled shapes; the extra positions are cut below
+    self.calls += 1
+    out = self._call(_next_logprobs, self.graphdef, self.state, tokens, mask, n=n)
+    return np.asarray(out)[0, n - len(continuation):]
 
 
 if __name__ == "__main__":

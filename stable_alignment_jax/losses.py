@@ -1,8 +1,9 @@
 """SA-CPO and the baseline losses: pure, keyword-only functions over the [B, K, T] batch contract.
 
-The model runs once over the flattened `[B*K, T]` batch; `sequence_logprobs` turns its logits into
-per-response summed log-probs and token counts `[B, K]`; each loss maps those (with the ratings
-and the response mask) to `(scalar loss, metrics)`. Nothing here knows about models or configs.
+The model runs once over the flattened `[B*K, T]` batch; `model.logprobs.sequence_logprobs` turns
+its hidden states into per-response summed log-probs and token counts `[B, K]`; each loss maps
+those (with the ratings and the response mask) to `(scalar loss, metrics)`. Nothing here knows
+about models or configs.
 
 SA-CPO (DESIGN.md): with l_k the token-mean NLL of response k and b the best-rated valid response
   L = l_b + ratio * A_{k != b valid}[ max(0, l_b - l_k + margin * (r_b - r_k) / rating_scale) ]
@@ -26,104 +27,6 @@ import numpy as np
 # whose best response has the lowest NLL); hinge_mean / hinge_active are each loss's pairwise
 # term, documented in its registry entry (`Loss.hinge_metrics`).
 METRIC_KEYS = ("nll_best", "hinge_mean", "hinge_active", "nll_gap", "accuracy")
-
-
-def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
-  """Summed log-prob of the masked tokens of each row, and their count.
-
-  logits [N,T,V] (position t predicts token t+1), tokens [N,T] int, loss_mask [N,T] (1 on the
-  response tokens whose log-prob counts; DESIGN.md alignment). Returns (logp [N], n_tokens [N]),
-  both f32. The logits are the largest array of a training step, so they are read in place:
-  the targets and mask shift left instead of the logits being sliced (a copy, and a pad of its
-  gradient), and the target logit is picked by a one-hot select that fuses into the reductions
-  instead of a gather (whose gradient is a scatter).
-  """
-  n, _, v = logits.shape
-  targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # the last one is masked
-  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
-  mask = mask.astype(jnp.float32)
-  logits = logits.astype(jnp.float32)
-  hit = targets[..., None] == jnp.arange(v, dtype=targets.dtype)
-  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-  token_logp = picked - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)
-
-
-def chunk_plan(t: int, chunk: int) -> tuple[int, int]:
-  """(number of chunks, positions per chunk) for T positions in chunks of at most `chunk`.
-
-  The chunks are made as even as possible, so the padding is under one position per chunk
-  (T=360, chunk=128: 3 chunks of 120, none padded; fixed chunks of 128 would waste 24)."""
-  n_chunks = -(-t // max(min(chunk, t), 1))
-  return n_chunks, -(-t // n_chunks)
-
-
-def token_target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array,
-                          chunk: int, mask: jax.Array | None = None) -> jax.Array:
-  """log softmax(head_fn(hidden))[target] at every position, in chunks: f32 [N,S].
-
-  hidden [N,S,D]; targets [N,S] int, the token each position's hidden state predicts (no
-  shift); head_fn maps [n,c,D] -> f32 logits [n,c,V]. mask [N,S], optional: a chunk where it is
-  zero for every row (all prompt, or all padding, across the batch) skips the head and gives 0.
-
-  The positions are cut into `chunk_plan(S, chunk)` chunks over which `lax.map` runs the head,
-  the logsumexp and the target pick; each chunk is under `jax.checkpoint`, so the backward pass
-  recomputes that chunk's logits instead of keeping them. At most one chunk's logits (and their
-  gradient) exist at a time: N * chunk * V * 4 bytes, instead of N * S * V * 4 for the whole.
-  Chunks run over positions, not rows, so each one keeps every row and the rows' sharding over
-  the batch axes (a chunk of rows would cut across devices).
-  """
-  n, s, d = hidden.shape
-  n_chunks, size = chunk_plan(s, chunk)
-  pad = n_chunks * size - s
-  live = jnp.ones((n, s), bool) if mask is None else mask != 0
-  if pad:  # padded positions (target 0) are cut off below
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    live = jnp.pad(live, ((0, 0), (0, pad)))
-  # Chunk-major [C, N, size, ...]: lax.map walks the leading axis.
-  split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, size, *x.shape[2:]), 1, 0)
-
-  def head(h, tgt):
-    logits = head_fn(h).astype(jnp.float32)
-    hit = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
-    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1)  # [N, size]
-
-  @jax.checkpoint
-  def one(args):
-    h, tgt, any_live = args
-    if mask is None:
-      return head(h, tgt)
-    return jax.lax.cond(any_live, head, lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32), h, tgt)
-
-  chunk_live = jnp.any(split(live), axis=(1, 2))  # [C]
-  out = jax.lax.map(one, (split(hidden), split(targets), chunk_live))  # [C, N, size]
-  return jnp.moveaxis(out, 0, 1).reshape(n, n_chunks * size)[:, :s]
-
-
-def target_logprobs(hidden: jax.Array, head_fn: Callable, targets: jax.Array, mask: jax.Array,
-                    chunk: int) -> jax.Array:
-  """Sum over positions of mask * log softmax(head_fn(hidden))[target], per row, in chunks
-  (`token_target_logprobs`). mask [N,S]. Returns f32 [N]."""
-  logp = token_target_logprobs(hidden, head_fn, targets, chunk, mask)
-  return jnp.sum(logp * mask.astype(jnp.float32), axis=-1)
-
-
-def chunked_sequence_logprobs(hidden: jax.Array, head_fn: Callable, tokens: jax.Array,
-                              loss_mask: jax.Array, chunk: int):
-  """`sequence_logprobs` from the final hidden states [N,T,D] and the LM head, without the
-  whole [N,T,V] logits ever existing, forward or backward (see `target_logprobs`).
-
-  head_fn: [n,c,D] -> f32 [n,c,V] (the model's LM head); chunk: positions per chunk (> 0).
-  Same contract and values as `sequence_logprobs(head_fn(hidden), tokens, loss_mask)`.
-  """
-  # Position t's log-prob is that of token t, predicted by the hidden state before it: the
-  # hidden states move one right (token 0 has none; its mask entry is dropped), so chunks start
-  # on token boundaries and a prompt of a chunk's length leaves its chunk skipped whole.
-  hidden = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
-  mask = jnp.asarray(loss_mask, jnp.float32).at[:, 0].set(0.0)
-  return target_logprobs(hidden, head_fn, tokens, mask, chunk), jnp.sum(mask, axis=-1)
 
 
 def _token_mean_nll(logp, n_tokens):

@@ -28,11 +28,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stable_alignment_jax import (checkpoints, data, data_lengths, losses, optim, reward, scaffold,
+from stable_alignment_jax import (checkpoints, data, data_lengths, optim, reward, scaffold,
                                   sharding, train_log)
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.model import logprobs
 from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- programmatic rewards (tests, smoke runs): (prompts, responses) -> scores [N] -------------
@@ -51,11 +52,9 @@ PROGRAMS: dict[str, Callable] = {"token_count": token_count_reward}
 
 def token_logprobs(model, h, tokens, logprob_chunk: int):
   """log p(tokens[:, 1:]) from hidden states h [N, T, D]: [N, T-1]. With logprob_chunk > 0 the
-  LM head runs over that many positions at a time (losses.token_target_logprobs), so the whole
-  [N, T, V] logits never exist."""
-  if logprob_chunk > 0:
-    return losses.token_target_logprobs(h[:, :-1], model.logits, tokens[:, 1:], logprob_chunk)
-  return pl.token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:])
+  LM head runs over that many positions at a time (`model.logprobs`), so the whole [N, T, V]
+  logits never exist; 0 builds them whole."""
+  return logprobs.target_logprobs(h[:, :-1], model.logits, tokens[:, 1:], chunk=logprob_chunk)
 
 
 def policy_forward(graphdef, params, tokens, logprob_chunk: int = 0):

@@ -1,4 +1,5 @@
-"""PPO's pure pieces: per-token log-probs, the KL penalty, GAE, whitening, the clipped losses.
+"""PPO's pure pieces: the KL penalty, GAE, whitening, the clipped losses (the per-token
+log-probs they take come from `model.logprobs.target_logprobs`).
 
 Everything works on per-token arrays [N, T] in the "action" frame: entry t is about token t of
 the sequence (predicted from position t-1), and `mask[t] = 1` marks a token the policy sampled.
@@ -11,12 +12,6 @@ in the form TRLX uses for language models (clipped value loss, whitened advantag
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets[n, t]) under logits[n, t] (both already aligned), in f32. [N, T]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from flax import nnx
 from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, scaffold,
                                   sharding, train_log)
 from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
+from stable_alignment_jax.model import logprobs
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
 
@@ -33,7 +34,7 @@ def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0, shared
 
   logprob_chunk (config `train.logprob_chunk`): > 0 runs the LM head over chunks of that many
   positions from the hidden states, so the [B*K, T, V] f32 logits never exist (see
-  `losses.chunked_sequence_logprobs`); 0 builds them whole.
+  `model.logprobs`); 0 builds them whole.
   shared_prefix (config `train.shared_prefix`): P > 0 runs the first P tokens, which the K
   responses of an example share (the prompt), once per example instead of K times: each
   example is one packed row [prompt P | K response tails of T-P] (`Llama.hidden(segments=)`),
@@ -63,10 +64,7 @@ def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0, shared
     h = jax.lax.cond(shares_prefix(batch, shared_prefix), packed, unpacked, params)
   else:
     h = unpacked(params)
-  if logprob_chunk > 0:
-    logp, n = losses.chunked_sequence_logprobs(h, model.logits, tokens, loss_mask, logprob_chunk)
-  else:
-    logp, n = losses.sequence_logprobs(model.logits(h), tokens, loss_mask)
+  logp, n = logprobs.sequence_logprobs(h, model.logits, tokens, loss_mask, chunk=logprob_chunk)
   return logp.reshape(b, k), n.reshape(b, k)
 
 

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from eval import mc_scoring
-from stable_alignment_jax import losses, train, train_log
-from stable_alignment_jax.model import llama
+from stable_alignment_jax import train, train_log
+from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import preset
 
 
@@ -47,8 +47,8 @@ def _numpy_logprobs(hidden, w, tokens, mask):
 def test_chunked_values_equal_whole_logits(chunk):
   hidden, w, tokens, mask = _problem()
   head = lambda h: jnp.einsum("...d,dv->...v", h, w)
-  logp, n = losses.chunked_sequence_logprobs(hidden, head, tokens, mask, chunk)
-  ref_logp, ref_n = losses.sequence_logprobs(head(hidden), tokens, mask)
+  logp, n = logprobs.sequence_logprobs(hidden, head, tokens, mask, chunk=chunk)
+  ref_logp, ref_n = logprobs.sequence_logprobs(hidden, head, tokens, mask)
   np_logp, np_n = _numpy_logprobs(hidden, w, tokens, mask)
   np.testing.assert_allclose(logp, ref_logp, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logp, np_logp, rtol=1e-5, atol=1e-4)
@@ -64,7 +64,7 @@ def test_per_token_chunked_log_probs_equal_numpy_and_their_gradient(chunk):
   hidden, w, tokens, _ = _problem()
   head = lambda h: jnp.einsum("...d,dv->...v", h, w)
   targets = jnp.roll(tokens, -1, axis=1)
-  got = losses.token_target_logprobs(hidden, head, targets, chunk)
+  got = logprobs.target_logprobs(hidden, head, targets, chunk=chunk)
   logits = np.asarray(hidden, np.float64) @ np.asarray(w, np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   want = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0] - logz
@@ -73,8 +73,8 @@ def test_per_token_chunked_log_probs_equal_numpy_and_their_gradient(chunk):
   weights = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
   whole = lambda h, w_: jnp.sum(weights * jnp.take_along_axis(
       jax.nn.log_softmax(jnp.einsum("...d,dv->...v", h, w_)), targets[..., None], -1)[..., 0])
-  chunked = lambda h, w_: jnp.sum(weights * losses.token_target_logprobs(
-      h, lambda x: jnp.einsum("...d,dv->...v", x, w_), targets, chunk))
+  chunked = lambda h, w_: jnp.sum(weights * logprobs.target_logprobs(
+      h, lambda x: jnp.einsum("...d,dv->...v", x, w_), targets, chunk=chunk))
   for a, b in zip(jax.grad(chunked, (0, 1))(hidden, w), jax.grad(whole, (0, 1))(hidden, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -94,25 +94,25 @@ def test_chunks_without_a_loss_token_skip_the_head():
   poisoned = hidden.at[:, :15].set(jnp.nan).at[:, 47:].set(jnp.nan)
 
   def total(h):
-    return jnp.sum(losses.chunked_sequence_logprobs(h, head, tokens, mask, 16)[0])
+    return jnp.sum(logprobs.sequence_logprobs(h, head, tokens, mask, chunk=16)[0])
 
-  logp, _ = losses.chunked_sequence_logprobs(poisoned, head, tokens, mask, 16)
+  logp, _ = logprobs.sequence_logprobs(poisoned, head, tokens, mask, chunk=16)
   np.testing.assert_allclose(logp, np_logp, rtol=1e-5, atol=1e-4)
   grad = jax.grad(total)(poisoned)
   assert np.all(np.isfinite(grad))
   np.testing.assert_allclose(grad, jax.grad(total)(hidden), atol=1e-6)
   # The unchunked path has no skip: the poison shows, so this test can fail.
-  assert not np.all(np.isfinite(losses.chunked_sequence_logprobs(poisoned, head, tokens, mask,
-                                                                 64)[0]))
+  assert not np.all(np.isfinite(logprobs.sequence_logprobs(poisoned, head, tokens, mask,
+                                                           chunk=64)[0]))
 
 
 def test_chunk_plan_is_even_and_covers_every_position():
-  assert losses.chunk_plan(360, 64) == (6, 60)
-  assert losses.chunk_plan(37, 8) == (5, 8)
-  assert losses.chunk_plan(37, 100) == (1, 37)
+  assert logprobs.chunk_plan(360, 64) == (6, 60)
+  assert logprobs.chunk_plan(37, 8) == (5, 8)
+  assert logprobs.chunk_plan(37, 100) == (1, 37)
   for t in range(1, 70):
     for c in (1, 5, 16, 64):
-      k, size = losses.chunk_plan(t, c)
+      k, size = logprobs.chunk_plan(t, c)
       assert size <= c and k * size >= t > (k - 1) * size and k * size - t < k
 
 
@@ -123,9 +123,9 @@ def test_chunked_gradients_equal_whole_logits():
   def objective(chunk, hidden, w):
     head = lambda h: jnp.einsum("...d,dv->...v", h, w)
     if chunk:
-      logp, _ = losses.chunked_sequence_logprobs(hidden, head, tokens, mask, chunk)
+      logp, _ = logprobs.sequence_logprobs(hidden, head, tokens, mask, chunk=chunk)
     else:
-      logp, _ = losses.sequence_logprobs(head(hidden), tokens, mask)
+      logp, _ = logprobs.sequence_logprobs(hidden, head, tokens, mask)
     return jnp.sum(logp * weights)
 
   g_ref = jax.grad(functools.partial(objective, 0), argnums=(0, 1))(hidden, w)

@@ -1,6 +1,6 @@
 """Losses against an independent float64 numpy reference written from DESIGN.md's formulas.
 
-Every case goes end to end: random logits -> `sequence_logprobs` -> loss, compared with numpy
+Every case goes end to end: random logits -> `model.logprobs.sequence_logprobs` -> loss, compared with numpy
 that does its own log-softmax, its own token means and explicit per-prompt loops. Hand-worked
 examples pin the two hinge forms (paper: per pair; authors' release: after aggregating).
 """
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from stable_alignment_jax import losses
+from stable_alignment_jax.model import logprobs
 from stable_alignment_jax.hindsight import BAD, GOOD, chain_of_hindsight
 
+_logits_head = lambda x: x  # the cases are logits already: the LM head is the identity
 V, T, PROMPT = 11, 9, 3  # vocab, length, prompt tokens (positions 0..2 never count)
 METRICS = ("nll_best", "hinge_mean", "hinge_active", "nll_gap", "accuracy")
 
@@ -213,8 +215,8 @@ def all_losses(logits, batch, ref_logp):
     extra = {"ref_logp": ref_logp} if name == "dpo" else {}
 
     def f(lg, name=name, kw=kw, extra=extra):
-      logp, n = losses.sequence_logprobs(lg, batch["tokens"].reshape(b * k, t),
-                                         batch["loss_mask"].reshape(b * k, t))
+      logp, n = logprobs.sequence_logprobs(lg, _logits_head, batch["tokens"].reshape(b * k, t),
+                                           batch["loss_mask"].reshape(b * k, t))
       return losses.get_loss(name)(
           logp=logp.reshape(b, k), n_tokens=n.reshape(b, k), response_mask=batch["response_mask"],
           ratings=batch["ratings"], **kw, **extra)

@@ -1,7 +1,7 @@
 """The preference losses peers offer (IPO, SimPO, ORPO, conservative DPO) against TRL's own code.
 
 Each case starts from the same random logits and [B, 2, T] batch: ours goes through
-`sequence_logprobs` and the registry's loss; TRL's gets the same arrays as torch tensors, its
+`model.logprobs.sequence_logprobs` and the registry's loss; TRL's gets the same arrays as torch tensors, its
 `get_batch_logps` (the length-averaged log-probs SimPO and ORPO use) and its loss code:
 `DPOTrainer._compute_loss` (loss_type ipo / sigmoid) with the model replaced by a stub that
 returns the per-token log-probs (TRL's fused LM head output), `CPOTrainer.cpo_loss` (simpo, and
@@ -28,6 +28,7 @@ from trl.experimental.orpo import orpo_trainer as trl_orpo
 from trl.trainer import dpo_trainer as trl_dpo
 
 from stable_alignment_jax import losses
+from stable_alignment_jax.model import logprobs
 
 B, T, V, PROMPT = 6, 12, 13, 3
 
@@ -48,10 +49,15 @@ def make_pairs(seed):
   return logits, tokens, loss_mask, ratings, ref_logp, chosen
 
 
+def from_logits(logits, tokens, loss_mask):
+  """Our summed response log-probs of logits that are given (the LM head is the identity)."""
+  return logprobs.sequence_logprobs(logits, lambda x: x, tokens, loss_mask)
+
+
 def ours(name, case, **kw):
   logits, tokens, loss_mask, ratings, ref_logp, _ = case
-  logp, n = losses.sequence_logprobs(jnp.asarray(logits), jnp.asarray(tokens.reshape(2 * B, T)),
-                                     jnp.asarray(loss_mask.reshape(2 * B, T)))
+  logp, n = from_logits(jnp.asarray(logits), jnp.asarray(tokens.reshape(2 * B, T)),
+                        jnp.asarray(loss_mask.reshape(2 * B, T)))
   extra = {"ref_logp": jnp.asarray(ref_logp)} if losses.needs_reference(name) else {}
   loss, metrics = losses.get_loss(name)(
       logp=logp.reshape(B, 2), n_tokens=n.reshape(B, 2), response_mask=jnp.ones((B, 2)),
@@ -201,8 +207,8 @@ def test_gradients_wrt_logits_match_trl(name):
         "simpo": dict(beta=2.0, gamma=1.0, label_smoothing=0.0), "orpo": dict(beta=0.5)}[name]
 
   def f(lg):
-    logp, n = losses.sequence_logprobs(lg, jnp.asarray(tokens.reshape(2 * B, T)),
-                                       jnp.asarray(loss_mask.reshape(2 * B, T)))
+    logp, n = from_logits(lg, jnp.asarray(tokens.reshape(2 * B, T)),
+                          jnp.asarray(loss_mask.reshape(2 * B, T)))
     extra = {"ref_logp": jnp.asarray(ref_logp)} if losses.needs_reference(name) else {}
     return losses.get_loss(name)(logp=logp.reshape(B, 2), n_tokens=n.reshape(B, 2),
                                  response_mask=jnp.ones((B, 2)), ratings=jnp.asarray(ratings),
@@ -254,7 +260,7 @@ def test_pairless_and_padded_prompts():
   t2 = jnp.asarray(tokens.reshape(2 * B, T))
 
   def f(lg, name, **kw):
-    logp, n = losses.sequence_logprobs(lg, t2, jnp.asarray(loss_mask.reshape(2 * B, T)))
+    logp, n = from_logits(lg, t2, jnp.asarray(loss_mask.reshape(2 * B, T)))
     extra = {"ref_logp": jnp.asarray(ref_logp)} if losses.needs_reference(name) else {}
     return losses.get_loss(name)(logp=logp.reshape(B, 2), n_tokens=n.reshape(B, 2),
                                  response_mask=jnp.asarray(valid), ratings=jnp.asarray(ratings),

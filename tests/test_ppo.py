@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from configs import ppo as ppo_config
-from stable_alignment_jax import losses, ppo
+from stable_alignment_jax import ppo
 from stable_alignment_jax import ppo_losses as pl
-from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import preset
 
 
@@ -130,7 +130,7 @@ def test_adaptive_kl_coefficient_hand_worked():
 
 def test_kl_penalty_is_the_log_prob_difference_of_two_models():
   """Per-token penalties summed over a response = -coef * (log pi(y) - log pi_ref(y)), with the
-  sequence log-probs computed by the trainer's own `losses.sequence_logprobs`."""
+  sequence log-probs computed by the trainer's own `model.logprobs.sequence_logprobs`."""
   cfg = preset("tiny", vocab_size=64, dtype="float32")
   pol = llama.Llama(cfg, rngs=nnx.Rngs(0))
   ref = llama.Llama(cfg, rngs=nnx.Rngs(1))
@@ -141,12 +141,12 @@ def test_kl_penalty_is_the_log_prob_difference_of_two_models():
   for i, (p, r) in enumerate(zip(prompts, responses)):  # the mask marks exactly the response
     assert tokens[i, 1:][mask[i] > 0].tolist() == r
   coef = 0.3
-  logp = pl.token_logprobs(pol(tokens)[0][:, :-1], tokens[:, 1:])
-  ref_logp = pl.token_logprobs(ref(tokens)[0][:, :-1], tokens[:, 1:])
+  logp = ppo.token_logprobs(pol, pol.hidden(tokens)[0], tokens, 0)
+  ref_logp = ppo.token_logprobs(ref, ref.hidden(tokens)[0], tokens, 0)
   pen = np.asarray(pl.kl_penalty(logp=logp, ref_logp=ref_logp, mask=mask, coef=coef)).sum(-1)
   loss_mask = np.concatenate([np.zeros((3, 1), np.float32), mask], axis=1)
-  seq_pol, _ = losses.sequence_logprobs(pol(tokens)[0], tokens, loss_mask)
-  seq_ref, _ = losses.sequence_logprobs(ref(tokens)[0], tokens, loss_mask)
+  seq_pol, _ = logprobs.sequence_logprobs(pol(tokens)[0], lambda x: x, tokens, loss_mask)
+  seq_ref, _ = logprobs.sequence_logprobs(ref(tokens)[0], lambda x: x, tokens, loss_mask)
   np.testing.assert_allclose(pen, -coef * (np.asarray(seq_pol) - np.asarray(seq_ref)), rtol=1e-4,
                              atol=1e-5)
   # The KL estimate: sum of r - 1 - log r, r = pi_ref / pi; zero against itself.

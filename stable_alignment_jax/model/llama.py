@@ -17,7 +17,8 @@ its cache (`init_cache`).
 
 Everything that runs the model calls it: training (`__call__` / `hidden`), the sampler (prefill and
 decode through `__call__` with a cache) and the MC scorer (`hidden`, then `logits` at the few
-positions it scores).
+positions it scores). Token log-probs from `hidden` and `logits` are `logprobs.py`'s, one path for
+the losses, PPO, the MC scorer and the sampler's next-token scores.
 
 Shapes use the letters B batch, T query length, S key length (cache slots), D model dim,
 H query heads, K kv heads, E head dim, F ffn dim, V vocab.

@@ -3,9 +3,10 @@
 The values are the model's next-token log-probabilities over the whole vocabulary (log-softmax
 of the logits, before temperature or top-p), the same numbers as `TextSampler`'s next-token
 scores (`Sampler.next_token_logprobs`): token j of a reply is scored as the next token after the
-prompt plus the reply's first j tokens, all positions in one batched forward pass. A token's text
-is what it adds after the tokens before it (so a SentencePiece "▁5" reads " 5", as it would in
-the text), which is what clients match choices against.
+prompt plus the reply's first j tokens. All J distributions come from one forward pass over the
+prompt and the reply (`Sampler.continuation_logprobs`), not J passes over its prefixes. A
+token's text is what it adds after the tokens before it (so a SentencePiece "▁5" reads " 5", as
+it would in the text), which is what clients match choices against.
 """
 
 import threading
@@ -30,14 +31,11 @@ def score(ts, prompt: Sequence[int], generated: Sequence[int],
   """Per generated token: (its text, its logprob, the top_n next tokens as (text, logprob))."""
   if not generated:
     return []
-  sampler = ts.sampler
-  vocab = int(sampler.cfg.vocab_size)
-  rows = [list(prompt) + list(generated[:j]) for j in range(len(generated))]
   with _lock:
-    lp = np.asarray(sampler.next_token_logprobs(rows, list(range(vocab))), np.float64)
-  out = []
+    lp = np.asarray(ts.sampler.continuation_logprobs(prompt, generated), np.float64)
+  out, whole, p = [], list(prompt) + list(generated), len(prompt)
   for j, tok in enumerate(generated):
-    ctx = rows[j]
+    ctx = whole[max(0, p + j - 8):p + j]  # what _piece reads of the tokens before this one
     top = np.argsort(-lp[j], kind="stable")[:top_n] if top_n else []
     out.append((_piece(ts, ctx, int(tok)), float(lp[j, tok]),
                 [(_piece(ts, ctx, int(t)), float(lp[j, t])) for t in top]))
