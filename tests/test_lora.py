@@ -238,8 +238,11 @@ def test_lora_config_rejects_bad_settings():
     lora.LoraConfig(rank=4, quantize="fp8")
   c = base_config.get_config()
   assert scaffold.lora_config(c) == lora.LoraConfig()  # the config block's defaults: off
-  c.lora.rank, c.lora.targets = 8, "q_proj,v_proj"
-  assert scaffold.lora_config(c).targets == ("q_proj", "v_proj")
+  c.lora.rank, c.lora.targets = 8, ("q_proj", "v_proj")
+  assert scaffold.lora_config(c) == lora.LoraConfig(rank=8, targets=("q_proj", "v_proj"))
+  c.lora.dropout = 0.1  # not implemented: said, not silently ignored
+  with pytest.raises(NotImplementedError, match="lora.dropout"):
+    scaffold.lora_config(c)
 
 
 def test_lora_dpo_step_on_8_devices_keeps_adapters_sharded_by_the_rules():
