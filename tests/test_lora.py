@@ -274,3 +274,33 @@ def test_lora_dpo_step_on_8_devices_keeps_adapters_sharded_by_the_rules():
   q = {"/".join(map(str, p)): v.get_value().sharding.spec
        for p, v in nnx.to_flat_state(state["frozen"])}
   assert q["layers/attn/wq/q"] == P(None, "fsdp", None)  # blocks split as the embed axis
+
+
+def test_a_lora_run_directory_starts_the_next_stage_as_base_plus_adapters(tmp_path):
+  # A stage's LoRA run directory holds only adapters; as the next stage's init_from it is the
+  # base (rebuilt from that run's own init_from) with the adapters merged in.
+  import dataclasses
+  import json
+  from stable_alignment_jax import checkpoints
+  c = base_config.get_config()
+  c.model.dtype, c.model.remat = "float32", "none"
+  c.checkpoint.init_from, c.lora.rank, c.lora.alpha = "random:tiny:3", 4, 8.0
+  cfg, lcfg = scaffold.model_config(c), scaffold.lora_config(c)
+  mesh = sharding.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+  base, _ = scaffold.init_model(c, cfg, mesh)
+  adapters = _perturbed(lora.init_adapters(cfg, lcfg))
+  run_dir = checkpoints.save_model(cfg, adapters, str(tmp_path / "stage1"))
+  record = json.loads(c.to_json_best_effort())
+  record["model"] = dataclasses.asdict(cfg)
+  (tmp_path / "stage1" / checkpoints.RUN_CONFIG).write_text(json.dumps(record))
+  nxt = base_config.get_config()
+  nxt.checkpoint.init_from = run_dir
+  params, origin = scaffold.init_model(nxt, cfg, mesh)
+  assert "adapters merged into random:tiny:3" in origin
+  want = lora.merge(base, adapters, lcfg)
+  for (path, got), (_, exp) in zip(jax.tree.leaves_with_path(params),
+                                   jax.tree.leaves_with_path(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-6, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  assert not np.array_equal(np.asarray(params["layers"]["attn"]["wq"][...]),
+                            np.asarray(base["layers"]["attn"]["wq"][...]))
