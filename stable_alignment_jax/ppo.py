@@ -238,11 +238,12 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
     graphdef = lora_graphs.full
     abstract = {"policy": lora_graphs.adapters, "value_head": abstract["value_head"]}
 
-    def init(sh):  # noqa: F811  (the LoRA init)
+    def lora_init(sh):
       head = jax.device_put(reward.init_head(cfg.dim), sh["value_head"])
       return ({"policy": scaffold.lora_adapters(c, cfg, lcfg, mesh, sh["policy"]),
                "value_head": head}, f"fresh rank-{lcfg.rank} adapters and value head")
-    method = scaffold.Method(abstract=abstract, init=init, frozen_abstract=lora_graphs.frozen,
+    method = scaffold.Method(abstract=abstract, init=lora_init,
+                             frozen_abstract=lora_graphs.frozen,
                              frozen_init=scaffold.lora_base(c, cfg, lcfg, mesh), extra=("ppo",))
   else:
     # pi_ref, the starting policy, is the state's frozen tree.

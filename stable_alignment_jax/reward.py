@@ -205,11 +205,11 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     g = lora.graphs(cfg, lcfg)
     graphdef, abstract = g.full, {"trunk": g.adapters, "head": abstract["head"]}
 
-    def init(sh):  # noqa: F811  (the LoRA init)
+    def lora_init(sh):
       return ({"trunk": scaffold.lora_adapters(c, cfg, lcfg, mesh, sh["trunk"]),
                "head": jax.device_put(init_head(cfg.dim), sh["head"])},
               f"fresh rank-{lcfg.rank} adapters and head")
-    method = scaffold.Method(abstract=abstract, init=init, frozen_abstract=g.frozen,
+    method = scaffold.Method(abstract=abstract, init=lora_init, frozen_abstract=g.frozen,
                              frozen_init=scaffold.lora_base(c, cfg, lcfg, mesh))
   else:
     method = scaffold.Method(abstract=abstract, init=init)

@@ -27,7 +27,6 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from stable_alignment_jax.model import llama, quant
