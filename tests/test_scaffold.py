@@ -126,6 +126,7 @@ def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
                ("loss", "score", "kl", "kl_coef", "rollout_crc"))
 
 
+@pytest.mark.slow  # three runs with cold compiles: minutes on 2 cores
 def test_qlora_dpo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   # LoRA on an nf4 base with DPO's adapters-off reference: the run directory holds the adapters
   # (params) and their moments, never the base (no `frozen` item); resume rebuilds the base from
@@ -139,6 +140,7 @@ def test_qlora_dpo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   assert run["lora"]["rank"] == 8 and run["lora"]["quantize"] == "nf4"
 
 
+@pytest.mark.slow  # three runs with cold compiles: minutes on 2 cores
 def test_lora_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   _kill_resume(tmp_path, "configs/ppo.py:tiny", 8, ["--config.lora.rank=8"],
                ("loss", "score", "kl", "kl_coef", "rollout_crc"))
