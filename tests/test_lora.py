@@ -200,11 +200,11 @@ def test_nf4_levels_and_the_quantize_round_trip_match_numpy():
 
 
 # Relative RMS error of the logits of the quantized base against the unquantized one, on this
-# random tiny model. Per weight, blockwise absmax int8 has a step of absmax/127 (absmax of 64
-# normal draws ~2.4 sigma, so ~0.5% RMS noise) and nf4 about 10% RMS; through 2 layers and the
-# logits the measured errors are ~0.6% (int8) and ~8% (nf4). The bounds leave ~3x room and
-# would catch a wrong scale, level table or layout (errors of 50-100%).
-QLORA_LOGIT_RTOL = {"int8": 0.02, "nf4": 0.25}
+# random tiny model (dim 64, 2 layers, f32). Per weight, blockwise absmax int8 has a step of
+# absmax/127 (absmax of 64 normal draws ~2.4 sigma: ~0.5% RMS noise) and nf4's 16 levels about
+# 10% RMS; measured on these logits: 1.1% (int8) and 16% (nf4). The bounds leave ~2x room and
+# still catch a wrong scale, level table or block layout (errors of 50-100%).
+QLORA_LOGIT_RTOL = {"int8": 0.025, "nf4": 0.35}
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
