@@ -15,7 +15,9 @@ A method brings its parameter init, its `loss_fn(params, frozen, batch) -> (loss
 its batch shardings and any extra state. The state is a dict
   {"params": trainable, "opt_state", "step"[, "frozen": not trained]}
 `frozen` is the seam between trainable and frozen parameters: a reference model (DPO's, PPO's
-pi_ref) today, the base model under LoRA adapters next. The optimizer sees `params` alone.
+pi_ref) copied from the starting params and saved with them, or, under LoRA (`lora_method`), the
+base model the adapters sit on, rebuilt from checkpoint.init_from on every start and never saved.
+The optimizer sees `params` alone.
 """
 
 import dataclasses
@@ -34,6 +36,7 @@ from flax import nnx
 
 from stable_alignment_jax import checkpoints, data_lengths, losses, sharding
 from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import lora as lora_lib
 from stable_alignment_jax.model.presets import ModelConfig, preset
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]  # (params, frozen, batch)
@@ -77,8 +80,9 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   """(params, origin) of the LLaMA a run starts from, every weight born on its sharding.
 
   checkpoint.init_from: "" = a random init of `cfg` (seed config.seed); random:<preset>[:seed];
-  an HF directory or hub id; a previous run's directory (its latest params). A checkpoint must
-  describe `cfg`'s architecture (config.model was filled from it)."""
+  an HF directory or hub id; a previous run's directory (its latest params; a LoRA stage's: its
+  base with the adapters merged in). A checkpoint must describe `cfg`'s architecture
+  (config.model was filled from it)."""
   init = c.checkpoint.init_from
   if shardings is None:
     shardings = sharding.state_shardings(abstract_model(cfg)[1], mesh)
@@ -101,13 +105,65 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint.init_from={init!r}: no such directory (expected a "
                             "previous run directory, an HF LLaMA directory or hub id)")
-  prev = ModelConfig.from_dict(checkpoints.read_run_config(path)["model"])
+  run = checkpoints.read_run_config(path)
+  prev = ModelConfig.from_dict(run["model"])
   if _arch(prev) != _arch(cfg):
     raise ValueError(f"checkpoint.init_from={init}: its model {_arch(prev)} differs from this "
                      f"config's model {_arch(cfg)}")
+  if lora_config(ml_collections.ConfigDict(run)).enabled:
+    return _merged_lora_run(path, run, cfg, mesh, shardings)
   abstract = abstract_model(cfg)[1]
   params, step = checkpoints.restore_params(path, abstract, shardings)
   return params, f"{path} (step {step})"
+
+
+def _merged_lora_run(path: str, run: dict, cfg: ModelConfig, mesh, shardings):
+  """A LoRA stage's run directory as a plain model (the next stage's start): its base rebuilt
+  from the run's own checkpoint.init_from (itself possibly a LoRA run), its adapters merged in.
+  A QLoRA run merges into the dequantized base, the weights its adapters were trained on."""
+  rc = ml_collections.ConfigDict(run)
+  lcfg = lora_config(rc)
+  if run.get("method", "preference") != "preference":
+    raise ValueError(f"checkpoint.init_from={path}: a LoRA {run.get('method')} run; start from "
+                     "a preference stage's run directory (or PPO's exported policy)")
+  abstract = lora_lib.graphs(cfg, lcfg).adapters
+  adapters, step = checkpoints.restore_params(path, abstract,
+                                              sharding.state_shardings(abstract, mesh))
+  base, origin = init_model(rc, cfg, mesh)
+
+  def merged(base, adapters):
+    if lcfg.quantize:
+      return lora_lib.merge(lora_lib.frozen_base(cfg, lcfg, base), adapters, lcfg, cfg)
+    return lora_lib.merge(base, adapters, lcfg)
+  with sharding.activate(mesh):
+    params = jax.jit(merged, out_shardings=shardings)(base, adapters)
+  return params, f"{path} (step {step}: rank-{lcfg.rank} adapters merged into {origin})"
+
+
+def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
+  """The run's LoRA settings (config.lora; off when the config has no such block)."""
+  return lora_lib.LoraConfig.from_config(c.get("lora"))
+
+
+def lora_base(c: ml_collections.ConfigDict, cfg: ModelConfig, lcfg, mesh):
+  """shardings -> the frozen base of a LoRA run: checkpoint.init_from as `init_model` loads it
+  (fresh and on resume alike: the run directory holds only the adapters), quantized per lcfg."""
+  def build(shardings):
+    params, origin = init_model(c, cfg, mesh)
+    print(f"[{c.checkpoint.dir}] LoRA base (frozen{', ' + lcfg.quantize if lcfg.quantize else ''})"
+          f" from: {origin}", flush=True)
+    if not lcfg.quantize:
+      return params  # the same arrays: no copy
+    with sharding.activate(mesh):
+      return jax.jit(lambda p: lora_lib.frozen_base(cfg, lcfg, p), out_shardings=shardings,
+                     donate_argnums=0)(params)
+  return build
+
+
+def lora_adapters(c: ml_collections.ConfigDict, cfg: ModelConfig, lcfg, mesh, shardings):
+  """Fresh adapters (A from config.seed, B zero), born on their shardings."""
+  with sharding.activate(mesh):
+    return jax.jit(lambda: lora_lib.init_adapters(cfg, lcfg, c.seed), out_shardings=shardings)()
 
 
 # --- the step ---------------------------------------------------------------------------------
@@ -170,12 +226,15 @@ def iterator_state(saved: dict, process_count: int) -> dict:
 class Method:
   """What a training method brings. abstract: its trainable params (shapes, no memory);
   init: shardings -> (params, origin) on a fresh start; frozen: params -> the frozen tree
-  (None: the state has none); extra: names of the JSON items it saves (`Scaffold.save`)."""
+  (None: the state has none), saved and restored with the state; frozen_init: shardings -> the
+  frozen tree, built on every start (fresh or resumed) and never saved (a LoRA base; give
+  frozen_abstract with it); extra: names of the JSON items it saves (`Scaffold.save`)."""
   abstract: Any
   init: Callable[[Any], tuple[Any, str]]
   frozen: Callable[[Any], Any] | None = None
   frozen_abstract: Any = None
   extra: tuple[str, ...] = ()
+  frozen_init: Callable[[Any], Any] | None = None
 
 
 class Scaffold:
@@ -198,6 +257,9 @@ class Scaffold:
           if method.frozen_abstract is None else method.frozen_abstract
       self.shardings["frozen"] = sharding.state_shardings(frozen_abstract, mesh)
       abstract["frozen"] = frozen_abstract
+    elif method.frozen_init is not None:
+      self.shardings["frozen"] = sharding.state_shardings(method.frozen_abstract, mesh)
+    self.saves_frozen = method.frozen_init is None
     start = self.mgr.latest_step()
     self.extra: dict = {}
     if start is not None:
@@ -217,6 +279,8 @@ class Scaffold:
           state["frozen"] = jax.jit(method.frozen, out_shardings=self.shardings["frozen"])(
               params)
       start = 0
+    if method.frozen_init is not None:
+      state["frozen"] = method.frozen_init(self.shardings["frozen"])
     state["step"] = jax.device_put(jnp.int32(start), self.replicated)
     self.state, self.start = state, start
     self._pending: list[tuple[int, jax.Array]] = []
@@ -258,8 +322,10 @@ class Scaffold:
   def save(self, step: int, extra: dict | None = None) -> None:
     """The state, the data position (with the process count, for `iterator_state`), the run
     config and the method's JSON items."""
+    state = self.state if self.saves_frozen else \
+        {k: v for k, v in self.state.items() if k != "frozen"}
     checkpoints.save_train_state(
-        self.mgr, step, self.state,
+        self.mgr, step, state,
         data_iter={"iterator": self.it.get_state(), "process_count": jax.process_count()},
         config=self.config, extra=extra)
 
