@@ -1,0 +1,153 @@
+"""LoRA out of our runs: the PEFT adapter that `peft` loads onto the HF base computes our logits,
+and the merged HF export is the base plus (alpha / r) B.A, computed here with numpy from the
+adapter files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file
+
+import hf_models
+from stable_alignment_jax.model import convert
+from stable_alignment_jax.model import peft as peft_format
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# HF name -> (our weight's path in a layer, leading `in` dims of its einsum layout)
+OURS = {"q_proj": (("attn", "wq"), 1), "k_proj": (("attn", "wk"), 1), "v_proj": (("attn", "wv"), 1),
+        "o_proj": (("attn", "wo"), 2), "gate_proj": (("mlp", "w_gate"), 1),
+        "up_proj": (("mlp", "w_up"), 1), "down_proj": (("mlp", "w_down"), 1)}
+RANK, ALPHA = 4, 8.0
+T = 40
+
+
+def _layer_weight(pure, layer, target):
+  sub, _ = OURS[target]
+  node = pure["layers"]
+  stacked = layer not in node  # scan_layers: one [L, ...] array per weight
+  node = node if stacked else node[layer]
+  for k in sub[:-1]:
+    node = node[k]
+  return node, sub[-1], stacked
+
+
+def hand_adapters(state, rank=RANK, seed=0, targets=TARGETS):
+  """(layer, target, A [in..., r], B [r, out...]) per the LoRA spec, A and B both random (a zero
+  B, the training init, would hide every layout mistake in B)."""
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(seed)
+  n_layers = (len(pure["layers"]) if 0 in pure["layers"] else
+              np.asarray(pure["layers"]["attn"]["wq"]).shape[0])
+  items = []
+  for i in range(n_layers):
+    for t in targets:
+      node, leaf, stacked = _layer_weight(pure, i, t)
+      w = np.asarray(node[leaf][i] if stacked else node[leaf])
+      n_in = OURS[t][1]
+      a = rng.normal(size=w.shape[:n_in] + (rank,)) * 0.2
+      b = rng.normal(size=(rank,) + w.shape[n_in:]) * 0.2
+      items.append((i, t, a.astype(np.float32), b.astype(np.float32)))
+  return items
+
+
+def numpy_merge(state, items, alpha=ALPHA, rank=RANK):
+  """W + (alpha / r) A.B for every item, in numpy (the spec's merge, written out by hand)."""
+  pure = nnx.to_pure_dict(state)
+  for i, t, a, b in items:
+    node, leaf, stacked = _layer_weight(pure, i, t)
+    delta = (alpha / rank) * np.tensordot(a, b, axes=([-1], [0]))
+    if stacked:
+      w = np.array(node[leaf])
+      w[i] = w[i] + delta
+      node[leaf] = w
+    else:
+      node[leaf] = np.asarray(node[leaf]) + delta
+  out = jax.tree.map(lambda x: x, state)
+  nnx.replace_by_pure_dict(out, pure)
+  return out
+
+
+def our_logits(graphdef, state, tokens):
+  logits, _ = nnx.merge(graphdef, state)(jnp.asarray(tokens))
+  return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A random HF LLaMA-3.1-layout base (GQA, untied head) saved as an HF directory, and our
+  import of it."""
+  path = tmp_path_factory.mktemp("base")
+  hf_models.build("llama3_1", path)
+  graphdef, state = convert.load_hf(str(path), dtype="float32")
+  return str(path), graphdef, state
+
+
+def test_peft_loads_our_adapter_onto_the_hf_base_with_our_logits(base, tmp_path):
+  from peft import PeftModel
+  path, graphdef, state = base
+  items = hand_adapters(state)
+  out = peft_format.write_adapter(str(tmp_path / "adapter"), items, rank=RANK, alpha=ALPHA,
+                                  dropout=0.05, targets=TARGETS, base_model=path)
+  cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+  assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"], cfg["bias"]) == \
+      ("LORA", "CAUSAL_LM", RANK, ALPHA, "none")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  model = PeftModel.from_pretrained(hf, out).eval()
+  # Every tensor we wrote is the one PEFT holds (a name it did not know would stay at its init).
+  held = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+  written = load_file(f"{out}/adapter_model.safetensors")
+  assert sorted(held) == sorted(written) and len(written) == 2 * 2 * len(TARGETS)
+  for k, v in written.items():
+    np.testing.assert_array_equal(held[k].numpy(), v)
+  tokens = np.random.default_rng(1).integers(0, 300, (2, T))
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.float().numpy()
+  ours = our_logits(graphdef, numpy_merge(state, items), tokens)
+  assert np.abs(ours - ref).max() <= 1e-4
+  # the adapters matter: the base alone is far from it
+  base_logits = our_logits(graphdef, state, tokens)
+  assert np.abs(base_logits - ref).max() > 0.1
+
+
+def test_merged_export_is_the_base_plus_scaled_b_a(base, tmp_path):
+  path, graphdef, state = base
+  items = hand_adapters(state, seed=3)
+  adapter = peft_format.write_adapter(str(tmp_path / "adapter"), items, rank=RANK, alpha=ALPHA,
+                                      dropout=0.0, targets=TARGETS, base_model=path)
+  convert.save_hf(graphdef, numpy_merge(state, items), str(tmp_path / "merged"))
+  merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  orig = load_file(f"{path}/model.safetensors")
+  lora = load_file(f"{adapter}/adapter_model.safetensors")
+  assert sorted(merged) == sorted(orig)
+  changed = 0
+  for name, w in orig.items():
+    module = name[:-len(".weight")]
+    a_name = f"base_model.model.{module}.lora_A.weight"
+    if a_name in lora:  # HF [out, in] = W + (alpha / r) lora_B [out, r] @ lora_A [r, in]
+      want = w + (ALPHA / RANK) * (lora[a_name.replace("lora_A", "lora_B")] @ lora[a_name])
+      changed += 1
+    else:
+      want = w
+    np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert changed == 2 * len(TARGETS)
+
+
+def test_adapter_writer_refuses_what_peft_would_misread(base, tmp_path):
+  _, _, state = base
+  items = hand_adapters(state)
+  with pytest.raises(ValueError, match="rank 4, lora.rank says 8"):
+    peft_format.write_adapter(str(tmp_path / "a"), items, rank=8, alpha=ALPHA, dropout=0.0,
+                              targets=TARGETS, base_model="x")
+  with pytest.raises(ValueError, match="does not name"):
+    peft_format.write_adapter(str(tmp_path / "b"), items, rank=RANK, alpha=ALPHA, dropout=0.0,
+                              targets=("q_proj",), base_model="x")
+  peft_format.write_adapter(str(tmp_path / "c"), items, rank=RANK, alpha=ALPHA, dropout=0.0,
+                            targets=TARGETS, base_model="x")
+  with pytest.raises(FileExistsError):
+    peft_format.write_adapter(str(tmp_path / "c"), items, rank=RANK, alpha=ALPHA, dropout=0.0,
+                              targets=TARGETS, base_model="x")
