@@ -106,6 +106,17 @@ def get_config(arg=None):
   # are those of the K separate rows. -1 = the data's shortest prompt; 0 = off; P = P tokens.
   c.train.shared_prefix = -1
 
+  # LoRA (model/lora.py): rank 0 = full fine-tuning. With rank > 0 the base (checkpoint.init_from)
+  # is frozen, only the adapters (and a reward/value head) train, the reference of DPO/PPO/KL is
+  # the base with adapters off, and the run directory holds the adapters alone.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0  # delta W = (alpha / rank) * A @ B (PEFT's scaling)
+  c.lora.dropout = 0.0
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  c.lora.quantize = ""  # "" | int8 | nf4: the frozen base stored so (QLoRA), computed in dtype
+  c.lora.quant_block = 64  # values per absmax scale of the quantized base
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.dir = "runs/stage"
   c.checkpoint.init_from = ""  # previous stage's checkpoint dir, or an HF LLaMA dir ("" = random)

@@ -15,7 +15,9 @@ A method brings its parameter init, its `loss_fn(params, frozen, batch) -> (loss
 its batch shardings and any extra state. The state is a dict
   {"params": trainable, "opt_state", "step"[, "frozen": not trained]}
 `frozen` is the seam between trainable and frozen parameters: a reference model (DPO's, PPO's
-pi_ref) today, the base model under LoRA adapters next. The optimizer sees `params` alone.
+pi_ref) copied from the starting params and saved with them, or, under LoRA (`lora_method`), the
+base model the adapters sit on, rebuilt from checkpoint.init_from on every start and never saved.
+The optimizer sees `params` alone.
 """
 
 import dataclasses
@@ -34,6 +36,7 @@ from flax import nnx
 
 from stable_alignment_jax import checkpoints, data_lengths, losses, sharding
 from stable_alignment_jax.model import llama
+from stable_alignment_jax.model import lora as lora_lib
 from stable_alignment_jax.model.presets import ModelConfig, preset
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]  # (params, frozen, batch)
@@ -110,6 +113,32 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   return params, f"{path} (step {step})"
 
 
+def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
+  """The run's LoRA settings (config.lora; off when the config has no such block)."""
+  return lora_lib.LoraConfig.from_config(c.get("lora"))
+
+
+def lora_base(c: ml_collections.ConfigDict, cfg: ModelConfig, lcfg, mesh):
+  """shardings -> the frozen base of a LoRA run: checkpoint.init_from as `init_model` loads it
+  (fresh and on resume alike: the run directory holds only the adapters), quantized per lcfg."""
+  def build(shardings):
+    params, origin = init_model(c, cfg, mesh)
+    print(f"[{c.checkpoint.dir}] LoRA base (frozen{', ' + lcfg.quantize if lcfg.quantize else ''})"
+          f" from: {origin}", flush=True)
+    if not lcfg.quantize:
+      return params  # the same arrays: no copy
+    with sharding.activate(mesh):
+      return jax.jit(lambda p: lora_lib.frozen_base(cfg, lcfg, p), out_shardings=shardings,
+                     donate_argnums=0)(params)
+  return build
+
+
+def lora_adapters(c: ml_collections.ConfigDict, cfg: ModelConfig, lcfg, mesh, shardings):
+  """Fresh adapters (A from config.seed, B zero), born on their shardings."""
+  with sharding.activate(mesh):
+    return jax.jit(lambda: lora_lib.init_adapters(cfg, lcfg, c.seed), out_shardings=shardings)()
+
+
 # --- the step ---------------------------------------------------------------------------------
 
 def optimizer_step(state: dict, batch, *, loss_fn: LossFn, tx, accum_steps: int = 1):
@@ -170,12 +199,15 @@ def iterator_state(saved: dict, process_count: int) -> dict:
 class Method:
   """What a training method brings. abstract: its trainable params (shapes, no memory);
   init: shardings -> (params, origin) on a fresh start; frozen: params -> the frozen tree
-  (None: the state has none); extra: names of the JSON items it saves (`Scaffold.save`)."""
+  (None: the state has none), saved and restored with the state; frozen_init: shardings -> the
+  frozen tree, built on every start (fresh or resumed) and never saved (a LoRA base; give
+  frozen_abstract with it); extra: names of the JSON items it saves (`Scaffold.save`)."""
   abstract: Any
   init: Callable[[Any], tuple[Any, str]]
   frozen: Callable[[Any], Any] | None = None
   frozen_abstract: Any = None
   extra: tuple[str, ...] = ()
+  frozen_init: Callable[[Any], Any] | None = None
 
 
 class Scaffold:
@@ -198,6 +230,9 @@ class Scaffold:
           if method.frozen_abstract is None else method.frozen_abstract
       self.shardings["frozen"] = sharding.state_shardings(frozen_abstract, mesh)
       abstract["frozen"] = frozen_abstract
+    elif method.frozen_init is not None:
+      self.shardings["frozen"] = sharding.state_shardings(method.frozen_abstract, mesh)
+    self.saves_frozen = method.frozen_init is None
     start = self.mgr.latest_step()
     self.extra: dict = {}
     if start is not None:
@@ -217,6 +252,8 @@ class Scaffold:
           state["frozen"] = jax.jit(method.frozen, out_shardings=self.shardings["frozen"])(
               params)
       start = 0
+    if method.frozen_init is not None:
+      state["frozen"] = method.frozen_init(self.shardings["frozen"])
     state["step"] = jax.device_put(jnp.int32(start), self.replicated)
     self.state, self.start = state, start
     self._pending: list[tuple[int, jax.Array]] = []
@@ -258,8 +295,10 @@ class Scaffold:
   def save(self, step: int, extra: dict | None = None) -> None:
     """The state, the data position (with the process count, for `iterator_state`), the run
     config and the method's JSON items."""
+    state = self.state if self.saves_frozen else \
+        {k: v for k, v in self.state.items() if k != "frozen"}
     checkpoints.save_train_state(
-        self.mgr, step, self.state,
+        self.mgr, step, state,
         data_iter={"iterator": self.it.get_state(), "process_count": jax.process_count()},
         config=self.config, extra=extra)
 

@@ -21,6 +21,7 @@ from flax import nnx
 from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, scaffold,
                                   sharding, train_log)
 from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
+from stable_alignment_jax.model import lora
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.tokenizer import load_tokenizer
 
@@ -43,17 +44,17 @@ def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0, shared
   b, k, t = batch["tokens"].shape
   tokens = batch["tokens"].reshape(b * k, t)
   loss_mask = batch["loss_mask"].reshape(b * k, t)
-  model = nnx.merge(graphdef, params)
+  model = merge(graphdef, params)
 
   # Each branch merges its own model: NNX refuses a module from outside a cond's trace.
   def unpacked(params):
-    return nnx.merge(graphdef, params).hidden(tokens)[0]
+    return merge(graphdef, params).hidden(tokens)[0]
 
   def packed(params):
     p, x = shared_prefix, batch["tokens"]
     rows = jnp.concatenate([x[:, 0, :p], x[:, :, p:].reshape(b, k * (t - p))], axis=1)
     positions = jnp.concatenate([jnp.arange(p), jnp.tile(jnp.arange(p, t), k)]).astype(jnp.int32)
-    h = nnx.merge(graphdef, params).hidden(
+    h = merge(graphdef, params).hidden(
         rows, positions=jnp.broadcast_to(positions, rows.shape), segments=(p, k))[0]
     d = h.shape[-1]
     prompt = jnp.broadcast_to(h[:, None, :p], (b, k, p, d))
@@ -68,6 +69,12 @@ def response_logprobs(graphdef, params, batch, *, logprob_chunk: int = 0, shared
   else:
     logp, n = losses.sequence_logprobs(model.logits(h), tokens, loss_mask)
   return logp.reshape(b, k), n.reshape(b, k)
+
+
+def merge(graphdef, params):
+  """The model of `params`: one state, or a tuple of states (a LoRA model's adapters and
+  frozen base) merged together."""
+  return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
 
 
 def shares_prefix(batch, p: int) -> jax.Array:
@@ -96,14 +103,16 @@ def table_needs_reference(table) -> bool:
 
 
 def batch_loss(params, batch, *, graphdef, table, ref_params=None, logprob_chunk=0,
-               shared_prefix=0):
-  """The loss of a [B, K, T] batch under `table` (`loss_by_kind`)."""
+               shared_prefix=0, ref_graphdef=None):
+  """The loss of a [B, K, T] batch under `table` (`loss_by_kind`); the reference is
+  `ref_params` merged with `ref_graphdef` (default: `graphdef`)."""
   logprobs = functools.partial(response_logprobs, logprob_chunk=logprob_chunk,
                                shared_prefix=shared_prefix)
   logp, n_tokens = logprobs(graphdef, params, batch)
   ref_logp = None
   if table_needs_reference(table):
-    ref_logp = jax.lax.stop_gradient(logprobs(graphdef, ref_params, batch)[0])
+    ref_logp = jax.lax.stop_gradient(logprobs(
+        graphdef if ref_graphdef is None else ref_graphdef, ref_params, batch)[0])
   return loss_by_kind(logp, n_tokens, batch, table, ref_logp)
 
 
@@ -157,25 +166,33 @@ def shared_prefix_for(setting: int, min_prompt_len: int, max_len: int) -> tuple[
 
 # --- the step ---------------------------------------------------------------------------------
 
-def preference_loss(params, frozen, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0):
-  """The method's `loss_fn` for the scaffold: `frozen` is the reference model (or None)."""
-  return batch_loss(params, batch, graphdef=graphdef, table=table, ref_params=frozen,
-                    logprob_chunk=logprob_chunk, shared_prefix=shared_prefix)
+def preference_loss(params, frozen, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0,
+                    lora_graphs=None):
+  """The method's `loss_fn` for the scaffold: `frozen` is the reference model (or None); under
+  LoRA (`lora_graphs`, model/lora.py) it is the base, the policy is base + adapters (`params`)
+  and the reference the base with adapters off."""
+  kw = dict(table=table, logprob_chunk=logprob_chunk, shared_prefix=shared_prefix)
+  if lora_graphs is None:
+    return batch_loss(params, batch, graphdef=graphdef, ref_params=frozen, **kw)
+  return batch_loss((params, frozen), batch, graphdef=lora_graphs.full, ref_params=frozen,
+                    ref_graphdef=lora_graphs.base, **kw)
 
 
 def train_step(state, batch, *, graphdef, tx, table, accum_steps, logprob_chunk=0,
-               shared_prefix=0):
+               shared_prefix=0, lora_graphs=None):
   """One optimizer update (`scaffold.train_step`); the batch is split into `accum_steps`
   micro-batches scanned in order."""
   loss_fn = functools.partial(preference_loss, graphdef=graphdef, table=table,
-                              logprob_chunk=logprob_chunk, shared_prefix=shared_prefix)
+                              logprob_chunk=logprob_chunk, shared_prefix=shared_prefix,
+                              lora_graphs=lora_graphs)
   return scaffold.train_step(state, batch, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps)
 
 
-def eval_step(state, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0):
-  loss, metrics = batch_loss(state["params"], batch, graphdef=graphdef, table=table,
-                             ref_params=state.get("frozen"), logprob_chunk=logprob_chunk,
-                             shared_prefix=shared_prefix)
+def eval_step(state, batch, *, graphdef, table, logprob_chunk=0, shared_prefix=0,
+              lora_graphs=None):
+  loss, metrics = preference_loss(state["params"], state.get("frozen"), batch, graphdef=graphdef,
+                                  table=table, logprob_chunk=logprob_chunk,
+                                  shared_prefix=shared_prefix, lora_graphs=lora_graphs)
   return dict(metrics, loss=loss)
 
 
@@ -192,6 +209,7 @@ def check_config(c: ml_collections.ConfigDict, explicit=None) -> None:
   keys the user set on the command line (see `checkpoints.fill_model_from_init`)."""
   # An unknown loss (also in loss.by_kind) or a bad loss.* value fails before any download.
   loss_table(c.loss, [""] + list(c.loss.get("by_kind") or {}))
+  scaffold.lora_config(c)  # a bad lora.* value too
   init = c.checkpoint.init_from
   if init:
     path = checkpoints.resolve(init)  # a hub id is downloaded here, before any compute
@@ -247,10 +265,23 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   graphdef, abstract = scaffold.abstract_model(cfg)
   needs_ref = table_needs_reference(table)
   it = iter(loader)
-  # The reference model (DPO-style losses) is the starting params, frozen beside them.
-  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(
-      abstract=abstract, init=lambda sh: scaffold.init_model(c, cfg, mesh, sh),
-      frozen=(lambda p: jax.tree.map(jnp.copy, p)) if needs_ref else None), it)
+  lcfg = scaffold.lora_config(c)
+  lora_graphs = None
+  if lcfg.enabled:
+    # LoRA: adapters trained, the base frozen (and the reference: adapters off).
+    lora_graphs = lora.graphs(cfg, lcfg)
+    graphdef = lora_graphs.full
+    method = scaffold.Method(
+        abstract=lora_graphs.adapters,
+        init=lambda sh: (scaffold.lora_adapters(c, cfg, lcfg, mesh, sh),
+                         f"fresh rank-{lcfg.rank} adapters"),
+        frozen_init=scaffold.lora_base(c, cfg, lcfg, mesh), frozen_abstract=lora_graphs.frozen)
+  else:
+    # The reference model (DPO-style losses) is the starting params, frozen beside them.
+    method = scaffold.Method(
+        abstract=abstract, init=lambda sh: scaffold.init_model(c, cfg, mesh, sh),
+        frozen=(lambda p: jax.tree.map(jnp.copy, p)) if needs_ref else None)
+  run_ = scaffold.Scaffold(c, mesh, tx, method, it)
   start, origin, ckpt_dir, state_sh = run_.start, run_.origin, run_.dir, run_.shardings
   run_.write_run_config(c, loader.stats)
   logging.info("stage %s: params from %s; %d steps, data %s", c.checkpoint.dir, origin, total,
@@ -272,16 +303,18 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   print(f"[{c.checkpoint.dir}] shared prefix {prefix} tokens ({why})", flush=True)
   step_fn = run_.jit_step(
       functools.partial(train_step, graphdef=graphdef, tx=tx, table=table,
-                        accum_steps=accum, logprob_chunk=chunk, shared_prefix=prefix), batch_sh)
+                        accum_steps=accum, logprob_chunk=chunk, shared_prefix=prefix,
+                        lora_graphs=lora_graphs), batch_sh)
 
   @functools.cache
   def eval_fn_for(kinds: tuple):  # the eval split's own kinds (the stage's data alone)
     eval_table = loss_table(c.loss, list(kinds))
-    if table_needs_reference(eval_table) and not needs_ref:
+    if table_needs_reference(eval_table) and not needs_ref and lora_graphs is None:
       raise ValueError(f"the eval split's kinds {kinds} take a loss with a reference model "
                        "that the training kinds do not; set train.eval_every=0 or data.mixture")
     return jax.jit(functools.partial(eval_step, graphdef=graphdef, table=eval_table,
-                                     logprob_chunk=chunk, shared_prefix=prefix),
+                                     logprob_chunk=chunk, shared_prefix=prefix,
+                                     lora_graphs=lora_graphs),
                    in_shardings=(state_sh, batch_sh))
   logger = train_log.Logger(ckpt_dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             reference=needs_ref,
