@@ -109,7 +109,7 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
     raise ValueError(f"checkpoint.init_from={init}: its model {_arch(prev)} differs from this "
                      f"config's model {_arch(cfg)}")
   abstract = abstract_model(cfg)[1]
-  params, step = checkpoints.restore_params(path, abstract, shardings)
+  params, step = checkpoints.restore_model_params(path, abstract, shardings, mesh=mesh)
   return params, f"{path} (step {step})"
 
 

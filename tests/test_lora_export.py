@@ -151,3 +151,141 @@ def test_adapter_writer_refuses_what_peft_would_misread(base, tmp_path):
   with pytest.raises(FileExistsError):
     peft_format.write_adapter(str(tmp_path / "c"), items, rank=RANK, alpha=ALPHA, dropout=0.0,
                               targets=TARGETS, base_model="x")
+
+
+# --- LoRA run directories: export, PEFT, loading for inference and as the next stage's start ---
+
+def lora_run(directory, base_dir, *, quantize="", seed=5, hf_base=None):
+  """A LoRA run directory as the trainer leaves one (Orbax `params` = the adapters alone,
+  run_config.json with `lora` and checkpoint.init_from = the base), its B random and nonzero.
+  hf_base: the HF directory at the bottom of the chain when base_dir is a run. Returns
+  (run_dir, cfg, lcfg, adapters)."""
+  import dataclasses
+  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.model import lora
+  cfg = dataclasses.replace(convert.read_hf_config(hf_base or base_dir), dtype="float32",
+                            param_dtype="float32")
+  lcfg = lora.LoraConfig(rank=RANK, alpha=ALPHA, quantize=quantize)
+  adapters = lora.init_adapters(cfg, lcfg, seed=seed)
+  pure = nnx.to_pure_dict(adapters)
+  rng = np.random.default_rng(seed)
+  pure = jax.tree_util.tree_map_with_path(
+      lambda p, x: (rng.normal(size=x.shape) * 0.2).astype(np.float32)
+      if jax.tree_util.keystr(p).endswith("['b']") else x, pure)
+  nnx.replace_by_pure_dict(adapters, pure)
+  run_dir = str(directory)
+  with checkpoints.manager(run_dir, async_save=False) as mgr:
+    checkpoints.save_train_state(mgr, 7, {"params": adapters}, data_iter={}, config={})
+    mgr.wait_until_finished()
+  run = {"seed": 0, "model": dataclasses.asdict(cfg), "data": {"tokenizer": "byte"},
+         "lora": {**dataclasses.asdict(lcfg), "targets": list(lcfg.targets)},
+         "checkpoint": {"init_from": base_dir, "dir": run_dir}}
+  with open(f"{run_dir}/run_config.json", "w") as f:
+    json.dump(run, f)
+  return run_dir, cfg, lcfg, adapters
+
+
+def lora_logits(cfg, lcfg, adapters, base_state, tokens):
+  """Our LoRA model's forward (adapters beside the weights, never merged; a quantized base
+  dequantized per layer): what training computes."""
+  from stable_alignment_jax.model import lora
+  g = lora.graphs(cfg, lcfg)
+  frozen = lora.frozen_base(cfg, lcfg, base_state)
+  logits, _ = lora.merged_model(g, adapters, frozen)(jnp.asarray(tokens))
+  return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def byte_base(tmp_path_factory):
+  """A random HF base whose vocabulary fits the byte tokenizer (384 ids)."""
+  path = tmp_path_factory.mktemp("byte_base")
+  hf_models.build("llama3_1", path, vocab_size=384)
+  graphdef, state = convert.load_hf(str(path), dtype="float32")
+  return str(path), graphdef, state
+
+
+def test_lora_run_exports_a_peft_adapter_and_a_merged_checkpoint(byte_base, tmp_path):
+  from peft import PeftModel
+  from stable_alignment_jax import checkpoints
+  path, graphdef, state = byte_base
+  run_dir, cfg, lcfg, adapters = lora_run(tmp_path / "run", path)
+  adapter = checkpoints.export_peft(run_dir, str(tmp_path / "adapter"))
+  assert json.load(open(f"{adapter}/adapter_config.json"))["base_model_name_or_path"] == path
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  model = PeftModel.from_pretrained(hf, adapter).eval()
+  tokens = np.random.default_rng(2).integers(0, 384, (2, T))
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.float().numpy()
+  ours = lora_logits(cfg, lcfg, adapters, state, tokens)
+  assert np.abs(ours - ref).max() <= 1e-4
+  assert np.abs(our_logits(graphdef, state, tokens) - ref).max() > 0.1  # adapters matter
+  # merged: the base's tensors + (alpha / r) lora_B @ lora_A, with numpy from the two files
+  checkpoints.export_hf(run_dir, str(tmp_path / "merged"), tokenizer="")
+  merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  orig = load_file(f"{path}/model.safetensors")
+  lora_t = load_file(f"{adapter}/adapter_model.safetensors")
+  assert sorted(merged) == sorted(orig)
+  changed = 0
+  for name, w in orig.items():
+    a_name = f"base_model.model.{name[:-len('.weight')]}.lora_A.weight"
+    if a_name in lora_t:
+      w = w + (ALPHA / RANK) * (lora_t[a_name.replace("lora_A", "lora_B")] @ lora_t[a_name])
+      changed += 1
+    np.testing.assert_allclose(merged[name], w, rtol=1e-5, atol=1e-5, err_msg=name)
+  assert changed == 2 * len(TARGETS)
+
+
+def test_peft_export_refuses_a_run_without_an_hf_base(byte_base, tmp_path):
+  from stable_alignment_jax import checkpoints
+  path, _, state = byte_base
+  first, *_ = lora_run(tmp_path / "first", path)
+  second, *_ = lora_run(tmp_path / "second", first, hf_base=path)  # LoRA on a LoRA stage
+  with pytest.raises(ValueError, match="itself a LoRA run"):
+    checkpoints.export_peft(second, str(tmp_path / "adapter"))
+  with pytest.raises(ValueError, match="not a LoRA run"):
+    checkpoints.save_model(convert.read_hf_config(path), state, str(tmp_path / "full"))
+    checkpoints.export_peft(str(tmp_path / "full"), str(tmp_path / "adapter"))
+
+
+@pytest.mark.parametrize("quantize", ["", "nf4"])
+def test_a_lora_run_loads_merged_for_inference_and_as_a_next_stage(byte_base, tmp_path,
+                                                                   quantize):
+  """load_model (serve, generate, SANDBOX, eval), TextSampler and init_from all get the base
+  + adapters, computing what the LoRA model computed in training (QLoRA: on its dequantized
+  base); a LoRA stage on top of that run stacks on the merged model."""
+  from stable_alignment_jax import checkpoints, scaffold, sharding
+  from stable_alignment_jax.model import lora
+  from stable_alignment_jax.generate import SamplingParams
+  from stable_alignment_jax.text_sampler import TextSampler
+  from configs import stage2
+  path, _, state = byte_base
+  run_dir, cfg, lcfg, adapters = lora_run(tmp_path / "run", path, quantize=quantize)
+  tokens = np.random.default_rng(3).integers(0, 384, (2, T))
+  want = lora_logits(cfg, lcfg, adapters, state, tokens)
+  graphdef, merged = checkpoints.load_model(run_dir, dtype="float32")
+  assert np.abs(our_logits(graphdef, merged, tokens) - want).max() <= 1e-4
+  # the next stage starting from the LoRA run gets the same merged weights
+  c = stage2.get_config("tiny")
+  c.checkpoint.init_from = run_dir
+  checkpoints.fill_model_from_init(c)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  params, origin = scaffold.init_model(c, scaffold.model_config(c), mesh)
+  assert run_dir in origin
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a LoRA stage on top of it: merged = its base (the merged run) + its own adapters
+  second, _, _, ad2 = lora_run(tmp_path / "second", run_dir, seed=9, hf_base=path)
+  g2, merged2 = checkpoints.load_model(second, dtype="float32")
+  want2 = lora_logits(cfg, lora.LoraConfig(rank=RANK, alpha=ALPHA), ad2, merged, tokens)
+  assert np.abs(our_logits(g2, merged2, tokens) - want2).max() <= 1e-4
+  if quantize:
+    return
+  # TextSampler on the run directory = on its merged HF export: the same greedy tokens
+  checkpoints.export_hf(run_dir, str(tmp_path / "merged_hf"), tokenizer="")
+  sp = SamplingParams(max_new_tokens=12)
+  prompts = ["Hello there", "What is 2+2?"]
+  got = [c.token_ids for c in TextSampler.load(run_dir, tokenizer="byte", dtype="float32"
+                                                ).complete(prompts, sp)]
+  ref = [c.token_ids for c in TextSampler.load(str(tmp_path / "merged_hf"), tokenizer="byte",
+                                                dtype="float32").complete(prompts, sp)]
+  assert got == ref and all(got)
