@@ -103,8 +103,11 @@ def lora_adapter_shapes(cfg: ModelConfig, rank: int, targets) -> dict:
 
 def frozen_base_bytes(abstract, cfg: ModelConfig, lora: dict, mesh_sizes: dict[str, int]) -> int:
   """Per-device bytes of the frozen base under LoRA: every weight as in the full model, except
-  that with lora.quantize the targeted projections hold `QUANT_BITS` bits an element plus a
-  float32 scale per lora.quant_block elements (sharded as the weight they replace)."""
+  that with lora.quantize every projection of every layer (all seven, whatever lora.targets
+  says: model/lora.py quantizes the whole base) holds `QUANT_BITS` bits an element plus a
+  float32 scale per lora.quant_block elements, sharded as the weight it replaces. nf4 codes are
+  counted packed, two a byte (jnp.uint4; a backend that keeps a byte per code holds the int8
+  figure)."""
   per_dev, _ = leaf_bytes_per_device(abstract, mesh_sizes)
   quant = lora.get("quantize", "")
   if not quant:
@@ -112,17 +115,15 @@ def frozen_base_bytes(abstract, cfg: ModelConfig, lora: dict, mesh_sizes: dict[s
   if quant not in QUANT_BITS:
     raise ValueError(f"config.lora.quantize={quant!r}: expected '', 'int8' or 'nf4'")
   block = int(lora.get("quant_block", 64))
-  flat = {jax.tree_util.keystr(path, simple=True, separator="/"): var
-          for path, var in jax.tree_util.tree_flatten_with_path(
-              abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
-  for t in _target_shapes(cfg, lora.get("targets", tuple(LORA_TARGETS))):
-    sub = "/".join(LORA_TARGETS[t][0])
-    for name, var in flat.items():
-      if not name.endswith(sub) or not name.startswith("layers"):
-        continue
-      one, _ = leaf_bytes_per_device({"w": var}, mesh_sizes)
-      elems = one // np.dtype(var.get_value().dtype).itemsize
-      per_dev += elems * QUANT_BITS[quant] // 8 + -(-elems // block) * SCALE_BYTES - one
+  projections = tuple("/".join(sub) for sub, _ in LORA_TARGETS.values())
+  for path, var in jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if not name.startswith("layers/") or not name.endswith(projections):
+      continue
+    one, _ = leaf_bytes_per_device({"w": var}, mesh_sizes)
+    elems = one // np.dtype(var.get_value().dtype).itemsize
+    per_dev += elems * QUANT_BITS[quant] // 8 + -(-elems // block) * SCALE_BYTES - one
   return per_dev
 
 

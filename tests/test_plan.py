@@ -254,7 +254,18 @@ def test_lora_and_qlora_bytes_equal_a_hand_count(quantize, base_bytes):
   assert m["params"] == m["gradients"] == adapters
   assert m["optimizer"] == pytest.approx(2 * adapters, abs=64)
   assert m["frozen_base"] == base_bytes
+  if quantize != "nf4":  # the trainer's own frozen tree (numpy keeps a byte per uint4 code)
+    from stable_alignment_jax import budget
+    from stable_alignment_jax.model import lora
+    g = lora.graphs(ModelConfig.from_dict(c.model), lora.LoraConfig.from_config(c.lora))
+    assert budget.leaf_bytes_per_device(g.frozen, {"data": 1, "fsdp": 1, "tensor": 1})[0] == \
+        base_bytes
   assert m["reference"] == 0  # the reference is the base with the adapters off
+  # model/lora.py quantizes every projection of the base, whichever ones carry adapters
+  with c.unlocked():
+    c.lora.targets = ("q_proj",)
+  q_only = _one_device(c)["bytes_per_device"]
+  assert q_only["frozen_base"] == base_bytes and q_only["params"] == 4 * 2 * 4 * (64 + 64)
   full = _one_device(plan.with_lora(c, 0))["bytes_per_device"]
   assert full["frozen_base"] == 0 and full["reference"] == full["params"] == 4 * _TINY_PARAMS
 
