@@ -9,13 +9,15 @@ different process count) is Orbax's job: every array restores straight into its 
 `load_model(spec)` gives (graphdef, state) for the sandbox, serving and eval:
   "random:<preset>[:seed]"  a freshly initialised preset (tests, smoke runs)
   <HF directory>            config.json + *.safetensors (through model/convert.py)
-  <run directory>           the latest step's params of one of our runs
+  <run directory>           the latest step's params of one of our runs; of a LoRA run
+                            (lora.rank > 0 in its run_config.json: its params are the adapters
+                            alone) the base its checkpoint.init_from names, adapters merged in
 Its compute dtype is `compute_dtype`'s choice, logged on stderr as one line per load.
 
 Every checkpoint the project writes is a run directory: training runs, and HF models imported
 with `python -m stable_alignment_jax.convert` (`save_model`: `run_config.json` with the model
 and tokenizer, step 0 with the one item `params`). `export_hf` writes any run directory back out
-as an HF directory.
+as an HF directory (a LoRA run merged), `export_peft` a LoRA run's adapters in PEFT's format.
 """
 
 import dataclasses

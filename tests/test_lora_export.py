@@ -289,3 +289,23 @@ def test_a_lora_run_loads_merged_for_inference_and_as_a_next_stage(byte_base, tm
   ref = [c.token_ids for c in TextSampler.load(str(tmp_path / "merged_hf"), tokenizer="byte",
                                                 dtype="float32").complete(prompts, sp)]
   assert got == ref and all(got)
+
+
+def test_convert_cli_writes_the_adapter_and_the_merged_model(byte_base, tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+  import subproc
+  path, _, _ = byte_base
+  run_dir, *_ = lora_run(tmp_path / "run", path)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.convert", f"--from={run_dir}",
+                      f"--to_peft={tmp_path / 'peft'}", f"--to_hf={tmp_path / 'hf'}"],
+                     cwd=root, env=subproc.jax_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+  assert (tmp_path / "hf" / "model.safetensors").exists()
+  r = subprocess.run([sys.executable, "-m", "stable_alignment_jax.convert", f"--from={path}",
+                      f"--to_peft={tmp_path / 'x'}"], cwd=root, env=subproc.jax_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "convert: error:" in r.stderr and "run_config.json" in r.stderr
