@@ -33,6 +33,7 @@ from stable_alignment_jax import (checkpoints, data, data_lengths, losses, optim
 from stable_alignment_jax import ppo_losses as pl
 from stable_alignment_jax.contracts import bucket
 from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.model import lora
 from stable_alignment_jax.tokenizer import load_tokenizer
 
 # --- programmatic rewards (tests, smoke runs): (prompts, responses) -> scores [N] -------------
@@ -58,9 +59,11 @@ def token_logprobs(model, h, tokens, logprob_chunk: int):
   return pl.token_logprobs(model.logits(h[:, :-1]), tokens[:, 1:])
 
 
-def policy_forward(graphdef, params, tokens, logprob_chunk: int = 0):
-  """Log-probs of tokens[:, 1:] and the values of the states before them: [N, T-1] each."""
-  model = nnx.merge(graphdef, params["policy"])
+def policy_forward(graphdef, params, tokens, logprob_chunk: int = 0, frozen=None):
+  """Log-probs of tokens[:, 1:] and the values of the states before them: [N, T-1] each.
+  Under LoRA params["policy"] holds the adapters and `frozen` the base they sit on."""
+  policy = (params["policy"],) if frozen is None else (params["policy"], frozen)
+  model = nnx.merge(graphdef, *policy)
   h, _ = model.hidden(tokens)
   logp = token_logprobs(model, h, tokens, logprob_chunk)
   return logp, reward.apply_head(params["value_head"], h[:, :-1])
@@ -77,12 +80,18 @@ def in_chunks(fn, xs, chunk: int):
 
 
 def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, gamma, lam,
-               cliprange_reward, chunk, logprob_chunk=0):
+               cliprange_reward, chunk, logprob_chunk=0, lora_graphs=None):
   """A sampled batch -> the rollout PPO trains on. tokens [N, T]; mask [N, T-1] on sampled
-  tokens (action frame); scores [N]. The forwards run `chunk` rows at a time."""
+  tokens (action frame); scores [N]. The forwards run `chunk` rows at a time. Under LoRA
+  (`lora_graphs`) ref_policy is the frozen base: the policy is it with the adapters on, pi_ref
+  it with them off."""
   def forwards(tok):
-    logp, values = policy_forward(graphdef, params, tok, logprob_chunk)
-    ref = nnx.merge(graphdef, ref_policy)
+    if lora_graphs is None:
+      logp, values = policy_forward(graphdef, params, tok, logprob_chunk)
+      ref = nnx.merge(graphdef, ref_policy)
+    else:
+      logp, values = policy_forward(lora_graphs.full, params, tok, logprob_chunk, ref_policy)
+      ref = nnx.merge(lora_graphs.base, ref_policy)
     return logp, values, token_logprobs(ref, ref.hidden(tok)[0], tok, logprob_chunk)
 
   logp, values, ref_logp = in_chunks(forwards, tokens, chunk)
@@ -101,8 +110,9 @@ def experience(params, ref_policy, tokens, mask, scores, kl_coef, *, graphdef, g
   return rollout, metrics
 
 
-def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef, logprob_chunk=0):
-  logp, values = policy_forward(graphdef, params, mb["tokens"], logprob_chunk)
+def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef, logprob_chunk=0,
+             frozen=None):
+  logp, values = policy_forward(graphdef, params, mb["tokens"], logprob_chunk, frozen)
   pg, pg_m = pl.policy_loss(logp=logp, old_logp=mb["old_logp"], advantages=mb["advantages"],
                             mask=mb["mask"], cliprange=cliprange)
   vf, vf_m = pl.value_loss(values=values, old_values=mb["old_values"], returns=mb["returns"],
@@ -110,11 +120,14 @@ def ppo_loss(params, mb, *, graphdef, cliprange, cliprange_value, vf_coef, logpr
   return pg + vf_coef * vf, {"pg_loss": pg, "vf_loss": vf, **pg_m, **vf_m}
 
 
-def update(state, rollout, key, *, graphdef, tx, epochs, minibatch, loss_kw):
+def update(state, rollout, key, *, graphdef, tx, epochs, minibatch, loss_kw, lora=False):
   """`epochs` passes over the rollout in shuffled minibatches, one optimizer step each (the
-  scaffold's `optimizer_step`, as the other methods take theirs); one iteration counted."""
+  scaffold's `optimizer_step`, as the other methods take theirs); one iteration counted.
+  lora: the policy is the frozen tree with params["policy"]'s adapters on (graphdef: the
+  LoRA model's); else the frozen tree is pi_ref, unused here."""
   n = rollout["tokens"].shape[0]
-  loss_fn = lambda params, frozen, mb: ppo_loss(params, mb, graphdef=graphdef, **loss_kw)
+  loss_fn = lambda params, frozen, mb: ppo_loss(params, mb, graphdef=graphdef,
+                                                frozen=frozen if lora else None, **loss_kw)
 
   def one(state, mb):
     return scaffold.optimizer_step(state, mb, loss_fn=loss_fn, tx=tx)
@@ -215,10 +228,29 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
     head = jax.device_put(reward.init_head(cfg.dim), sh["value_head"])
     return {"policy": policy, "value_head": head}, origin
 
-  # pi_ref, the starting policy, is the state's frozen tree.
-  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(
-      abstract=abstract, init=init, frozen=lambda params: jax.tree.map(jnp.copy, params["policy"]),
-      frozen_abstract=abstract_policy, extra=("ppo",)), it)
+  lcfg = scaffold.lora_config(c)
+  lora_graphs = None
+  plain_graphdef = graphdef
+  if lcfg.enabled:
+    # LoRA: the policy's adapters and the value head train; the frozen tree is the base, which
+    # with the adapters off is pi_ref.
+    lora_graphs = lora.graphs(cfg, lcfg)
+    graphdef = lora_graphs.full
+    abstract = {"policy": lora_graphs.adapters, "value_head": abstract["value_head"]}
+
+    def init(sh):  # noqa: F811  (the LoRA init)
+      head = jax.device_put(reward.init_head(cfg.dim), sh["value_head"])
+      return ({"policy": scaffold.lora_adapters(c, cfg, lcfg, mesh, sh["policy"]),
+               "value_head": head}, f"fresh rank-{lcfg.rank} adapters and value head")
+    method = scaffold.Method(abstract=abstract, init=init, frozen_abstract=lora_graphs.frozen,
+                             frozen_init=scaffold.lora_base(c, cfg, lcfg, mesh), extra=("ppo",))
+  else:
+    # pi_ref, the starting policy, is the state's frozen tree.
+    method = scaffold.Method(
+        abstract=abstract, init=init,
+        frozen=lambda params: jax.tree.map(jnp.copy, params["policy"]),
+        frozen_abstract=abstract_policy, extra=("ppo",))
+  run_ = scaffold.Scaffold(c, mesh, tx, method, it)
   start, origin = run_.start, run_.origin
   if run_.extra:
     kl_coef = float(run_.extra["ppo"]["kl_coef"])
@@ -240,16 +272,23 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
              "advantages": row(2), "returns": row(2)}
   exp_fn = jax.jit(functools.partial(experience, graphdef=graphdef, gamma=p.gamma, lam=p.lam,
                                      cliprange_reward=p.cliprange_reward, chunk=p.minibatch,
-                                     logprob_chunk=logprob_chunk),
-                   in_shardings=(param_sh, param_sh["policy"], row(2), row(2), row(1), rep),
+                                     logprob_chunk=logprob_chunk, lora_graphs=lora_graphs),
+                   in_shardings=(param_sh, run_.shardings["frozen"], row(2), row(2), row(1), rep),
                    out_shardings=(roll_sh, None))
   upd_fn = jax.jit(functools.partial(
       update, graphdef=graphdef, tx=tx, epochs=p.epochs, minibatch=p.minibatch,
       loss_kw=dict(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
-                   logprob_chunk=logprob_chunk)),
+                   logprob_chunk=logprob_chunk), lora=lora_graphs is not None),
       in_shardings=(run_.shardings, roll_sh, rep), out_shardings=(run_.shardings, None),
       donate_argnums=0)
   logger = train_log.Logger(run_.dir, cfg, mesh, tensorboard=c.train.tensorboard)
+  if lora_graphs is None:
+    policy_state = lambda: run_.state["params"]["policy"]
+  else:  # the sampler decodes a plain model: the adapters merged into (a copy of) the base
+    merge_fn = jax.jit(
+        lambda f, a: lora.merge(f, a, lcfg, cfg if lcfg.quantize else None),
+        out_shardings=sharding.state_shardings(abstract_policy, mesh))
+    policy_state = lambda: merge_fn(run_.state["frozen"], run_.state["params"]["policy"])
 
   history, last = [], {}
   sampling = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
@@ -261,7 +300,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
       prompts = prompts_of(next(it))
       key, k_sample, k_update = jax.random.split(key, 3)
       seeds = np.asarray(jax.random.randint(k_sample, (len(prompts),), 0, 2**31 - 1))
-      sampler = Sampler(graphdef, run_.state["params"]["policy"], eos_id=tok.stop_ids,
+      sampler = Sampler(plain_graphdef, policy_state(), eos_id=tok.stop_ids,
                         pad_id=tok.pad_id, mesh=mesh, min_batch=len(prompts))
       responses = sampler.generate(prompts, [SamplingParams(**sampling, seed=int(s))
                                              for s in seeds])
@@ -289,7 +328,7 @@ def run(c: ml_collections.ConfigDict, *, stop_after: int = 0) -> dict[str, Any]:
   run_.close()
   logger.close()
   return {"dir": run_.dir, "start": start, "origin": origin, "history": history,
-          "state": run_.state,
+          "state": run_.state, "policy": policy_state(),
           "graphdef": graphdef, "kl_coef": kl_coef, "last_rollout": last}
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from stable_alignment_jax import (checkpoints, data, data_lengths, optim, scaffold, sharding,
                                   train_log)
+from stable_alignment_jax.model import lora
 from stable_alignment_jax.model.presets import ModelConfig
 from stable_alignment_jax.ppo_losses import last_index, masked_mean
 from stable_alignment_jax.tokenizer import load_tokenizer
@@ -59,9 +60,11 @@ def init_trunk(c: ml_collections.ConfigDict, mesh, spec: str | None = None):
   return abstract_trunk(cfg)[0], params, origin
 
 
-def sequence_scores(graphdef, params, tokens, loss_mask):
-  """Reward of each row of tokens [N, T] at its last loss-mask token. [N] f32."""
-  h, _ = nnx.merge(graphdef, params["trunk"]).hidden(tokens)
+def sequence_scores(graphdef, params, tokens, loss_mask, frozen=None):
+  """Reward of each row of tokens [N, T] at its last loss-mask token. [N] f32. Under LoRA
+  params["trunk"] holds the adapters and `frozen` the base they sit on."""
+  trunk = (params["trunk"],) if frozen is None else (params["trunk"], frozen)
+  h, _ = nnx.merge(graphdef, *trunk).hidden(tokens)
   idx = last_index(loss_mask)
   h_last = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
   return apply_head(params["head"], h_last)
@@ -87,23 +90,22 @@ def bradley_terry(*, scores, ratings, response_mask):
                 "pairs": jnp.sum(w)}
 
 
-def batch_loss(params, batch, *, graphdef):
+def batch_loss(params, batch, *, graphdef, frozen=None):
   b, k, t = batch["tokens"].shape
   s = sequence_scores(graphdef, params, batch["tokens"].reshape(b * k, t),
-                      batch["loss_mask"].reshape(b * k, t)).reshape(b, k)
+                      batch["loss_mask"].reshape(b * k, t), frozen).reshape(b, k)
   loss, metrics = bradley_terry(scores=s, ratings=batch["ratings"],
                                 response_mask=batch["response_mask"])
   return loss, dict(metrics, reward_mean=masked_mean(s, batch["response_mask"]))
 
 
 def reward_loss(params, frozen, batch, *, graphdef):
-  """The method's `loss_fn` for the scaffold (no frozen tree)."""
-  del frozen
-  return batch_loss(params, batch, graphdef=graphdef)
+  """The method's `loss_fn` for the scaffold (frozen: None, or the LoRA base)."""
+  return batch_loss(params, batch, graphdef=graphdef, frozen=frozen)
 
 
-def eval_step(params, batch, *, graphdef):
-  loss, metrics = batch_loss(params, batch, graphdef=graphdef)
+def eval_step(params, frozen, batch, *, graphdef):
+  loss, metrics = batch_loss(params, batch, graphdef=graphdef, frozen=frozen)
   return dict(metrics, loss=loss)
 
 
@@ -133,10 +135,31 @@ def load(directory: str, *, mesh, dtype: str | None = None):
   fields = dict(run["model"])
   if dtype:
     fields["dtype"] = dtype
-  graphdef, abstract = abstract_params(ModelConfig.from_dict(fields))
+  cfg = ModelConfig.from_dict(fields)
+  lcfg = scaffold.lora_config(ml_collections.ConfigDict(run))
+  if lcfg.enabled:
+    return _load_lora(directory, run, cfg, lcfg, mesh)
+  graphdef, abstract = abstract_params(cfg)
   params, _ = checkpoints.restore_params(directory, abstract,
                                          sharding.state_shardings(abstract, mesh))
   return graphdef, params
+
+
+def _load_lora(directory, run, cfg, lcfg, mesh):
+  """A LoRA reward run: its base rebuilt from the run's checkpoint.init_from, its adapters
+  and head restored, the adapters merged into a plain trunk."""
+  g = lora.graphs(cfg, lcfg)
+  abstract = {"trunk": g.adapters, "head": abstract_head(cfg.dim)}
+  params, _ = checkpoints.restore_params(directory, abstract,
+                                         sharding.state_shardings(abstract, mesh))
+  c = ml_collections.ConfigDict(run)
+  frozen = scaffold.lora_base(c, cfg, lcfg, mesh)(
+      sharding.state_shardings(g.frozen, mesh))
+  graphdef, plain = abstract_trunk(cfg)
+  with sharding.activate(mesh):
+    trunk = jax.jit(lambda f, a: lora.merge(f, a, lcfg, cfg if lcfg.quantize else None),
+                    out_shardings=sharding.state_shardings(plain, mesh))(frozen, params["trunk"])
+  return graphdef, {"trunk": trunk, "head": params["head"]}
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -177,8 +200,21 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
     trunk, origin = scaffold.init_model(c, cfg, mesh, sh["trunk"])
     return {"trunk": trunk, "head": jax.device_put(init_head(cfg.dim), sh["head"])}, origin
 
+  lcfg = scaffold.lora_config(c)
+  if lcfg.enabled:  # adapters and the head trained, the trunk's base frozen
+    g = lora.graphs(cfg, lcfg)
+    graphdef, abstract = g.full, {"trunk": g.adapters, "head": abstract["head"]}
+
+    def init(sh):  # noqa: F811  (the LoRA init)
+      return ({"trunk": scaffold.lora_adapters(c, cfg, lcfg, mesh, sh["trunk"]),
+               "head": jax.device_put(init_head(cfg.dim), sh["head"])},
+              f"fresh rank-{lcfg.rank} adapters and head")
+    method = scaffold.Method(abstract=abstract, init=init, frozen_abstract=g.frozen,
+                             frozen_init=scaffold.lora_base(c, cfg, lcfg, mesh))
+  else:
+    method = scaffold.Method(abstract=abstract, init=init)
   it = iter(loader)
-  run_ = scaffold.Scaffold(c, mesh, tx, scaffold.Method(abstract=abstract, init=init), it)
+  run_ = scaffold.Scaffold(c, mesh, tx, method, it)
   start, origin = run_.start, run_.origin
   # The run records the model it trained.
   c.model = ml_collections.ConfigDict({f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
@@ -191,8 +227,11 @@ def run(c: ml_collections.ConfigDict) -> dict[str, Any]:
   step_fn = run_.jit_step(functools.partial(
       scaffold.train_step, loss_fn=functools.partial(reward_loss, graphdef=graphdef), tx=tx),
       batch_sh)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                    in_shardings=(run_.shardings["params"], batch_sh))
+  eval_jit = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                     in_shardings=(run_.shardings["params"], run_.shardings.get("frozen"),
+                                   batch_sh))
+  # The frozen tree is read at each call: the train step donates and returns the whole state.
+  eval_fn = lambda params, batch: eval_jit(params, run_.state.get("frozen"), batch)
   logger = train_log.Logger(run_.dir, cfg, mesh, tensorboard=c.train.tensorboard,
                             peak_flops_per_device=c.train.peak_flops_per_device)
 

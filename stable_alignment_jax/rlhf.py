@@ -83,7 +83,7 @@ def train_reward(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return _write(os.path.join(s["dir"], SUMMARY), out)
 
 
-def export_policy(ppo_dir: str, state: dict, *, source: str) -> str:
+def export_policy(ppo_dir: str, policy, *, source: str) -> str:
   """PPO's policy as a plain run directory `{ppo_dir}/policy` (model and tokenizer of the PPO
   run's own record). Written beside, then renamed: a kill leaves no directory that looks done."""
   run = checkpoints.read_run_config(ppo_dir)
@@ -93,7 +93,7 @@ def export_policy(ppo_dir: str, state: dict, *, source: str) -> str:
   for d in (partial, out):  # leftovers of a killed export (no summary was written after them)
     if os.path.exists(d):
       shutil.rmtree(d)
-  checkpoints.save_model(cfg, state["params"]["policy"], partial,
+  checkpoints.save_model(cfg, policy, partial,
                          tokenizer=run["data"]["tokenizer"], source=source)
   os.replace(partial, out)
   return out
@@ -106,7 +106,8 @@ def train_policy(c: ml_collections.ConfigDict) -> dict[str, Any]:
     return done
   s = ppo.run(c)
   steps = c.train.steps
-  policy = export_policy(s["dir"], s["state"],
+  # ppo.run's plain policy state (under LoRA the adapters merged into the base).
+  policy = export_policy(s["dir"], s["policy"],
                          source=f"ppo {s['dir']} iteration {steps} (init {c.checkpoint.init_from})")
   # The whole run's iterations, also those of a run killed and resumed (metrics.jsonl).
   history = sorted((r for r in _log_records(s["dir"]) if r.get("split") == "train"),

@@ -80,8 +80,9 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   """(params, origin) of the LLaMA a run starts from, every weight born on its sharding.
 
   checkpoint.init_from: "" = a random init of `cfg` (seed config.seed); random:<preset>[:seed];
-  an HF directory or hub id; a previous run's directory (its latest params). A checkpoint must
-  describe `cfg`'s architecture (config.model was filled from it)."""
+  an HF directory or hub id; a previous run's directory (its latest params; a LoRA stage's: its
+  base with the adapters merged in). A checkpoint must describe `cfg`'s architecture
+  (config.model was filled from it)."""
   init = c.checkpoint.init_from
   if shardings is None:
     shardings = sharding.state_shardings(abstract_model(cfg)[1], mesh)
@@ -104,13 +105,39 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint.init_from={init!r}: no such directory (expected a "
                             "previous run directory, an HF LLaMA directory or hub id)")
-  prev = ModelConfig.from_dict(checkpoints.read_run_config(path)["model"])
+  run = checkpoints.read_run_config(path)
+  prev = ModelConfig.from_dict(run["model"])
   if _arch(prev) != _arch(cfg):
     raise ValueError(f"checkpoint.init_from={init}: its model {_arch(prev)} differs from this "
                      f"config's model {_arch(cfg)}")
+  if lora_config(ml_collections.ConfigDict(run)).enabled:
+    return _merged_lora_run(path, run, cfg, mesh, shardings)
   abstract = abstract_model(cfg)[1]
   params, step = checkpoints.restore_model_params(path, abstract, shardings, mesh=mesh)
   return params, f"{path} (step {step})"
+
+
+def _merged_lora_run(path: str, run: dict, cfg: ModelConfig, mesh, shardings):
+  """A LoRA stage's run directory as a plain model (the next stage's start): its base rebuilt
+  from the run's own checkpoint.init_from (itself possibly a LoRA run), its adapters merged in.
+  A QLoRA run merges into the dequantized base, the weights its adapters were trained on."""
+  rc = ml_collections.ConfigDict(run)
+  lcfg = lora_config(rc)
+  if run.get("method", "preference") != "preference":
+    raise ValueError(f"checkpoint.init_from={path}: a LoRA {run.get('method')} run; start from "
+                     "a preference stage's run directory (or PPO's exported policy)")
+  abstract = lora_lib.graphs(cfg, lcfg).adapters
+  adapters, step = checkpoints.restore_params(path, abstract,
+                                              sharding.state_shardings(abstract, mesh))
+  base, origin = init_model(rc, cfg, mesh)
+
+  def merged(base, adapters):
+    if lcfg.quantize:
+      return lora_lib.merge(lora_lib.frozen_base(cfg, lcfg, base), adapters, lcfg, cfg)
+    return lora_lib.merge(base, adapters, lcfg)
+  with sharding.activate(mesh):
+    params = jax.jit(merged, out_shardings=shardings)(base, adapters)
+  return params, f"{path} (step {step}: rank-{lcfg.rank} adapters merged into {origin})"
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:

@@ -1,6 +1,7 @@
 """The training scaffold every method shares: the data-position translation, the frozen tree's
 seam, `main` running any method's config, and a SIGKILL at a random step resuming bitwise for
-every method: a preference stage, the reward model and PPO."""
+every method: a preference stage, the reward model and PPO, and LoRA runs (QLoRA DPO, LoRA
+PPO)."""
 
 import json
 import pathlib
@@ -90,7 +91,7 @@ def _kill_resume(tmp_path, config, steps, extra, keys):
                     *extra]
   killed = tmp_path / "killed"
   proc = _main(args(killed))
-  deadline = time.time() + 300
+  deadline = time.time() + 900  # a cold compile on a loaded 2-core machine takes minutes
   while not (killed / "4").is_dir():  # a checkpoint is complete once renamed
     assert proc.poll() is None, proc.stdout.read()
     assert time.time() < deadline, "no second checkpoint in time"
@@ -123,3 +124,22 @@ def test_reward_model_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   _kill_resume(tmp_path, "configs/ppo.py:tiny", 16, [],
                ("loss", "score", "kl", "kl_coef", "rollout_crc"))
+
+
+def test_qlora_dpo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+  # LoRA on an nf4 base with DPO's adapters-off reference: the run directory holds the adapters
+  # (params) and their moments, never the base (no `frozen` item); resume rebuilds the base from
+  # init_from (here the seeded random init) and continues bit for bit.
+  _kill_resume(tmp_path, "configs/dpo.py:tiny", 12,
+               ["--config.train.eval_every=0", "--config.lora.rank=8",
+                "--config.lora.quantize=nf4"], ("loss", "accuracy", "grad_norm"))
+  step = tmp_path / "killed" / "4"
+  assert (step / "params").is_dir() and not (step / "frozen").exists()
+  run = json.loads((tmp_path / "killed" / "run_config.json").read_text())
+  assert run["lora"]["rank"] == 8 and run["lora"]["quantize"] == "nf4"
+
+
+def test_lora_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+  _kill_resume(tmp_path, "configs/ppo.py:tiny", 8, ["--config.lora.rank=8"],
+               ("loss", "score", "kl", "kl_coef", "rollout_crc"))
+  assert not (tmp_path / "killed" / "4" / "frozen").exists()
