@@ -233,6 +233,9 @@ def restore_model_params(directory: str, abstract, shardings, *, mesh=None):
   run = read_run_config(directory)
   if lora_of(run) is None:
     return restore_params(directory, abstract, shardings)
+  if run.get("method", "preference") != "preference":
+    raise ValueError(f"{directory}: a LoRA {run.get('method')} run (its params are adapters and "
+                     "a head); load a preference stage's run directory, or PPO's exported policy")
   return lora_state(directory, abstract, shardings, mesh=mesh)
 
 

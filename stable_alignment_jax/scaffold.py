@@ -113,7 +113,7 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   if lora_config(ml_collections.ConfigDict(run)).enabled:
     return _merged_lora_run(path, run, cfg, mesh, shardings)
   abstract = abstract_model(cfg)[1]
-  params, step = checkpoints.restore_model_params(path, abstract, shardings, mesh=mesh)
+  params, step = checkpoints.restore_params(path, abstract, shardings)
   return params, f"{path} (step {step})"
 
 
