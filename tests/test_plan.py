@@ -116,6 +116,9 @@ def test_flops_follow_palm_and_remat():
   full = dict(_tiny("full").model)
   model_f, hw_f = flops.step_flops(ModelConfig.from_dict(full), 1000, 100, reference=False)
   assert model_f == model and hw_f == pytest.approx(model * 4 / 3)
+  # LoRA: a frozen base gets no weight gradients, 4 N per token for the weights (not 6 N)
+  lora_model, _ = flops.step_flops(cfg, 1000, 100, reference=False, frozen_base=True)
+  assert lora_model == 4 * n * 1000 + 12 * cfg.n_layers * cfg.dim * 100 * 1000
 
 
 def test_a_tied_head_is_still_a_matmul():
