@@ -57,8 +57,10 @@ setup(
         # gguf: reading the shared SmolLM2 file; import-linter: the layering contracts;
         # pytest-xdist: pytest.ini runs the suite in two workers. trl: the peers' loss code the
         # new losses are checked against; its CPO/ORPO trainers live in trl.experimental, which
-        # may move between minor releases, hence the narrow range.
+        # may move between minor releases, hence the narrow range. peft: loads our exported
+        # LoRA adapters onto the HF base (the format's reference reader).
         "test": ["pytest>=8,<10", "torch==2.13.0", "chex>=0.1.90,<0.2", "gguf>=0.10,<1",
-                 "import-linter>=2.1,<3", "pytest-xdist>=3.6,<4", "trl>=1.16,<1.17"],
+                 "import-linter>=2.1,<3", "pytest-xdist>=3.6,<4", "trl>=1.16,<1.17",
+                 "peft>=0.21,<0.22"],
     },
 )

@@ -54,18 +54,126 @@ def leaf_bytes_per_device(tree, mesh_sizes: dict[str, int]) -> tuple[int, int]:
   return per_dev, total
 
 
+def method_of(c) -> str:
+  """Which trainer a config is for (config.method: preference | reward | ppo)."""
+  return c.get("method", "preference")
+
+
+# Bits per stored element of a quantized frozen base (lora.quantize), beside one float32 absmax
+# scale per lora.quant_block elements.
+QUANT_BITS = {"int8": 8, "nf4": 4}
+SCALE_BYTES = 4
+
+# LoRA targets (HF/PEFT names) -> (our sub-path in a layer, number of leading `in` dims of the
+# einsum layout; the rest are `out` dims): the adapters' shapes follow (in..., r), (r, out...).
+LORA_TARGETS = {"q_proj": (("attn", "wq"), 1), "k_proj": (("attn", "wk"), 1),
+                "v_proj": (("attn", "wv"), 1), "o_proj": (("attn", "wo"), 2),
+                "gate_proj": (("mlp", "w_gate"), 1), "up_proj": (("mlp", "w_up"), 1),
+                "down_proj": (("mlp", "w_down"), 1)}
+
+
+def lora_block(c) -> dict | None:
+  """config.lora as a dict when it turns LoRA on (rank > 0), else None (full fine-tuning)."""
+  block = c.get("lora")
+  if not block or int(block.get("rank", 0)) <= 0:
+    return None
+  return dict(block)
+
+
+def _target_shapes(cfg: ModelConfig, targets) -> dict[str, tuple[tuple[int, ...], int]]:
+  """{target: (the shape of ONE layer's weight, leading in-dims)} for the configured targets."""
+  d, f, h, k, e = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  shapes = {"q_proj": (d, h, e), "k_proj": (d, k, e), "v_proj": (d, k, e), "o_proj": (h, e, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+  unknown = sorted(set(targets) - set(shapes))
+  if unknown:
+    raise ValueError(f"config.lora.targets: unknown {unknown}; choose from {sorted(shapes)}")
+  return {t: (shapes[t], LORA_TARGETS[t][1]) for t in targets}
+
+
+def lora_adapter_shapes(cfg: ModelConfig, rank: int, targets) -> dict:
+  """Abstract adapters, float32, stacked over layers: {target: {"a": [L, in..., r],
+  "b": [L, r, out...]}} (the shapes of the LoRA spec; the planner counts them unsharded)."""
+  out = {}
+  for t, (shape, n_in) in _target_shapes(cfg, targets).items():
+    out[t] = {"a": jax.ShapeDtypeStruct((cfg.n_layers, *shape[:n_in], rank), np.float32),
+              "b": jax.ShapeDtypeStruct((cfg.n_layers, rank, *shape[n_in:]), np.float32)}
+  return out
+
+
+def frozen_base_bytes(abstract, cfg: ModelConfig, lora: dict, mesh_sizes: dict[str, int]) -> int:
+  """Per-device bytes of the frozen base under LoRA: every weight as in the full model, except
+  that with lora.quantize every projection of every layer (all seven, whatever lora.targets
+  says: model/lora.py quantizes the whole base) holds `QUANT_BITS` bits an element plus a
+  float32 scale per lora.quant_block elements, sharded as the weight it replaces. nf4 codes are
+  counted packed, two a byte (jnp.uint4; a backend that keeps a byte per code holds the int8
+  figure)."""
+  per_dev, _ = leaf_bytes_per_device(abstract, mesh_sizes)
+  quant = lora.get("quantize", "")
+  if not quant:
+    return per_dev
+  if quant not in QUANT_BITS:
+    raise ValueError(f"config.lora.quantize={quant!r}: expected '', 'int8' or 'nf4'")
+  block = int(lora.get("quant_block", 64))
+  projections = tuple("/".join(sub) for sub, _ in LORA_TARGETS.values())
+  for path, var in jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if not name.startswith("layers/") or not name.endswith(projections):
+      continue
+    one, _ = leaf_bytes_per_device({"w": var}, mesh_sizes)
+    elems = one // np.dtype(var.get_value().dtype).itemsize
+    per_dev += elems * QUANT_BITS[quant] // 8 + -(-elems // block) * SCALE_BYTES - one
+  return per_dev
+
+
 def state_bytes(c, mesh_sizes: dict[str, int]) -> dict[str, int]:
   """Per-device bytes of the training state (traced abstractly, nothing allocated), and the
-  total parameter bytes under `params_total`."""
+  total parameter bytes of the model under `params_total`.
+
+  By config.method: preference (the stages and baselines; a reference copy when the loss needs
+  one), reward (the trunk + a scalar head) and ppo (the policy + its value head, pi_ref, and the
+  reward model it scores with when reward.model names one, counted as the policy's size).
+  With config.lora.rank > 0 the trainable params are the adapters (+ the head), float32 and
+  counted unsharded (they are small: an upper bound), the base is frozen (`frozen_base`,
+  quantized with lora.quantize) and there is no reference copy: the reference is the base with
+  the adapters off. Optimizer moments and gradients follow the trainable params."""
   cfg = ModelConfig.from_dict(c.model)
+  method = method_of(c)
   abstract = nnx.split(nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0))))[1]
+  model_dev, model_total = leaf_bytes_per_device(abstract, mesh_sizes)
+  head = ({"w": jax.ShapeDtypeStruct((cfg.dim,), np.float32),
+           "b": jax.ShapeDtypeStruct((), np.float32)} if method in ("reward", "ppo") else {})
+  lora = lora_block(c)
+  if lora:
+    trainable = {"adapters": lora_adapter_shapes(
+        cfg, int(lora["rank"]), lora.get("targets", tuple(LORA_TARGETS))), "head": head}
+    frozen = frozen_base_bytes(abstract, cfg, lora, mesh_sizes)
+  else:
+    trainable, frozen = {"model": abstract, "head": head}, 0
   tx, _ = make_optimizer(c.optim, 1000)
-  params_dev, params_total = leaf_bytes_per_device(abstract, mesh_sizes)
-  opt_dev, _ = leaf_bytes_per_device(jax.eval_shape(tx.init, abstract), mesh_sizes)
-  reference = losses.needs_reference(c.loss.name)
-  # Gradients live in param_dtype with the params' sharding.
-  return {"params": params_dev, "optimizer": opt_dev, "gradients": params_dev,
-          "reference": params_dev if reference else 0, "params_total": params_total}
+  params_dev, _ = leaf_bytes_per_device(trainable, mesh_sizes)
+  opt_dev, _ = leaf_bytes_per_device(jax.eval_shape(tx.init, trainable), mesh_sizes)
+  if method == "preference":
+    reference = losses.needs_reference(c.loss.name)
+  else:
+    reference = method == "ppo"  # pi_ref
+  reward_model = 0
+  if method == "ppo" and c.get("reward", {}).get("model"):
+    reward_model = model_dev + leaf_bytes_per_device(head, mesh_sizes)[0]
+  # Gradients live in the trainable params' dtype and sharding.
+  return {"params": params_dev, "frozen_base": frozen, "optimizer": opt_dev,
+          "gradients": params_dev, "reference": model_dev if reference and not lora else 0,
+          "reward_model": reward_model, "params_total": model_total}
+
+
+def step_shape(c) -> tuple[int, int, int]:
+  """(prompts, sequences per prompt, tokens per sequence) of one optimizer step's batch: the
+  data block's [B, K, T] for the preference and reward trainers, one PPO minibatch of
+  prompt + response for ppo."""
+  if method_of(c) == "ppo":
+    return c.ppo.minibatch, 1, c.ppo.max_prompt_len + c.ppo.max_new_tokens
+  return c.data.batch_size, c.data.num_responses, c.data.max_len
 
 
 def activation_bytes(cfg: ModelConfig, rows: int, seq: int, tensor: int,
@@ -108,13 +216,14 @@ def accum_for_budget(c, budget: float, mesh_sizes: dict[str, int]) -> int:
   """The fewest micro-batches whose activations per device fit `budget` bytes, else the most."""
   cfg = ModelConfig.from_dict(c.model)
   dp = mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
-  k = c.data.num_responses
-  options = valid_accum_steps(c.data.batch_size, k, dp)
+  b, k, t = step_shape(c)
+  # The reward model and PPO take one micro-batch a step (their trainers refuse more).
+  options = valid_accum_steps(b, k, dp)[:1 if method_of(c) != "preference" else None]
   if not options:
-    raise ValueError(f"data.batch_size={c.data.batch_size} x {k} responses do not split over "
+    raise ValueError(f"{b} prompts x {k} responses a step do not split over "
                      f"{dp} data-parallel devices")
   for a in options:
-    act = activation_bytes(cfg, c.data.batch_size // a * k // dp, c.data.max_len,
+    act = activation_bytes(cfg, b // a * k // dp, t,
                            mesh_sizes.get("tensor", 1), c.train.get("logprob_chunk", 0))
     if sum(act.values()) <= budget:
       return a

@@ -9,13 +9,15 @@ different process count) is Orbax's job: every array restores straight into its 
 `load_model(spec)` gives (graphdef, state) for the sandbox, serving and eval:
   "random:<preset>[:seed]"  a freshly initialised preset (tests, smoke runs)
   <HF directory>            config.json + *.safetensors (through model/convert.py)
-  <run directory>           the latest step's params of one of our runs
+  <run directory>           the latest step's params of one of our runs; of a LoRA run
+                            (lora.rank > 0 in its run_config.json: its params are the adapters
+                            alone) the base its checkpoint.init_from names, adapters merged in
 Its compute dtype is `compute_dtype`'s choice, logged on stderr as one line per load.
 
 Every checkpoint the project writes is a run directory: training runs, and HF models imported
 with `python -m stable_alignment_jax.convert` (`save_model`: `run_config.json` with the model
 and tokenizer, step 0 with the one item `params`). `export_hf` writes any run directory back out
-as an HF directory.
+as an HF directory (a LoRA run merged), `export_peft` a LoRA run's adapters in PEFT's format.
 """
 
 import dataclasses
@@ -207,8 +209,78 @@ def load_model(spec: str, *, dtype: str | None = None, mesh=None):
   fields["dtype"] = _log_dtype(spec, fields.get("dtype"), dtype)
   cfg = ModelConfig.from_dict(fields)
   graphdef, abstract = _abstract_model(cfg)
-  params, _ = restore_params(path, abstract, sharding.state_shardings(abstract, mesh))
+  params, _ = restore_model_params(path, abstract, sharding.state_shardings(abstract, mesh),
+                                   mesh=mesh)
   return graphdef, params
+
+
+# --- LoRA run directories: the adapters on their base, merged ----------------------------------
+
+def lora_of(run: dict):
+  """The LoraConfig of a run (its run_config.json) that trained LoRA adapters, else None."""
+  block = run.get("lora")
+  if not block or int(block.get("rank", 0) or 0) <= 0:
+    return None
+  from stable_alignment_jax.model import lora
+  return lora.LoraConfig.from_config(block)
+
+
+def restore_model_params(directory: str, abstract, shardings, *, mesh=None):
+  """(plain model state, step) of any run directory: its `params` item; for a LoRA run (whose
+  `params` are the adapters alone) the base it trained on, rebuilt from its
+  checkpoint.init_from, with the adapters merged in (`lora_state`). `abstract` is the plain
+  model's state: a LoRA run comes back as the same tree."""
+  run = read_run_config(directory)
+  if lora_of(run) is None:
+    return restore_params(directory, abstract, shardings)
+  if run.get("method", "preference") != "preference":
+    raise ValueError(f"{directory}: a LoRA {run.get('method')} run (its params are adapters and "
+                     "a head); load a preference stage's run directory, or PPO's exported policy")
+  return lora_state(directory, abstract, shardings, mesh=mesh)
+
+
+def lora_state(directory: str, abstract, shardings, *, mesh=None, run: dict | None = None):
+  """(state, step): a LoRA run's base with W + (alpha / r) A.B in every targeted weight.
+
+  The base is what the run trained on: checkpoint.init_from of its run_config.json (an HF
+  directory or hub id, a run directory - itself LoRA or not -, random:<preset>[:seed], or ""
+  for the random init of config.seed), in the run's param_dtype; with lora.quantize it is
+  quantized and dequantized first, as training saw it, so the merged model computes what the
+  adapters were trained against."""
+  from stable_alignment_jax.model import lora
+  run = run or read_run_config(directory)
+  lcfg = lora_of(run)
+  cfg = ModelConfig.from_dict(run["model"])
+  mesh = mesh or sharding.make_mesh({"fsdp": -1})
+  base = _lora_base(run, cfg, abstract, shardings, mesh, directory)
+  _, ad_abstract = lora.abstract_adapters(cfg, lcfg)
+  adapters, step = restore_params(directory, ad_abstract,
+                                  sharding.state_shardings(ad_abstract, mesh))
+  with sharding.activate(mesh):
+    def merged(base, adapters):
+      frozen = lora.frozen_base(cfg, lcfg, base)
+      return lora.merge(frozen, adapters, lcfg, cfg if lcfg.quantize else None)
+    state = jax.jit(merged, out_shardings=shardings)(base, adapters)
+  return state, step
+
+
+def _lora_base(run: dict, cfg: ModelConfig, abstract, shardings, mesh, directory: str):
+  """The plain base state a LoRA run's adapters sit on (see `lora_state`)."""
+  init = run.get("checkpoint", {}).get("init_from", "")
+  if not init or init.startswith("random:"):
+    seed = int(init.split(":")[2]) if init.count(":") >= 2 else (run.get("seed", 0) if not init
+                                                                   else 0)
+    with sharding.activate(mesh):
+      return jax.jit(lambda: nnx.split(llama.Llama(cfg, rngs=nnx.Rngs(seed)))[1],
+                     out_shardings=shardings)()
+  path = resolve(init)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{directory}: a LoRA run whose base checkpoint.init_from={init!r} "
+                            "is not there (the run directory holds the adapters alone)")
+  if is_hf_dir(path):
+    fields = {k: getattr(cfg, k) for k in RUN_MODEL_FIELDS + ("max_seq_len",)}
+    return load_hf(path, mesh=mesh, **fields)[1]
+  return restore_model_params(path, abstract, shardings, mesh=mesh)[0]
 
 
 def load_hf(path: str, *, mesh=None, dtype: str | None = None, **kw):
@@ -246,6 +318,7 @@ def save_model(cfg: ModelConfig, state, directory: str, *, tokenizer: str = "",
 def export_hf(run_dir: str, out: str, *, tokenizer: str | None = None, dtype: str | None = None,
               max_shard_bytes: int = 2 << 30, mesh=None) -> list[str]:
   """A run directory's latest params as an HF directory; returns the safetensors files written.
+  A LoRA run is written merged: its base with the adapters' delta in every targeted weight.
   tokenizer: whose files, chat template and ids go along (default: the run's data.tokenizer);
   dtype: the tensors' storage dtype (default: the parameters')."""
   from stable_alignment_jax.model import convert
@@ -254,7 +327,8 @@ def export_hf(run_dir: str, out: str, *, tokenizer: str | None = None, dtype: st
   cfg = ModelConfig.from_dict(run["model"])
   mesh = mesh or sharding.make_mesh({"fsdp": -1})
   graphdef, abstract = _abstract_model(cfg)
-  params, _ = restore_params(run_dir, abstract, sharding.state_shardings(abstract, mesh))
+  params, _ = restore_model_params(run_dir, abstract, sharding.state_shardings(abstract, mesh),
+                                   mesh=mesh)
   spec = tokenizer or run.get("data", {}).get("tokenizer", "")
   files_from = os.path.expanduser(spec) if spec and os.path.exists(os.path.expanduser(spec)) \
       else None
@@ -265,6 +339,36 @@ def export_hf(run_dir: str, out: str, *, tokenizer: str | None = None, dtype: st
   return convert.save_hf(graphdef, params, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                          tokenizer=files_from, bos_id=bos if bos is None or bos >= 0 else None,
                          eos_id=eos if eos is None or eos >= 0 else None)
+
+
+def export_peft(run_dir: str, out: str, *, mesh=None) -> str:
+  """A LoRA run's adapters as a PEFT adapter directory (model/peft.py) for its HF base, the
+  run's checkpoint.init_from (adapter_config.json's base_model_name_or_path); returns `out`.
+  A QLoRA run's adapters were trained against its quantized base: on the unquantized HF base
+  they compute within that quantization error of the run (as any QLoRA adapter does)."""
+  from stable_alignment_jax.model import lora, peft
+  run = read_run_config(run_dir)
+  lcfg = lora_of(run)
+  if lcfg is None:
+    raise ValueError(f"{run_dir}: not a LoRA run (lora.rank is 0 in its {RUN_CONFIG}); "
+                     "export the whole model with --to_hf")
+  init = run.get("checkpoint", {}).get("init_from", "")
+  path = resolve(init) if init and not init.startswith("random:") else ""
+  if not (path and os.path.isdir(path) and is_hf_dir(path)):
+    what = ("a random init" if not path else "not there" if not os.path.isdir(path) else
+            "itself a LoRA run" if lora_of(read_run_config(path)) else "one of our run directories")
+    raise ValueError(f"{run_dir}: a PEFT adapter goes onto an HF base, but this run's base "
+                     f"checkpoint.init_from={init!r} is {what}; export the base with "
+                     f"--from=BASE --to_hf=DIR (peft then loads the adapter onto DIR), or this "
+                     "run merged with --to_hf")
+  cfg = ModelConfig.from_dict(run["model"])
+  mesh = mesh or sharding.make_mesh({"fsdp": -1})
+  _, ad_abstract = lora.abstract_adapters(cfg, lcfg)
+  adapters, _ = restore_params(run_dir, ad_abstract, sharding.state_shardings(ad_abstract, mesh))
+  adapters = jax.device_get(nnx.to_pure_dict(adapters))
+  return peft.write_adapter(out, lora.adapter_items(adapters, cfg), rank=lcfg.rank,
+                            alpha=lcfg.alpha, dropout=lcfg.dropout, targets=lcfg.targets,
+                            base_model=init)
 
 
 # --- config.model from the init_from checkpoint ----------------------------------------------------------

@@ -2,11 +2,15 @@
 
   python -m stable_alignment_jax.convert --from_hf=HF_DIR_OR_HUB_ID --to=RUN_DIR
   python -m stable_alignment_jax.convert --from=RUN_DIR --to_hf=HF_DIR [--tokenizer=PATH]
+  python -m stable_alignment_jax.convert --from=LORA_RUN_DIR --to_peft=ADAPTER_DIR
 
 The import writes what a training run leaves (`checkpoints.save_model`), so `load_model`,
 `checkpoint.init_from`, serve, SANDBOX and eval read it; tokenizer files, chat template and
 generation config are copied into it. The export takes any run directory, a training run's
-included. The weight layouts themselves are `model/convert.py`'s.
+included; a LoRA run is written merged (its base + the adapters' delta). --to_peft writes a
+LoRA run's adapters in PEFT's format (adapter_config.json + adapter_model.safetensors, for
+`peft.PeftModel.from_pretrained(<its HF base>, DIR)`). The weight layouts themselves are
+`model/convert.py`'s and `model/peft.py`'s.
 """
 
 import os
@@ -21,8 +25,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   src = f["from"].value
-  if not ((f.from_hf and f.to) or (src and f.to_hf)):
-    raise app.UsageError("give --from_hf DIR --to DIR (import) or --from DIR --to_hf DIR (export)")
+  if not ((f.from_hf and f.to) or (src and (f.to_hf or f.to_peft))):
+    raise app.UsageError("give --from_hf DIR --to DIR (import), --from DIR --to_hf DIR (export) "
+                         "or --from LORA_RUN --to_peft DIR (adapters)")
   from stable_alignment_jax import checkpoints
   from stable_alignment_jax.model import convert
   try:
@@ -42,7 +47,10 @@ def main(argv):
       print(f"wrote run directory {out}: {cfg.num_params():,} parameters, dtype {cfg.dtype} "
             f"recorded (the checkpoint's; checkpoints.compute_dtype decides at load); side "
             f"files {copied}")
-    else:
+    elif f.to_peft:
+      out = checkpoints.export_peft(src, f.to_peft)
+      print(f"wrote PEFT adapter {out}")
+    if src and f.to_hf:
       files = checkpoints.export_hf(src, f.to_hf, tokenizer=f.tokenizer, dtype=f.hf_dtype,
                                     max_shard_bytes=f.max_shard_bytes)
       print(f"wrote {f.to_hf}: {len(files)} safetensors file(s)")
@@ -55,7 +63,8 @@ def cli():
   flags.DEFINE_string("from_hf", None, "HF LLaMA directory (or hub id) to import")
   flags.DEFINE_string("to", None, "run directory to write (with --from_hf)")
   flags.DEFINE_string("from", None, "run directory to export (a training run's or an import's)")
-  flags.DEFINE_string("to_hf", None, "HF directory to write (with --from)")
+  flags.DEFINE_string("to_hf", None, "HF directory to write (with --from; a LoRA run merged)")
+  flags.DEFINE_string("to_peft", None, "PEFT adapter directory to write (with --from, a LoRA run)")
   flags.DEFINE_string("param_dtype", "float32", "weights dtype after import")
   flags.DEFINE_string("hf_dtype", None, "tensor dtype written to the HF directory")
   flags.DEFINE_string("tokenizer", None, "tokenizer file/dir copied along")

@@ -41,8 +41,8 @@ def positions_run(b: int, k: int, t: int, shared_prefix: int = 0) -> int:
   return b * (p + k * (t - p))
 
 
-def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
-               ) -> tuple[float, float]:
+def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool,
+               frozen_base: bool = False) -> tuple[float, float]:
   """(model FLOPs as MFU counts them, FLOPs the hardware executes incl. recompute) per step.
 
   PaLM (Chowdhery et al. 2022, app. B): 6 N per token for the weights plus 12 L D T for the
@@ -51,13 +51,15 @@ def step_flops(cfg: ModelConfig, tokens: int, seq: int, *, reference: bool
   reads: a sliding layer's window when it is shorter than the sequence (Gemma, Mistral).
   Soft-capping (Gemma 2) is elementwise on the scores and logits, like the softmax and the masks
   the formula leaves out, so it adds no model FLOPs.
+  frozen_base (LoRA): the base weights get no gradient, so the backward pass skips their
+  weight-gradient matmuls: 4 N per token instead of 6 N (the rank-r adapters are left out).
   """
   # The embedding lookup is not a matmul, the LM head is: a tied head is the same table used
   # as a matmul, so only an untied model has a lookup-only table to leave out.
   n = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
   keys = sum(min(seq, cfg.sliding_window) if cfg.is_sliding(i) else seq
              for i in range(cfg.n_layers))  # summed over layers
-  weights, attn = 6 * n * tokens, 12 * cfg.n_heads * cfg.head_dim * keys * tokens
+  weights, attn = (4 if frozen_base else 6) * n * tokens, 12 * cfg.n_heads * cfg.head_dim * keys * tokens
   recompute = {"none": 0.0, "dots": attn / 3, "full": (weights + attn) / 3}[cfg.remat]
   ref = (weights + attn) / 3 if reference else 0.0  # the frozen reference forward (DPO)
   return weights + attn + ref, weights + attn + ref + recompute

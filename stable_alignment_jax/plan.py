@@ -4,6 +4,9 @@
   python -m stable_alignment_jax.plan --config=configs/stage3.py --hardware=h100x8 \
       --mesh=data=1,fsdp=-1,tensor=1
   python -m stable_alignment_jax.plan --config=configs/stage3.py --model=gemma2_9b
+  python -m stable_alignment_jax.plan --config=configs/stage3.py --model=llama3_1_8b \
+      --hardware=v5p-8,h100x1 --lora_table=16 --data_lengths=false   # full / LoRA / QLoRA
+  python -m stable_alignment_jax.plan --config=configs/ppo.py       # any method's config
 
 No device is touched: the model is traced abstractly (`nnx.eval_shape`), so a 7B or 70B plan runs
 on a laptop. Per-device bytes come from the same logical-axis rule table the trainer uses, so
@@ -19,6 +22,7 @@ out or cut, the p50/p95/p99 token lengths of prompts and responses, and the max_
 import re
 import sys
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -71,26 +75,31 @@ def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None
   sizes = dict(zip(sharding.MESH_AXES, shape))
   state = budget.state_bytes(c, sizes)
   params_total = state.pop("params_total")
-  reference = losses.needs_reference(c.loss.name)
+  method = budget.method_of(c)
+  # The preference losses that need one run a reference forward each step (under LoRA too:
+  # the base with the adapters off); a PPO update's pi_ref and reward forwards belong to the
+  # rollout, not to the step planned here.
+  reference = method == "preference" and losses.needs_reference(c.loss.name)
   dp = sizes["data"] * sizes["fsdp"]
-  rows_total = c.data.batch_size * c.data.num_responses
-  accum = c.optim.accum_steps or budget.accum_for_budget(
+  prompts, k, seq = budget.step_shape(c)
+  rows_total = prompts * k
+  accum = (c.optim.accum_steps if method == "preference" else 1) or budget.accum_for_budget(
       c, budget.HBM_FRACTION * chip.hbm - sum(state.values()), sizes)
   micro_rows = rows_total // accum
   if micro_rows % dp:
     raise ValueError(f"{micro_rows} sequences per micro-batch do not split over {dp} "
                      f"data-parallel devices")
-  act = budget.activation_bytes(cfg, micro_rows // dp, c.data.max_len, sizes["tensor"],
+  act = budget.activation_bytes(cfg, micro_rows // dp, seq, sizes["tensor"],
                                 c.train.get("logprob_chunk", 0))
   mem = {**state, **{f"activations_{k}": v for k, v in act.items()}}
   mem["total"] = sum(mem.values())
 
-  tokens = rows_total * c.data.max_len
+  tokens = rows_total * seq
   # A set train.shared_prefix runs that many prompt tokens once per example, not once per row;
   # the automatic one (-1) depends on the data, so the plan counts every position then.
-  computed = positions_run(c.data.batch_size, c.data.num_responses, c.data.max_len,
-                           max(c.train.get("shared_prefix", 0), 0))
-  model_flops, hw_flops = step_flops(cfg, computed, c.data.max_len, reference=reference)
+  computed = positions_run(prompts, k, seq, max(c.train.get("shared_prefix", 0), 0))
+  model_flops, hw_flops = step_flops(cfg, computed, seq, reference=reference,
+                                     frozen_base=budget.lora_block(c) is not None)
   compute = hw_flops / n_devices / (chip.peak_bf16 * ACHIEVABLE)
   # FSDP: all-gather bf16 weights for forward and backward, reduce-scatter the gradients.
   gather = sizes["fsdp"]
@@ -105,6 +114,43 @@ def plan(c, chip: Chip, n_devices: int, mesh_sizes: dict[str, int] | None = None
           "compute_s": compute, "comm_s": comm, "step_s": step,
           "mfu": model_flops / n_devices / chip.peak_bf16 / step,
           "tokens_per_s": tokens / step}
+
+
+def with_lora(c, rank: int, quantize: str = ""):
+  """The config `c` with LoRA of this rank (0: full fine-tuning) and this quantization of the
+  frozen base; the other lora.* keys stay the config's (configs/base.py's defaults)."""
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    if "lora" not in c:
+      c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0,
+                                          "targets": tuple(budget.LORA_TARGETS), "quantize": "",
+                                          "quant_block": 64})
+    c.lora.rank, c.lora.quantize = rank, quantize
+  return c
+
+
+LORA_VARIANTS = (("full", 0, ""), ("LoRA", None, ""), ("QLoRA int8", None, "int8"),
+                 ("QLoRA nf4", None, "nf4"))
+
+
+def lora_table(c, hardware: list[str], rank: int, mesh_sizes=None) -> str:
+  """A markdown table: full fine-tuning, LoRA and QLoRA (int8, nf4) of config `c` on each
+  slice, GiB per device and whether the step fits in 90% of HBM."""
+  gib = lambda x: f"{x / 2**30:.1f}"
+  head = ("| hardware | variant | trainable | frozen base | optimizer + grads | reference | "
+          "activations | total GiB/device | micro-batches | fits |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for hw in hardware:
+    chip, n = parse_hardware(hw)
+    for label, r, quant in LORA_VARIANTS:
+      p = plan(with_lora(c, rank if r is None else r, quant), chip, n, mesh_sizes)
+      m = p["bytes_per_device"]
+      act = m["activations_layers"] + m["activations_logits"]
+      lines.append(f"| {hw} | {label}{f' r={rank}' if r is None else ''} | {gib(m['params'])} | "
+                   f"{gib(m['frozen_base'])} | {gib(m['optimizer'] + m['gradients'])} | "
+                   f"{gib(m['reference'] + m['reward_model'])} | {gib(act)} | {gib(m['total'])} | "
+                   f"{p['accum_steps']} | {'yes' if p['fits'] else 'NO'} |")
+  return "\n".join(lines)
 
 
 def format_plan(p: dict) -> str:
@@ -148,6 +194,13 @@ def main(argv):
       print(f"data: lengths not measured ({type(e).__name__}: {e})")
     print()
   c = with_preset(_CONFIG.value, _MODEL.value) if _MODEL.value else _CONFIG.value
+  if _LORA_TABLE.value:
+    cfg = ModelConfig.from_dict(c.model)
+    print(f"{c.model.get('preset', '')}: {cfg.num_params() / 1e9:.2f}B params, batch "
+          f"{' x '.join(map(str, budget.step_shape(c)))} (prompts x responses x tokens), "
+          f"method {budget.method_of(c)}")
+    print(lora_table(c, _HARDWARE.value, _LORA_TABLE.value, parse_mesh(_MESH.value) or None))
+    return
   for hw in _HARDWARE.value:
     chip, n = parse_hardware(hw)
     print(format_plan(plan(c, chip, n, parse_mesh(_MESH.value) or None)))
@@ -158,7 +211,7 @@ def main(argv):
 def cli():
   """The command line, also setup.py's console script. Flags are defined here, not at import,
   so importing this module (the pipeline, tests) defines none."""
-  global _CONFIG, _HARDWARE, _MESH, _DATA_LENGTHS, _MODEL
+  global _CONFIG, _HARDWARE, _MESH, _DATA_LENGTHS, _MODEL, _LORA_TABLE
   _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config, e.g. configs/stage3.py",
                                             lock_config=True)
   _HARDWARE = flags.DEFINE_list("hardware", ["v4-64", "v5p-64", "h100x8"],
@@ -168,6 +221,8 @@ def cli():
                                     "costs the config's training data (reads the data)")
   _MODEL = flags.DEFINE_string("model", "", "plan this model preset instead of the config's, "
                                "e.g. qwen3_8b, gemma2_9b (model/presets.py)")
+  _LORA_TABLE = flags.DEFINE_integer("lora_table", 0, "> 0: instead of the plan, a table of full "
+                                     "fine-tuning, LoRA and QLoRA (int8, nf4) at this rank")
   app.run(main)
 
 

@@ -116,6 +116,9 @@ def test_flops_follow_palm_and_remat():
   full = dict(_tiny("full").model)
   model_f, hw_f = flops.step_flops(ModelConfig.from_dict(full), 1000, 100, reference=False)
   assert model_f == model and hw_f == pytest.approx(model * 4 / 3)
+  # LoRA: a frozen base gets no weight gradients, 4 N per token for the weights (not 6 N)
+  lora_model, _ = flops.step_flops(cfg, 1000, 100, reference=False, frozen_base=True)
+  assert lora_model == 4 * n * 1000 + 12 * cfg.n_layers * cfg.dim * 100 * 1000
 
 
 def test_a_tied_head_is_still_a_matmul():
@@ -199,3 +202,84 @@ def test_plan_takes_a_family_preset():
                        remat=cfg.remat, scan_layers=cfg.scan_layers)
   p = plan.plan(c, flops.CHIPS["h100"], 8)
   assert p["num_params"] == cfg.num_params()
+
+
+# --- the method block and LoRA / QLoRA bytes, against hand counts on the tiny preset -----------
+# tiny (configs/base.tiny): V=384, D=64, L=2, H=4, K=2, E=16, F=176, untied head, float32.
+_TINY_PARAMS = (2 * 384 * 64  # embedding + head
+                + 2 * (64 * 16 * (4 + 2 + 2 + 4) + 3 * 64 * 176 + 2 * 64)  # layers
+                + 64)  # final norm
+_TINY_TARGET_ELEMS = 2 * (64 * 16 * (4 + 2 + 2 + 4) + 3 * 64 * 176)  # q,k,v,o,gate,up,down
+
+
+def _one_device(c):
+  return plan.plan(c, flops.CHIPS["h100"], 1)
+
+
+def test_plan_reads_the_method_block_of_reward_and_ppo_configs():
+  from configs import dpo, ppo, reward
+  assert ModelConfig.from_dict(_tiny().model).num_params() == _TINY_PARAMS == 141632
+  model, head = 4 * _TINY_PARAMS, 4 * (64 + 1)
+  r = _one_device(reward.get_config("tiny"))
+  m = r["bytes_per_device"]
+  assert (m["params"], m["gradients"], m["reference"], m["reward_model"]) == \
+      (model + head, model + head, 0, 0)
+  assert m["optimizer"] == pytest.approx(2 * (model + head), abs=64)  # Adam's mu and nu
+  assert r["tokens_per_step"] == 16 * 3 * 160 and r["accum_steps"] == 1
+  c = ppo.get_config("tiny")
+  p = _one_device(c)["bytes_per_device"]
+  assert (p["params"], p["reference"], p["reward_model"]) == (model + head, model, 0)
+  c.reward.model = "runs/reward"  # scored by a reward model: its trunk and head are held too
+  p = _one_device(c)
+  assert p["bytes_per_device"]["reward_model"] == model + head
+  assert p["tokens_per_step"] == c.ppo.minibatch * (c.ppo.max_prompt_len + c.ppo.max_new_tokens)
+  d = dpo.get_config("tiny")
+  assert _one_device(d)["bytes_per_device"]["reference"] == model
+  # The paper-scale configs plan too (they have no loss block: the bug was reading it).
+  for cfg in (reward.get_config(), ppo.get_config()):
+    assert plan.plan(cfg, *plan.parse_hardware("v5p-64"))["fits"]
+
+
+@pytest.mark.parametrize("quantize,base_bytes", [
+    ("", 4 * _TINY_PARAMS),
+    # targeted weights: bits/8 a weight + one f32 scale per 64; the rest (embedding, head,
+    # norms) stay float32
+    ("int8", _TINY_TARGET_ELEMS + _TINY_TARGET_ELEMS // 64 * 4
+     + 4 * (_TINY_PARAMS - _TINY_TARGET_ELEMS)),
+    ("nf4", _TINY_TARGET_ELEMS // 2 + _TINY_TARGET_ELEMS // 64 * 4
+     + 4 * (_TINY_PARAMS - _TINY_TARGET_ELEMS))])
+def test_lora_and_qlora_bytes_equal_a_hand_count(quantize, base_bytes):
+  from configs import dpo
+  c = plan.with_lora(dpo.get_config("tiny"), 4, quantize)
+  m = _one_device(c)["bytes_per_device"]
+  # r=4 adapters, float32: A [in, r] and B [r, out] per target and layer
+  adapters = 4 * 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 176))
+  assert m["params"] == m["gradients"] == adapters
+  assert m["optimizer"] == pytest.approx(2 * adapters, abs=64)
+  assert m["frozen_base"] == base_bytes
+  if quantize != "nf4":  # the trainer's own frozen tree (numpy keeps a byte per uint4 code)
+    from stable_alignment_jax import budget
+    from stable_alignment_jax.model import lora
+    g = lora.graphs(ModelConfig.from_dict(c.model), lora.LoraConfig.from_config(c.lora))
+    assert budget.leaf_bytes_per_device(g.frozen, {"data": 1, "fsdp": 1, "tensor": 1})[0] == \
+        base_bytes
+  assert m["reference"] == 0  # the reference is the base with the adapters off
+  # model/lora.py quantizes every projection of the base, whichever ones carry adapters
+  with c.unlocked():
+    c.lora.targets = ("q_proj",)
+  q_only = _one_device(c)["bytes_per_device"]
+  assert q_only["frozen_base"] == base_bytes and q_only["params"] == 4 * 2 * 4 * (64 + 64)
+  full = _one_device(plan.with_lora(c, 0))["bytes_per_device"]
+  assert full["frozen_base"] == 0 and full["reference"] == full["params"] == 4 * _TINY_PARAMS
+
+
+def test_lora_table_cli_prints_every_variant_and_the_verdict():
+  out = subprocess.run([sys.executable, "-m", "stable_alignment_jax.plan",
+                        "--config=configs/stage3.py", "--model=llama3_1_8b", "--lora_table=16",
+                        "--hardware=h100x1", "--data_lengths=false"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| h100x1")]
+  assert [r.split("|")[2].strip() for r in rows] == \
+      ["full", "LoRA r=16", "QLoRA int8 r=16", "QLoRA nf4 r=16"]
+  assert rows[0].rstrip(" |").endswith("NO") and rows[-1].rstrip(" |").endswith("yes")
