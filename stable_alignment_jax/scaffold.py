@@ -110,34 +110,13 @@ def init_model(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh, shardings=N
   if _arch(prev) != _arch(cfg):
     raise ValueError(f"checkpoint.init_from={init}: its model {_arch(prev)} differs from this "
                      f"config's model {_arch(cfg)}")
-  if lora_config(ml_collections.ConfigDict(run)).enabled:
-    return _merged_lora_run(path, run, cfg, mesh, shardings)
-  abstract = abstract_model(cfg)[1]
-  params, step = checkpoints.restore_params(path, abstract, shardings)
-  return params, f"{path} (step {step})"
-
-
-def _merged_lora_run(path: str, run: dict, cfg: ModelConfig, mesh, shardings):
-  """A LoRA stage's run directory as a plain model (the next stage's start): its base rebuilt
-  from the run's own checkpoint.init_from (itself possibly a LoRA run), its adapters merged in.
-  A QLoRA run merges into the dequantized base, the weights its adapters were trained on."""
-  rc = ml_collections.ConfigDict(run)
-  lcfg = lora_config(rc)
-  if run.get("method", "preference") != "preference":
-    raise ValueError(f"checkpoint.init_from={path}: a LoRA {run.get('method')} run; start from "
-                     "a preference stage's run directory (or PPO's exported policy)")
-  abstract = lora_lib.graphs(cfg, lcfg).adapters
-  adapters, step = checkpoints.restore_params(path, abstract,
-                                              sharding.state_shardings(abstract, mesh))
-  base, origin = init_model(rc, cfg, mesh)
-
-  def merged(base, adapters):
-    if lcfg.quantize:
-      return lora_lib.merge(lora_lib.frozen_base(cfg, lcfg, base), adapters, lcfg, cfg)
-    return lora_lib.merge(base, adapters, lcfg)
-  with sharding.activate(mesh):
-    params = jax.jit(merged, out_shardings=shardings)(base, adapters)
-  return params, f"{path} (step {step}: rank-{lcfg.rank} adapters merged into {origin})"
+  # A LoRA run comes back as a plain model: its base rebuilt, its adapters merged (checkpoints).
+  lcfg = lora_config(ml_collections.ConfigDict(run))
+  params, step = checkpoints.restore_model_params(path, abstract_model(cfg)[1], shardings,
+                                                  mesh=mesh)
+  base = run.get("checkpoint", {}).get("init_from") or "random init"
+  merged = f": rank-{lcfg.rank} adapters merged into {base}" if lcfg.enabled else ""
+  return params, f"{path} (step {step}{merged})"
 
 
 def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
