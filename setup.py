@@ -38,7 +38,7 @@ setup(
     entry_points={"console_scripts": [
         # `python -m <module>` runs the same code.
         "sa-train = stable_alignment_jax.main:cli",
-        "sa-pipeline = stable_alignment_jax.pipeline:cli",
+        "sa-pipeline = stable_alignment_jax.recipes.pipeline:cli",
         "sa-sandbox = stable_alignment_jax.sandbox.__main__:cli",
         "sa-eval = eval.run:cli",
         "sa-table = eval.table:cli",
@@ -49,8 +49,8 @@ setup(
         "sa-generate = stable_alignment_jax.serving.cli:cli",
         "sa-convert = stable_alignment_jax.convert:cli",
         "sa-plan = stable_alignment_jax.plan:cli",
-        "sa-reward = stable_alignment_jax.reward:cli",
-        "sa-ppo = stable_alignment_jax.ppo:cli",
+        "sa-reward = stable_alignment_jax.training.reward:cli",
+        "sa-ppo = stable_alignment_jax.training.ppo:cli",
     ]},
     extras_require={
         # torch only as the reference implementation in tests and benchmarks (CPU build).

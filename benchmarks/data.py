@@ -84,7 +84,7 @@ def synthetic_export(path: str, n_records: int, seed: int = 0) -> None:
 def trainer_steps_per_s(out_dir: str, tokenizer_path: str, steps: int) -> tuple[float, dict]:
   """stage1 tiny on the built imitation data: steps/s over the last log interval (compiled)."""
   from configs import stage1
-  from stable_alignment_jax import train
+  from stable_alignment_jax.training import train
   c = stage1.get_config("tiny")
   c.data.source = "tfds"
   c.data.data_dir = out_dir
@@ -109,8 +109,8 @@ def trainer_steps_per_s(out_dir: str, tokenizer_path: str, steps: int) -> tuple[
 
 def loader_batches_per_s(out_dir: str, tokenizer_path: str, shape: dict, n: int,
                          rounds: int = 3) -> list[float]:
-  from stable_alignment_jax import data
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data import loader as data
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   src = data.open_tfds("sandbox_alignment/imitation", out_dir, "train")
   loader = data.make_loader(src, load_tokenizer(tokenizer_path), global_batch_size=shape["batch"],
                             max_len=shape["T"], num_responses=shape["K"], seed=0,

@@ -7,7 +7,7 @@ TPU host. Prints one table and writes JSON.
 
 (a) train: `train.train_step` (SA-CPO, one jit, [B*K, T] in one forward, AdamW) of a random
     llama3_2_1b-shaped model, bf16 compute over f32 master weights; tokens/s and MFU against the
-    chip's peak bf16 FLOP/s from the project's table (stable_alignment_jax/flops.py).
+    chip's peak bf16 FLOP/s from the project's table (stable_alignment_jax/training/flops.py).
 (d) plan: `plan.plan` for the same config on one chip: predicted step time beside (a)'s.
 (c) decode: ms per decode step (the model's cached forward in a jitted loop, as the sampler's
     body runs it) at position `far` over position `near`, batch 1 and 16.
@@ -42,18 +42,20 @@ from flax import nnx  # noqa: E402
 
 from configs import base  # noqa: E402
 from configs import common as config_common  # noqa: E402
-from stable_alignment_jax import budget, plan, sharding, train  # noqa: E402
-from stable_alignment_jax.generate import Sampler, SamplingParams, jit_decode  # noqa: E402
+from stable_alignment_jax.training import budget, train  # noqa: E402
+from stable_alignment_jax import plan  # noqa: E402
+from stable_alignment_jax.model import sharding  # noqa: E402
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams, jit_decode  # noqa: E402
 from stable_alignment_jax.model import llama  # noqa: E402
 from stable_alignment_jax.model.hf_config import config_to_hf  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
 
 try:  # the optimizer and the chip table moved out of train.py / plan.py; either layout works
-  from stable_alignment_jax.optim import make_optimizer
+  from stable_alignment_jax.training.optim import make_optimizer
 except ImportError:  # pragma: no cover
   make_optimizer = train.make_optimizer
 try:
-  from stable_alignment_jax.flops import CHIPS, positions_run, step_flops
+  from stable_alignment_jax.training.flops import CHIPS, positions_run, step_flops
 except ImportError:  # pragma: no cover
   CHIPS, step_flops = plan.CHIPS, plan.step_flops
 
@@ -270,7 +272,7 @@ def main():
               f"loss {r['first_loss']:.4f}")
       run.row("(a) train MFU", f"{mfu:.1%} of {chip.peak_bf16 / 1e12:.0f} TFLOP/s bf16 "
               f"({r['model_flops'] / 1e12:.2f} TFLOP model per step)" if chip else
-              "n/a: this chip has no peak in stable_alignment_jax/flops.py")
+              "n/a: this chip has no peak in stable_alignment_jax/training/flops.py")
       run.data["train"] = {"times": r["times"], "tokens": r["tokens"], "tokens_per_s": tps,
                            "mfu": mfu, "compile_s": r["compile_s"], "loss": r["first_loss"],
                            "accum_steps": r["accum_steps"], "shared_prefix": r["shared_prefix"]}

@@ -28,10 +28,10 @@ from flax import nnx
 
 from eval import truthfulqa
 from eval.mc_scoring import LogLikelihoodScorer
-from stable_alignment_jax import sharding
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -58,8 +58,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from stable_alignment_jax.generate import (Sampler, SamplingParams, greedy_tokens,  # noqa: E402
-                                           jit_decode)
+from stable_alignment_jax.sampling.generate import (  # noqa: E402
+    Sampler, SamplingParams, greedy_tokens, jit_decode)
 from stable_alignment_jax.model import convert, llama  # noqa: E402
 from stable_alignment_jax.model.presets import ModelConfig  # noqa: E402
 

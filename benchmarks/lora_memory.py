@@ -37,7 +37,7 @@ def child(args) -> None:
   """One variant: trains, then writes {"step_s": [...], "summary": ...} to args.out."""
   common.one_cpu_device()  # before jax is imported
   from configs import stage1
-  from stable_alignment_jax import train
+  from stable_alignment_jax.training import train
   c = stage1.get_config("tiny")
   with c.unlocked():
     c.checkpoint.init_from = args.hf

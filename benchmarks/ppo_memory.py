@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from configs import base
-from stable_alignment_jax import optim, ppo, train
+from stable_alignment_jax.training import optim, ppo, train
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
 

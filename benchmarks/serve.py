@@ -45,7 +45,7 @@ import json  # noqa: E402
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
-from stable_alignment_jax.generate import SamplingParams  # noqa: E402
+from stable_alignment_jax.sampling.generate import SamplingParams  # noqa: E402
 from stable_alignment_jax.serve import create_app  # noqa: E402
 from stable_alignment_jax.serving.engine import load_engine  # noqa: E402
 

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import base  # noqa: E402
-from stable_alignment_jax import budget, flops, losses, optim, train  # noqa: E402
+from stable_alignment_jax.training import budget, flops, losses, optim, train  # noqa: E402
 from stable_alignment_jax.model import convert  # noqa: E402
 from stable_alignment_jax.model.presets import preset  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The whole method in one run: SANDBOX -> data_prep -> Stage 1 -> 2 -> 3 (+ baselines) -> eval.
 
-  python -m stable_alignment_jax.pipeline --config=configs/pipeline.py:tiny   # CPU, offline
-  python -m stable_alignment_jax.pipeline --config=configs/pipeline.py \
+  python -m stable_alignment_jax.recipes.pipeline --config=configs/pipeline.py:tiny   # CPU, offline
+  python -m stable_alignment_jax.recipes.pipeline --config=configs/pipeline.py \
       --config.base_model=/ckpt/llama-7b-hh-sft \
       --config.sandbox.backends.server.base_url=http://127.0.0.1:8000/v1
 

@@ -4,7 +4,7 @@
       --out=data/tok/sandbox --vocab_size=1024
 
 writes `data/tok/sandbox.model` (+ `.vocab`), loadable with
-`stable_alignment_jax.tokenizer.load_tokenizer("data/tok/sandbox.model")`.
+`stable_alignment_jax.data.tokenizer.load_tokenizer("data/tok/sandbox.model")`.
 
 `--input` (comma-separated or repeated) takes plain text files (one text a line), JSON Lines
 files, gzip or not (every string value of every record: SANDBOX exports, HH-RLHF), and
@@ -140,7 +140,7 @@ def main(argv) -> int:
   except (OSError, ValueError) as e:
     print(f"data_prep.tokenizer: {e}", file=sys.stderr)
     return 2
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(path)
   print(json.dumps({"model": path, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                     "eos_id": tok.eos_id, "pad_id": tok.pad_id}))

@@ -12,8 +12,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from stable_alignment_jax.generate import SamplingParams
-from stable_alignment_jax.text_sampler import TextSampler
+from stable_alignment_jax.sampling.generate import SamplingParams
+from stable_alignment_jax.sampling.text_sampler import TextSampler
 
 
 class AnswerGenerator:

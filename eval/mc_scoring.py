@@ -81,7 +81,7 @@ class LogLikelihoodScorer:
     self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
     self.mesh, self.bucket, self.progress = mesh, bucket, progress
     if mesh is not None:
-      from stable_alignment_jax import sharding
+      from stable_alignment_jax.model import sharding
       n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
       batch_size = -(-batch_size // n) * n  # a whole number of rows per data-parallel device
     self.batch_size = batch_size
@@ -136,7 +136,7 @@ class LogLikelihoodScorer:
     kw = {"k_max": k_max, "chunk": self.logprob_chunk}
     if self.mesh is None:
       return _rows_logprob(self.graphdef, self.state, tokens, start, length, **kw)
-    from stable_alignment_jax import sharding
+    from stable_alignment_jax.model import sharding
     put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
     with sharding.activate(self.mesh):
       return _rows_logprob(self.graphdef, self.state, put(tokens), put(start), put(length), **kw)

@@ -10,7 +10,7 @@ Read from the official norm_distance test split (1,000 complete stories, JSON Li
 """
 
 from eval.items import BenchmarkFileError, MCItem, data_file
-from stable_alignment_jax import jsonl
+from stable_alignment_jax.data import jsonl
 
 FILE = "moral_stories/norm_distance_test_full_stories.jsonl"
 FIELDS = ("ID", "norm", "situation", "intention", "moral_action", "immoral_action")

@@ -139,11 +139,13 @@ class _Model:
 
   def get(self):
     if self._loaded is None:
-      from stable_alignment_jax import checkpoints, sharding
+      from stable_alignment_jax.checkpoints import run_dir as checkpoints
+      from stable_alignment_jax.model import sharding
       mesh = sharding.make_mesh(dict(self.config.mesh))
       graphdef, state = checkpoints.load_model(self.spec, dtype=self.config.get("dtype") or None,
                                                mesh=mesh)
-      from stable_alignment_jax.text_sampler import load_spec_tokenizer  # the sampler's own rule
+      from stable_alignment_jax.sampling.text_sampler import (  # the sampler's own rule
+          load_spec_tokenizer)
       self._loaded = (graphdef, state,
                       load_spec_tokenizer(self.spec, self.config.get("tokenizer", "") or ""),
                       mesh)
@@ -184,10 +186,10 @@ def prompt_layout(spec: str, tok, choice: str) -> str:
   """"alpaca" or "chat_template": `choice`, or for "auto" what training used on this checkpoint
   (its run's data.prompt_format, auto resolved as training resolves it)."""
   if choice == "auto":
-    from stable_alignment_jax import checkpoints
+    from stable_alignment_jax.checkpoints import run_dir as checkpoints
     if not spec.startswith("random:") and not checkpoints.is_hf_dir(spec):
       choice = checkpoints.read_run_config(spec).get("data", {}).get("prompt_format", "auto")
-  from stable_alignment_jax.prompt_format import resolve_prompt_format
+  from stable_alignment_jax.data.prompt_format import resolve_prompt_format
   return resolve_prompt_format(choice, tok, {"turns": []})  # our datasets carry turns (1.1.0)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One host, all its accelerators (a TPU VM, a GPU box, or the CPU): no distributed runtime.
 #   launch/single_host.sh [--dry-run] -- python -m stable_alignment_jax.main --config=configs/stage3.py
-#   launch/single_host.sh -- python -m stable_alignment_jax.pipeline --config=configs/pipeline.py:tiny
+#   launch/single_host.sh -- python -m stable_alignment_jax.recipes.pipeline --config=configs/pipeline.py:tiny
 set -euo pipefail
 DRY=0
 while [[ $# -gt 0 ]]; do

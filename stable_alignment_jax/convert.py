@@ -28,7 +28,7 @@ def main(argv):
   if not ((f.from_hf and f.to) or (src and (f.to_hf or f.to_peft))):
     raise app.UsageError("give --from_hf DIR --to DIR (import), --from DIR --to_hf DIR (export) "
                          "or --from LORA_RUN --to_peft DIR (adapters)")
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   from stable_alignment_jax.model import convert
   try:
     if f.from_hf:

@@ -27,8 +27,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from stable_alignment_jax import budget, losses, sharding
-from stable_alignment_jax.flops import CHIPS, Chip, positions_run, step_flops
+from stable_alignment_jax.training import budget, losses
+from stable_alignment_jax.model import sharding
+from stable_alignment_jax.training.flops import CHIPS, Chip, positions_run, step_flops
 from stable_alignment_jax.model.presets import ModelConfig, preset
 
 
@@ -169,8 +170,8 @@ def format_plan(p: dict) -> str:
 
 def data_report(c) -> str:
   """What max_len costs the config's training data, per kind (data_lengths.describe)."""
-  from stable_alignment_jax import data, data_lengths
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data import loader as data, data_lengths
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   loader = data.make_loader(
       data.open_mixture(c.data, c.data.train_split, c.seed), load_tokenizer(c.data.tokenizer),
       global_batch_size=1, max_len=c.data.max_len, num_responses=c.data.num_responses,

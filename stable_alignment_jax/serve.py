@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from stable_alignment_jax.serving import logprobs as logprobs_lib
 from stable_alignment_jax.serving.engine import ContextError, Engine, Output
 from stable_alignment_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, parse
-from stable_alignment_jax.text_sampler import Delta
+from stable_alignment_jax.sampling.text_sampler import Delta
 
 
 def _error_response(e: APIError) -> JSONResponse:

@@ -109,7 +109,7 @@ def test_heldout_questions_are_disjoint_from_every_world_question(tmp_path):
 
 def test_prompt_layout_follows_the_run(tmp_path):
   from eval import run
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   byte = load_tokenizer("byte")  # no chat template
   assert run.prompt_layout("random:tiny:0", byte, "auto") == "alpaca"
   d = tmp_path / "run"

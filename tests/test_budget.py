@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage3
-from stable_alignment_jax import budget, flops, optim, plan, train
+from stable_alignment_jax.training import budget, flops, optim, train
+from stable_alignment_jax import plan
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import transformers
 
-from stable_alignment_jax.text_sampler import ModelTemplate, resolve_template
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.sampling.text_sampler import ModelTemplate, resolve_template
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
           "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"

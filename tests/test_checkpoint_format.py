@@ -16,7 +16,8 @@ from flax import nnx
 
 import subproc
 from configs import stage1
-from stable_alignment_jax import checkpoints, train
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.training import train
 from stable_alignment_jax.model import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from eval import mc_scoring
-from stable_alignment_jax import train, train_log
+from stable_alignment_jax.training import train, train_log
 from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import preset
 

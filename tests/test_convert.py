@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 import hf_models
 import subproc
-from stable_alignment_jax import checkpoints, sharding
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

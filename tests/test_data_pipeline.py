@@ -6,8 +6,8 @@ import grain
 import numpy as np
 import pytest
 
-from stable_alignment_jax import data
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
 

@@ -22,8 +22,8 @@ from data_prep import export as export_lib
 from data_prep import hh_rlhf
 from data_prep import tfds_writer
 from data_prep import tokenizer as tok_train
-from stable_alignment_jax import data
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = load_tokenizer("byte")

@@ -45,7 +45,7 @@ def _dead_url():
 def _memoized_loads(monkeypatch):
   """Random models are a pure function of their spec: build each once per test (an init
   compiles for ~20 s on a busy 2-core machine), so the test times eval, not model creation."""
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   real, memo = checkpoints.load_model, {}
 
   def load(spec, **kw):

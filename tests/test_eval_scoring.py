@@ -8,8 +8,9 @@ import transformers
 
 from eval import mc_scoring, metrics, run
 from eval.items import MCItem
-from stable_alignment_jax import checkpoints, sharding
-from stable_alignment_jax.tokenizer import ByteTokenizer
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.model import sharding
+from stable_alignment_jax.data.tokenizer import ByteTokenizer
 
 from configs import eval as eval_config
 
@@ -77,7 +78,7 @@ def test_scores_match_transformers_per_choice(hf_dir, use_mesh):
 
 
 def test_sentencepiece_choice_tokens(shared_data):
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(str(shared_data / "tokenizers" / "llama2_tokenizer.model"))
 
   class _Cfg:  # encode_pair needs only the context length

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stable_alignment_jax import generate
-from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.sampling import generate
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
 
@@ -124,7 +124,7 @@ def numpy_filter(logits, top_k, top_p):
 
 
 def test_greedy_tokens_match_numpy_argmax_with_ties():
-  from stable_alignment_jax.generate import greedy_tokens
+  from stable_alignment_jax.sampling.generate import greedy_tokens
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(6, 50)).astype(np.float32)
   logits[1, [4, 9, 30]] = 9.0  # tied maxima: the first wins, as np.argmax
@@ -299,7 +299,7 @@ def test_sharded_sampler_matches_single_device(prompts, greedy32):
   # Weights born sharded over data=2 x fsdp=2 x tensor=2 (same init seed as the `model` fixture);
   # the decode cache is pinned by logical names too, also as it grows (windows 8, 16, 32). The
   # tokens must not change.
-  from stable_alignment_jax import sharding
+  from stable_alignment_jax.model import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   cfg = preset("tiny", dtype="float32")
   graphdef, state = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)

@@ -1,4 +1,4 @@
-"""`python -m stable_alignment_jax.generate`: run as a real subprocess (and once in-process for the
+"""`python -m stable_alignment_jax.sampling.generate`: run as a real subprocess (and once in-process for the
 interactive chat), compared with `Sampler.generate` called directly on the same weights and on
 prompts laid out by hand here."""
 
@@ -11,9 +11,10 @@ import jax
 import pytest
 
 import subproc
-from stable_alignment_jax import checkpoints, sharding
-from stable_alignment_jax.generate import Sampler, SamplingParams
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.model import sharding
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -64,7 +65,7 @@ def runs():
 
   def start(name):
     args, stdin = RUNS[name]
-    p = subprocess.Popen([sys.executable, "-m", "stable_alignment_jax.generate", *args],
+    p = subprocess.Popen([sys.executable, "-m", "stable_alignment_jax.sampling.generate", *args],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=ROOT, env=SUBPROCESS_ENV)
     procs[name] = (p, stdin)
@@ -129,9 +130,9 @@ def test_interactive_chat_keeps_the_conversation(ref, runs):
 
 @pytest.mark.slow
 def test_chat_on_smollm2_uses_its_template_and_stops_at_im_end(smollm2_dir):
-  from stable_alignment_jax.text_sampler import TextSampler
+  from stable_alignment_jax.sampling.text_sampler import TextSampler
   question = "What is the capital of France?"
-  p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.generate",
+  p = subprocess.run([sys.executable, "-m", "stable_alignment_jax.sampling.generate",
                       f"--checkpoint={smollm2_dir}", "--chat", f"--prompt={question}",
                       "--max_tokens=32", "--jsonl"], capture_output=True, text=True, cwd=ROOT,
                      env=SUBPROCESS_ENV, timeout=600)

@@ -86,7 +86,7 @@ def test_greedy_decode_matches_transformers_generate_past_the_window(layout):
   fills from 8 new slots) equal HF `generate` on each prompt alone; prompt + new tokens pass the
   window, and the local layers' rings (window + 15 slots beside a global layer) wrap, the
   50-token prompt's prefill already."""
-  from stable_alignment_jax.generate import SamplingParams, Sampler
+  from stable_alignment_jax.sampling.generate import SamplingParams, Sampler
   name, model, path = layout
   graphdef, state = convert.load_hf(path, dtype="float32")
   rng = np.random.RandomState(1)
@@ -288,12 +288,12 @@ def test_older_rope_scaling_spelling_reads_the_same(layout):
 ])
 def test_compute_dtype_follows_the_caller_then_platform_then_checkpoint(
     checkpoint, requested, platform, want):
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   assert checkpoints.compute_dtype(checkpoint, requested, platform) == want
 
 
 def test_load_model_says_which_dtype_it_used(tmp_path, capsys):
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   model = hf_models.build("head_dim", tmp_path)
   model.to(torch.bfloat16).save_pretrained(tmp_path)
   graphdef, state = checkpoints.load_model(str(tmp_path))

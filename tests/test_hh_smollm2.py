@@ -85,7 +85,7 @@ def _run_driver(arg: str) -> str:
   import subprocess
   import sys
   import subproc  # tests/ is on sys.path
-  cmd = [sys.executable, "-m", "stable_alignment_jax.pipeline",
+  cmd = [sys.executable, "-m", "stable_alignment_jax.recipes.pipeline",
          f"--config={os.path.join('experiments', 'hh_smollm2', 'config.py')}:{arg}"]
   p = subprocess.run(cmd, cwd=subproc.ROOT, env=subproc.jax_env(), capture_output=True,
                      text=True, timeout=1200)
@@ -95,9 +95,9 @@ def _run_driver(arg: str) -> str:
 
 def test_driver_end_to_end_toy(tmp_path):
   from experiments.hh_smollm2 import config as cfg_lib
-  from stable_alignment_jax import checkpoints
-  from stable_alignment_jax.prompt_format import PromptFormat
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
+  from stable_alignment_jax.data.prompt_format import PromptFormat
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   hh = tmp_path / "hh"
   hh.mkdir()
   _write_hh(hh)
@@ -162,8 +162,8 @@ def test_group_scorer_matches_row_by_row_scorer():
   """The packed scorer gives the values of eval.mc_scoring's one-row-per-choice scorer."""
   from eval.items import MCItem
   from eval.mc_scoring import LogLikelihoodScorer
-  from stable_alignment_jax import checkpoints
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   graphdef, state = checkpoints.load_model("random:tiny:3")
   tok = load_tokenizer("byte")
   items = [MCItem("a", "Question: is the sky blue on a clear day?\nAnswer:", (" yes", " no"), 0,

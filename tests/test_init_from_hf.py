@@ -12,8 +12,9 @@ import pytest
 import hf_models
 import subproc
 from configs import base, stage1
-from stable_alignment_jax import checkpoints, train
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.training import train
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

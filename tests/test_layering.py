@@ -38,18 +38,18 @@ def _planted(tmp_path, module: str, line: str):
 
 def test_a_forbidden_import_breaks_its_contract(tmp_path):
   r = _planted(tmp_path, "stable_alignment_jax.model.llama",
-               "from stable_alignment_jax import sharding")
+               "from stable_alignment_jax.model import sharding")
   assert r.returncode != 0
   assert "model imports nothing else of ours BROKEN" in r.stdout
-  assert "stable_alignment_jax.model.llama -> stable_alignment_jax.sharding" in r.stdout
+  assert "stable_alignment_jax.model.llama -> stable_alignment_jax.model.sharding" in r.stdout
 
 
 @pytest.mark.parametrize("module,line,contract", [
-    ("stable_alignment_jax.contracts", "from stable_alignment_jax import tokenizer",
+    ("stable_alignment_jax.contracts", "from stable_alignment_jax.data import tokenizer",
      "contracts import nothing of ours"),
-    ("stable_alignment_jax.serving.batcher", "from stable_alignment_jax import scaffold",
+    ("stable_alignment_jax.serving.batcher", "from stable_alignment_jax.training import scaffold",
      "sampling and serving never import training"),
-    ("stable_alignment_jax.text_sampler", "from stable_alignment_jax import train",
+    ("stable_alignment_jax.sampling.text_sampler", "from stable_alignment_jax.training import train",
      "sampling and serving never import training"),
 ])
 def test_a_planted_import_breaks_each_new_contract(tmp_path, module, line, contract):

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from eval import mc_scoring
-from stable_alignment_jax import generate, ppo, train
+from stable_alignment_jax.sampling import generate
+from stable_alignment_jax.training import ppo, train
 from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import preset
 

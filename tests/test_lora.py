@@ -13,7 +13,8 @@ import scipy.stats
 from flax import nnx
 
 from configs import base as base_config
-from stable_alignment_jax import scaffold, sharding, train
+from stable_alignment_jax.training import scaffold, train
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama, lora, quant
 from stable_alignment_jax.model.presets import preset
 
@@ -281,7 +282,7 @@ def test_a_lora_run_directory_starts_the_next_stage_as_base_plus_adapters(tmp_pa
   # base (rebuilt from that run's own init_from) with the adapters merged in.
   import dataclasses
   import json
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   c = base_config.get_config()
   c.model.dtype, c.model.remat = "float32", "none"
   c.checkpoint.init_from, c.lora.rank, c.lora.alpha = "random:tiny:3", 4, 8.0

@@ -161,7 +161,7 @@ def lora_run(directory, base_dir, *, quantize="", seed=5, hf_base=None):
   hf_base: the HF directory at the bottom of the chain when base_dir is a run. Returns
   (run_dir, cfg, lcfg, adapters)."""
   import dataclasses
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   from stable_alignment_jax.model import lora
   cfg = dataclasses.replace(convert.read_hf_config(hf_base or base_dir), dtype="float32",
                             param_dtype="float32")
@@ -206,7 +206,7 @@ def byte_base(tmp_path_factory):
 
 def test_lora_run_exports_a_peft_adapter_and_a_merged_checkpoint(byte_base, tmp_path):
   from peft import PeftModel
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   path, graphdef, state = byte_base
   run_dir, cfg, lcfg, adapters = lora_run(tmp_path / "run", path)
   adapter = checkpoints.export_peft(run_dir, str(tmp_path / "adapter"))
@@ -236,7 +236,7 @@ def test_lora_run_exports_a_peft_adapter_and_a_merged_checkpoint(byte_base, tmp_
 
 
 def test_peft_export_refuses_a_run_without_an_hf_base(byte_base, tmp_path):
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   path, _, state = byte_base
   first, *_ = lora_run(tmp_path / "first", path)
   second, *_ = lora_run(tmp_path / "second", first, hf_base=path)  # LoRA on a LoRA stage
@@ -253,10 +253,12 @@ def test_a_lora_run_loads_merged_for_inference_and_as_a_next_stage(byte_base, tm
   """load_model (serve, generate, SANDBOX, eval), TextSampler and init_from all get the base
   + adapters, computing what the LoRA model computed in training (QLoRA: on its dequantized
   base); a LoRA stage on top of that run stacks on the merged model."""
-  from stable_alignment_jax import checkpoints, scaffold, sharding
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
+  from stable_alignment_jax.training import scaffold
+  from stable_alignment_jax.model import sharding
   from stable_alignment_jax.model import lora
-  from stable_alignment_jax.generate import SamplingParams
-  from stable_alignment_jax.text_sampler import TextSampler
+  from stable_alignment_jax.sampling.generate import SamplingParams
+  from stable_alignment_jax.sampling.text_sampler import TextSampler
   from configs import stage2
   path, _, state = byte_base
   run_dir, cfg, lcfg, adapters = lora_run(tmp_path / "run", path, quantize=quantize)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stable_alignment_jax import losses
+from stable_alignment_jax.training import losses
 from stable_alignment_jax.model import logprobs
-from stable_alignment_jax.hindsight import BAD, GOOD, chain_of_hindsight
+from stable_alignment_jax.data.hindsight import BAD, GOOD, chain_of_hindsight
 
 _logits_head = lambda x: x  # the cases are logits already: the LM head is the identity
 V, T, PROMPT = 11, 9, 3  # vocab, length, prompt tokens (positions 0..2 never count)
@@ -442,7 +442,7 @@ def test_registry_entry_per_loss_reads_its_config_keys_and_checks_choices():
 
 def test_a_bad_loss_value_fails_before_tokenizer_data_or_params_load(tmp_path, monkeypatch):
   from configs import stage1
-  from stable_alignment_jax import train
+  from stable_alignment_jax.training import train
   c = stage1.get_config("tiny")
   c.checkpoint.dir, c.loss.hinge = str(tmp_path / "run"), "bogus"
   touched = []

@@ -27,7 +27,7 @@ from trl.experimental.cpo import cpo_trainer as trl_cpo
 from trl.experimental.orpo import orpo_trainer as trl_orpo
 from trl.trainer import dpo_trainer as trl_dpo
 
-from stable_alignment_jax import losses
+from stable_alignment_jax.training import losses
 from stable_alignment_jax.model import logprobs
 
 B, T, V, PROMPT = 6, 12, 13, 3

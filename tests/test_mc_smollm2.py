@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from eval import mc_scoring, truthfulqa
-from stable_alignment_jax import checkpoints
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 
 def test_choice_logprobs_match_transformers_without_bos(smollm2_dir, shared_data):

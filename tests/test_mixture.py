@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from stable_alignment_jax import data, train
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.training import train
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 from test_losses import make_case, np_logprobs, np_prompt_view, np_sa_cpo, np_sft
 
 BYTE = load_tokenizer("byte")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import subproc
-from stable_alignment_jax import checkpoints
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess

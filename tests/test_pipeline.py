@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from configs import pipeline as pipeline_config
-from stable_alignment_jax import pipeline
+from stable_alignment_jax.recipes import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def test_paper_run_checks_base_model_and_judge_before_any_step(tmp_path, monkeyp
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
   """The README's first command (minus the install): every step, a table and plots."""
-  out = subprocess.run([sys.executable, "-m", "stable_alignment_jax.pipeline",
+  out = subprocess.run([sys.executable, "-m", "stable_alignment_jax.recipes.pipeline",
                         "--config=configs/pipeline.py:tiny", f"--config.out_dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=3600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from configs import stage1, stage3
-from stable_alignment_jax import flops, optim, plan, sharding, train
+from stable_alignment_jax.training import flops, optim, train
+from stable_alignment_jax import plan
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig
 
@@ -158,8 +160,8 @@ def test_one_chip_table_serves_the_planner_and_the_trainers_mfu():
 
 
 def test_plan_reports_the_data_length_percentiles_the_trainer_would():
-  from stable_alignment_jax import synthetic
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data import synthetic
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   c = stage1.get_config("tiny")
   c.data.max_len = 120  # most synthetic rows (up to ~139 tokens) do not fit whole
   out = plan.data_report(c)
@@ -258,7 +260,7 @@ def test_lora_and_qlora_bytes_equal_a_hand_count(quantize, base_bytes):
   assert m["optimizer"] == pytest.approx(2 * adapters, abs=64)
   assert m["frozen_base"] == base_bytes
   if quantize != "nf4":  # the trainer's own frozen tree (numpy keeps a byte per uint4 code)
-    from stable_alignment_jax import budget
+    from stable_alignment_jax.training import budget
     from stable_alignment_jax.model import lora
     g = lora.graphs(ModelConfig.from_dict(c.model), lora.LoraConfig.from_config(c.lora))
     assert budget.leaf_bytes_per_device(g.frozen, {"data": 1, "fsdp": 1, "tensor": 1})[0] == \

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from configs import ppo as ppo_config
-from stable_alignment_jax import ppo
-from stable_alignment_jax import ppo_losses as pl
+from stable_alignment_jax.training import ppo
+from stable_alignment_jax.training import ppo_losses as pl
 from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import preset
 
@@ -161,7 +161,7 @@ def test_experience_in_chunks_equals_one_forward():
   """The rollout does not depend on how many rows a forward takes (rows keep their places)."""
   import functools
   import jax
-  from stable_alignment_jax import sharding
+  from stable_alignment_jax.model import sharding
   cfg = preset("tiny", vocab_size=64, dtype="float32")
   mesh = sharding.make_mesh({"fsdp": -1})
   graphdef, policy = sharding.build_sharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)), mesh)
@@ -285,8 +285,9 @@ def test_a_reward_model_scores_ppo_rollouts_on_hh_rlhf(shared_data, tmp_path):
   HH prompts with that reward model: PPO's scores are the reward model's on the rollouts."""
   from configs import reward as reward_config
   from data_prep import hh_rlhf
-  from stable_alignment_jax import reward, sharding
-  from stable_alignment_jax.tokenizer import ByteTokenizer
+  from stable_alignment_jax.training import reward
+  from stable_alignment_jax.model import sharding
+  from stable_alignment_jax.data.tokenizer import ByteTokenizer
 
   examples, _, _, _ = hh_rlhf.read_file(str(shared_data / "hh_rlhf/harmless-base_test.jsonl.gz"),
                                         "harmless_base")
@@ -385,10 +386,10 @@ def test_the_documented_commands_run(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   rm = str(tmp_path / "rm")
-  for cmd in (["stable_alignment_jax.reward", "--config=configs/reward.py:tiny",
+  for cmd in (["stable_alignment_jax.training.reward", "--config=configs/reward.py:tiny",
                "--config.train.steps=4", "--config.train.eval_every=4",
                f"--config.checkpoint.dir={rm}"],
-              ["stable_alignment_jax.ppo", "--config=configs/ppo.py:tiny", "--config.train.steps=2",
+              ["stable_alignment_jax.training.ppo", "--config=configs/ppo.py:tiny", "--config.train.steps=2",
                f"--config.reward.model={rm}", f"--config.checkpoint.dir={tmp_path / 'ppo'}"]):
     out = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600)

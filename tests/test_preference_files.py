@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from stable_alignment_jax import data, preference_files as pf
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data import loader as data, preference_files as pf
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
 
@@ -263,7 +263,7 @@ def test_exact_resume_and_a_mixture_entry(tmp_path):
 
 def test_a_pipeline_baseline_keeps_the_trl_dataset_its_config_names(tmp_path):
   from configs import pipeline as pipeline_config
-  from stable_alignment_jax import pipeline
+  from stable_alignment_jax.recipes import pipeline
   c = pipeline_config.get_config("tiny")
   c.out_dir = str(tmp_path / "run")
   c.baselines.sft.data.source, c.baselines.sft.data.dataset = "trl", "org/prefs"

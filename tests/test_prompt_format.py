@@ -13,8 +13,8 @@ import transformers
 
 from data_prep import alignment_examples as ax
 from data_prep import build as build_lib
-from stable_alignment_jax import data
-from stable_alignment_jax.tokenizer import ByteTokenizer, load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"

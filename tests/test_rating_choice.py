@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import sandbox_server as srv  # noqa: E402
 
 from configs import sandbox as sandbox_config  # noqa: E402
-from stable_alignment_jax import checkpoints  # noqa: E402
+from stable_alignment_jax.checkpoints import run_dir as checkpoints  # noqa: E402
 from stable_alignment_jax.sandbox import export, judging, parsing, prompts, runner  # noqa: E402
 from stable_alignment_jax.sandbox.backends import Request  # noqa: E402
 from stable_alignment_jax.sandbox.backends.jax_backend import JaxBackend  # noqa: E402

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from configs import cdpo, dpo, ipo, sft, simpo
-from stable_alignment_jax import losses, train
+from stable_alignment_jax.training import losses, train
 
 WARNING = "without checkpoint.init_from: the reference model is a random init"
 

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import reward as reward_config
-from stable_alignment_jax import reward, sharding
+from stable_alignment_jax.training import reward
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
 
@@ -126,7 +127,7 @@ def test_reward_run_resumes_from_its_checkpoint(tmp_path):
   assert second["origin"].startswith("resumed")
   assert int(second["state"]["step"]) == 3 and np.isfinite(second["final"]["loss"])
   # step 2 as saved (what the second run resumed from) is the first run's final state
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   graphdef, abstract = reward.abstract_params(reward.ModelConfig.from_dict(c.model))
   mesh = sharding.make_mesh({"fsdp": -1})
   saved, step = checkpoints.restore_params(c.checkpoint.dir, abstract,

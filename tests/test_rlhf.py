@@ -11,7 +11,10 @@ from flax import nnx
 
 from configs import ppo as ppo_config
 from configs import reward as reward_config
-from stable_alignment_jax import checkpoints, ppo, reward, rlhf, sharding
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.training import ppo, reward
+from stable_alignment_jax.recipes import rlhf
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import sandbox as sandbox_config
-from stable_alignment_jax.generate import SamplingParams
+from stable_alignment_jax.sampling.generate import SamplingParams
 from stable_alignment_jax.sandbox import export, runner
 from stable_alignment_jax.sandbox.store import Store
-from stable_alignment_jax.tokenizer import ByteTokenizer
+from stable_alignment_jax.data.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_PROMPT = 128

@@ -201,13 +201,13 @@ def test_society_against_our_own_server_reads_verified_choices(tmp_path, project
   likely, normalised over the seven."""
   from flax import nnx
 
-  from stable_alignment_jax.generate import Sampler
+  from stable_alignment_jax.sampling.generate import Sampler
   from stable_alignment_jax.model.llama import Llama
   from stable_alignment_jax.model.presets import preset
   from stable_alignment_jax.serve import create_app
   from stable_alignment_jax.serving.engine import Engine
-  from stable_alignment_jax.text_sampler import TextSampler
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.sampling.text_sampler import TextSampler
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   qf, pf = project_pool  # short questions: byte-level prompts within the tiny context
   tok = load_tokenizer("byte")
   model = Llama(preset("tiny", vocab_size=tok.vocab_size, dtype="float32", max_seq_len=4096),
@@ -261,7 +261,7 @@ def test_unverified_chat_with_the_models_tokenizer_reads_through_completions(tmp
   """A server that ignores continue_final_message, and the backend given the model's tokenizer:
   choices are read through the completions API, the chat rendered by the model's own template
   (ChatML here) with the cue left open, so each reading is the server's scores after the cue."""
-  from stable_alignment_jax.tokenizer import load_tokenizer, render_chat
+  from stable_alignment_jax.data.tokenizer import load_tokenizer, render_chat
   qf, pf = pool
   with srv.ServerThread(srv.make_app(continue_final="ignore", malformed_rate=0.0)) as server:
     cfg = srv.society_config(server.url, str(tmp_path / "tpl.sqlite"), qf, pf, rounds=1,

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from stable_alignment_jax import scaffold
+from stable_alignment_jax.training import scaffold
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

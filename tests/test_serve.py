@@ -24,13 +24,13 @@ import uvicorn
 from flax import nnx
 
 import subproc
-from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.llama import Llama
 from stable_alignment_jax.model.presets import preset
 from stable_alignment_jax.serve import create_app
 from stable_alignment_jax.serving.engine import Engine
-from stable_alignment_jax.text_sampler import TextSampler
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.sampling.text_sampler import TextSampler
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 KEY = "test-key-not-a-secret"
 MODEL = "tiny-test"

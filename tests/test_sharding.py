@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from stable_alignment_jax import sharding
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import axes
 from stable_alignment_jax.model.llama import Llama
 from stable_alignment_jax.model.presets import preset

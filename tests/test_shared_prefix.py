@@ -12,10 +12,11 @@ import pytest
 from flax import nnx
 
 from configs import base
-from stable_alignment_jax import data, optim, train, train_log
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.training import optim, train, train_log
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import preset
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 B, K, T, P = 2, 3, 24, 9
 

@@ -13,7 +13,7 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from stable_alignment_jax import generate
+from stable_alignment_jax.sampling import generate
 from stable_alignment_jax.model import convert
 
 TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built for "

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from stable_alignment_jax import tokenizer as tok_lib
-from stable_alignment_jax.text_sampler import default_tokenizer, load_spec_tokenizer
+from stable_alignment_jax.data import tokenizer as tok_lib
+from stable_alignment_jax.sampling.text_sampler import default_tokenizer, load_spec_tokenizer
 
 
 def _run_dir(path, data):

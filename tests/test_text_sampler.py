@@ -10,11 +10,11 @@ import transformers
 from flax import nnx
 
 import hf_models
-from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
 from stable_alignment_jax.model.llama import Llama
 from stable_alignment_jax.model.presets import preset
-from stable_alignment_jax.text_sampler import TextSampler
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.sampling.text_sampler import TextSampler
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"

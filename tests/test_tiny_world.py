@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments.tiny_world import world as tiny_world
-from stable_alignment_jax import data, synthetic
+from stable_alignment_jax.data import loader as data, synthetic
 from stable_alignment_jax.sandbox import parsing, world
 from stable_alignment_jax.sandbox.prompts import Prompts
 

@@ -11,8 +11,9 @@ import pytest
 import transformers
 
 from data_prep import alignment_examples as ax
-from stable_alignment_jax import data, optim
-from stable_alignment_jax.tokenizer import ByteTokenizer, load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.training import optim
+from stable_alignment_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from stable_alignment_jax import tokenizer as tok_lib
+from stable_alignment_jax.data import tokenizer as tok_lib
 
 
 def test_byte_round_trip_and_specials():

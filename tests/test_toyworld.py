@@ -8,7 +8,8 @@ import pytest
 from experiments.toyworld import config as toy_config
 from data_prep.alignment_examples import REVISED_MARKER, alpaca_prompt, revise_request
 from eval.hh import hha_prompt
-from stable_alignment_jax import data, pipeline, synthetic
+from stable_alignment_jax.data import loader as data, synthetic
+from stable_alignment_jax.recipes import pipeline
 from stable_alignment_jax.sandbox import parsing
 from stable_alignment_jax.sandbox.prompts import Prompts
 from experiments.toyworld import evaluate, experiment, grammar, report, world

@@ -12,8 +12,10 @@ import pytest
 
 import subproc
 from configs import stage1, stage2, stage3
-from stable_alignment_jax import checkpoints, data, losses, synthetic, train
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data import loader as data, synthetic
+from stable_alignment_jax.training import losses, train
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import transformers
 
-from stable_alignment_jax import data
-from stable_alignment_jax.prompt_format import PromptFormat
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data import loader as data
+from stable_alignment_jax.data.prompt_format import PromptFormat
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 # The families' template layouts (written here after their published formats).
 QWEN = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

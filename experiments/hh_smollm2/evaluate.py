@@ -62,8 +62,9 @@ def evaluate(spec: str, tokenizer_path: str, pairs: list[dict] | None, bench: di
   log-likelihoods (pairs), the benchmarks' credits (bench), the answers to questions; a part
   given as None or empty is left out."""
   from eval.answers import AnswerGenerator
-  from stable_alignment_jax import checkpoints, tokenizer as tok_lib
-  from stable_alignment_jax.prompt_format import PromptFormat
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
+  from stable_alignment_jax.data import tokenizer as tok_lib
+  from stable_alignment_jax.data.prompt_format import PromptFormat
   graphdef, state = checkpoints.load_model(spec, dtype="float32")
   tok = tok_lib.load_tokenizer(tokenizer_path)
   fmt = PromptFormat(tok, prompt_format)

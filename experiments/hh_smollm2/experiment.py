@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from stable_alignment_jax import pipeline
+from stable_alignment_jax.recipes import pipeline
 from experiments.hh_smollm2 import evaluate, report, split
 
 
@@ -26,7 +26,7 @@ class HhPipeline(pipeline.Pipeline):
     c = self.c
     if c.start.startswith("random:"):
       from flax import nnx
-      from stable_alignment_jax import checkpoints
+      from stable_alignment_jax.checkpoints import run_dir as checkpoints
       graphdef, state = checkpoints.load_model(c.start)
       cfg = nnx.merge(graphdef, state).cfg
       d = checkpoints.save_model(cfg, state, self.path("start"), tokenizer="byte",
@@ -41,8 +41,8 @@ class HhPipeline(pipeline.Pipeline):
     return {"dir": d, "tokenizer": d}
 
   def _fmt(self, start: dict):
-    from stable_alignment_jax import tokenizer as tok_lib
-    from stable_alignment_jax.prompt_format import PromptFormat, resolve_prompt_format
+    from stable_alignment_jax.data import tokenizer as tok_lib
+    from stable_alignment_jax.data.prompt_format import PromptFormat, resolve_prompt_format
     tok = tok_lib.load_tokenizer(start["tokenizer"])
     name = resolve_prompt_format(self.c.train.data.prompt_format, tok, {"turns": []})
     return PromptFormat(tok, name)

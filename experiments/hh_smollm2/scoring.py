@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from stable_alignment_jax import train
+from stable_alignment_jax.training import train
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prefix", "chunk"))

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from stable_alignment_jax import synthetic
+from stable_alignment_jax.data import synthetic
 from stable_alignment_jax.sandbox.prompts import Prompts
 
 _QUESTION = "What should I do about {t}?"

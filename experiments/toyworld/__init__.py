@@ -1,6 +1,6 @@
 """A closed toy society that tests the paper's claims on CPU.
 
-  python -m stable_alignment_jax.pipeline --config=experiments/toyworld/config.py
+  python -m stable_alignment_jax.recipes.pipeline --config=experiments/toyworld/config.py
 
 grammar.py     answers composed from parts along hidden alignment and engagement axes; the oracle
 world.py       the world files (questions, priors, society-LM corpus with a noisy rater and

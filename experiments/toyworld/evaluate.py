@@ -128,9 +128,9 @@ def evaluate(spec: str, tokenizer_path: str, items: list[dict], *, max_new_token
              batch: int = 48, temperature: float = 0.7, positions: int = 320) -> dict:
   from eval.items import MCItem
   from eval.mc_scoring import LogLikelihoodScorer
-  from stable_alignment_jax import sharding
-  from stable_alignment_jax.generate import SamplingParams
-  from stable_alignment_jax.text_sampler import TextSampler
+  from stable_alignment_jax.model import sharding
+  from stable_alignment_jax.sampling.generate import SamplingParams
+  from stable_alignment_jax.sampling.text_sampler import TextSampler
   mesh = sharding.make_mesh({"fsdp": -1})
   ts = TextSampler.load(spec, tokenizer=tokenizer_path, dtype="float32", mesh=mesh,
                         chat_template="alpaca", min_batch=batch)

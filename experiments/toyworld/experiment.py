@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from stable_alignment_jax import pipeline
+from stable_alignment_jax.recipes import pipeline
 from experiments.toyworld import grammar, report, world
 
 METHODS = report.METHODS

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from stable_alignment_jax import synthetic
+from stable_alignment_jax.data import synthetic
 
 QUESTIONS = ("What should I do about {t}?", "How should I handle {t}?",
              "Any advice on dealing with {t}?")

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from stable_alignment_jax import synthetic
+from stable_alignment_jax.data import synthetic
 from stable_alignment_jax.sandbox.prompts import Prompts
 from experiments.toyworld import grammar
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from stable_alignment_jax import jsonl
+from stable_alignment_jax.data import jsonl
 from stable_alignment_jax.sandbox.agents import Agent
 from stable_alignment_jax.sandbox.memory import Memory
 

@@ -27,7 +27,7 @@ import time
 from typing import Callable, Sequence
 
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.text_sampler import Completion, Delta, Row, TextSampler
+from stable_alignment_jax.sampling.text_sampler import Completion, Delta, Row, TextSampler
 
 
 @dataclasses.dataclass

@@ -11,9 +11,9 @@ import os
 import secrets
 from typing import AsyncIterator, Sequence
 
-from stable_alignment_jax.generate import SamplingParams
+from stable_alignment_jax.sampling.generate import SamplingParams
 from stable_alignment_jax.serving.batcher import Batcher
-from stable_alignment_jax.text_sampler import (  # noqa: F401 - ContextError is re-exported
+from stable_alignment_jax.sampling.text_sampler import (  # noqa: F401 - ContextError is re-exported
     Completion, ContextError, Delta, Row, TextSampler)
 from stable_alignment_jax.contracts import bucket
 

@@ -27,7 +27,7 @@ def current_specs() -> dict:
   """{"params": {path: {"names", "spec"}}, "activations": {name: spec}} for the tiny model."""
   from flax import nnx
 
-  from stable_alignment_jax import sharding
+  from stable_alignment_jax.model import sharding
   from stable_alignment_jax.model import axes
   from stable_alignment_jax.model.llama import Llama
   from stable_alignment_jax.model.presets import preset

@@ -161,7 +161,7 @@ async def probe(backend, model: str) -> Reading:
     return done("text", why + "; set the backend's `tokenizer` to the model's tokenizer to read "
                 "choices through the completions API")
   try:
-    from stable_alignment_jax.tokenizer import render_chat
+    from stable_alignment_jax.data.tokenizer import render_chat
     text = render_chat(backend.template(), [{"role": "user", "content": PROBE_USER},
                                             {"role": "assistant", "content": PROBE_PREFIX}],
                        add_generation_prompt=False, continue_final_message=True)

@@ -44,7 +44,7 @@ import threading
 import numpy as np
 
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.generate import SamplingParams
+from stable_alignment_jax.sampling.generate import SamplingParams
 
 RAW = ("none", "raw")
 
@@ -54,8 +54,8 @@ class _Model:
 
   def __init__(self, spec: str, tok, chat_template: str, dtype, mesh, min_batch: int,
                max_prompt_tokens: int, cache_dtype: str | None = None):
-    from stable_alignment_jax import checkpoints
-    from stable_alignment_jax.text_sampler import TextSampler
+    from stable_alignment_jax.checkpoints import run_dir as checkpoints
+    from stable_alignment_jax.sampling.text_sampler import TextSampler
     self.spec = spec
     self.chat = chat_template not in RAW and not (chat_template == "auto"
                                                   and tok.chat_template is None)
@@ -114,8 +114,8 @@ class JaxBackend:
   def __init__(self, name: str, cfg, model_names=None):
     """`model_names`: the agent/observer model names this backend will serve; each is checked
     and only their checkpoints are loaded (all configured ones when None)."""
-    from stable_alignment_jax import sharding
-    from stable_alignment_jax.text_sampler import load_spec_tokenizer, resolve_template
+    from stable_alignment_jax.model import sharding
+    from stable_alignment_jax.sampling.text_sampler import load_spec_tokenizer, resolve_template
     import jax
     self.name = name
     self.default_spec = cfg.get("model", "") or ""

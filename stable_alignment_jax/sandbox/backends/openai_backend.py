@@ -138,7 +138,7 @@ class OpenAIBackend:
   def template(self):
     """The model's own chat template (our tokenizer loader), for the completions reading."""
     if self._template is None:
-      from stable_alignment_jax.tokenizer import load_tokenizer
+      from stable_alignment_jax.data.tokenizer import load_tokenizer
       self._template = load_tokenizer(self.tokenizer_path)
     return self._template
 
@@ -163,7 +163,7 @@ class OpenAIBackend:
     prefix = r.prefix if prefix is None else prefix
     reading = self.readings.get(r.model)
     if self.api == "chat" and prefix and reading is not None and reading.how == "template":
-      from stable_alignment_jax.tokenizer import render_chat
+      from stable_alignment_jax.data.tokenizer import render_chat
       body["prompt"] = render_chat(self.template(), self._messages(r, prefix),
                                    add_generation_prompt=False, continue_final_message=True)
       return "completions", body

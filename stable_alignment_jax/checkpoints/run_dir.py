@@ -33,7 +33,7 @@ from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from stable_alignment_jax import sharding
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model.presets import ModelConfig, preset
 
@@ -322,7 +322,7 @@ def export_hf(run_dir: str, out: str, *, tokenizer: str | None = None, dtype: st
   tokenizer: whose files, chat template and ids go along (default: the run's data.tokenizer);
   dtype: the tensors' storage dtype (default: the parameters')."""
   from stable_alignment_jax.model import convert
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   run = read_run_config(run_dir)
   cfg = ModelConfig.from_dict(run["model"])
   mesh = mesh or sharding.make_mesh({"fsdp": -1})

@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.generate import Sampler, SamplingParams
-from stable_alignment_jax import chat_templates as templates
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
+from stable_alignment_jax.data import chat_templates as templates
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -77,7 +77,7 @@ class ModelTemplate:
     self.tok = tok
 
   def render(self, messages: Sequence[dict]) -> str:
-    from stable_alignment_jax.tokenizer import render_chat
+    from stable_alignment_jax.data.tokenizer import render_chat
     msgs = templates.normalize(messages)
     continuing = msgs[-1]["role"] == "assistant"
     return render_chat(self.tok, msgs, add_generation_prompt=not continuing,
@@ -100,7 +100,7 @@ def resolve_template(choice: str, tok):
 def default_tokenizer(spec: str) -> str:
   """The tokenizer a checkpoint spec implies: 'byte' for random:*, an HF directory (or hub id)
   itself, a run directory's `data.tokenizer`."""
-  from stable_alignment_jax import checkpoints
+  from stable_alignment_jax.checkpoints import run_dir as checkpoints
   if spec.startswith("random:"):
     return "byte"  # a random model has no tokenizer of its own
   path = os.path.expanduser(spec)
@@ -125,7 +125,7 @@ def default_tokenizer(spec: str) -> str:
 def load_spec_tokenizer(spec: str, tokenizer: str = ""):
   """The tokenizer a caller names (`~` expanded), else the one checkpoint `spec` implies
   (`default_tokenizer`), loaded: what the sampler, the sandbox's JAX backend and eval use."""
-  from stable_alignment_jax.tokenizer import load_tokenizer
+  from stable_alignment_jax.data.tokenizer import load_tokenizer
   return load_tokenizer(os.path.expanduser(tokenizer or default_tokenizer(spec)))
 
 
@@ -157,7 +157,8 @@ class TextSampler:
            max_prompt_tokens: int = 0, cache_dtype: str | None = None) -> "TextSampler":
     """A sampler over `checkpoints.load_model(spec)`; the tokenizer defaults to the checkpoint's
     own (see `default_tokenizer`). Tokenizer and template are checked before the weights load."""
-    from stable_alignment_jax import checkpoints, sharding
+    from stable_alignment_jax.checkpoints import run_dir as checkpoints
+    from stable_alignment_jax.model import sharding
     tok = load_spec_tokenizer(spec, tokenizer)
     resolve_template(chat_template, tok)
     mesh = mesh or sharding.make_mesh({"fsdp": -1})

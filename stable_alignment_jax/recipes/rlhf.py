@@ -20,7 +20,8 @@ from typing import Any
 
 import ml_collections
 
-from stable_alignment_jax import checkpoints, ppo, reward
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.training import ppo, reward
 from stable_alignment_jax.model.presets import ModelConfig
 
 SUMMARY = "rlhf_summary.json"

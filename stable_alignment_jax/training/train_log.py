@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from stable_alignment_jax import flops
+from stable_alignment_jax.training import flops
 from stable_alignment_jax.model.presets import ModelConfig
 
 

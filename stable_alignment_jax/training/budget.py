@@ -20,10 +20,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from stable_alignment_jax import losses, sharding
+from stable_alignment_jax.training import losses
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama, logprobs
 from stable_alignment_jax.model.presets import ModelConfig
-from stable_alignment_jax.optim import make_optimizer
+from stable_alignment_jax.training.optim import make_optimizer
 
 HBM_FRACTION = 0.9  # of a device's memory a step may plan to use (XLA needs the rest)
 CPU_CACHE_FRACTION = 0.25  # of the last-level cache one micro-batch's activations may fill

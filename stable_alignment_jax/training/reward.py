@@ -7,7 +7,7 @@ prompt with different ratings is one comparison (HH-RLHF: chosen vs rejected; SA
 groups: all pairs), and the loss is -log sigmoid(r_better - r_worse) averaged over comparisons
 (Bradley & Terry 1952; the reward-model loss of Ouyang et al. 2022).
 
-  python -m stable_alignment_jax.reward --config=configs/reward.py[:tiny]
+  python -m stable_alignment_jax.training.reward --config=configs/reward.py[:tiny]
 
 The run directory is a training run like train.py's (Orbax items params, opt_state, data_iter,
 config; run_config.json), with params = {"trunk": llama state, "head": {"w", "b"}}; `load`
@@ -25,12 +25,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stable_alignment_jax import (checkpoints, data, data_lengths, optim, scaffold, sharding,
-                                  train_log)
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data import loader as data, data_lengths
+from stable_alignment_jax.training import optim, scaffold, train_log
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import lora
 from stable_alignment_jax.model.presets import ModelConfig
-from stable_alignment_jax.ppo_losses import last_index, masked_mean
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.training.ppo_losses import last_index, masked_mean
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 METHOD = "reward"  # config.method of a reward-model run
 

@@ -60,12 +60,12 @@ import grain
 import ml_collections
 import numpy as np
 
-from stable_alignment_jax import data_lengths, jsonl, preference_files, synthetic
-from stable_alignment_jax.data_lengths import (DROP_NO_CHAT_TURNS, DROP_NO_RESPONSE_FITS,  # noqa: F401
-                                               DROP_NO_RESPONSES, DROP_PROMPT_TOO_LONG)
-from stable_alignment_jax.hindsight import chain_of_hindsight
-from stable_alignment_jax.prompt_format import (PROMPT_FORMATS, PromptFormat, as_format, text,
-                                                resolve_prompt_format)
+from stable_alignment_jax.data import data_lengths, jsonl, preference_files, synthetic
+from stable_alignment_jax.data.data_lengths import (  # noqa: F401
+    DROP_NO_CHAT_TURNS, DROP_NO_RESPONSE_FITS, DROP_NO_RESPONSES, DROP_PROMPT_TOO_LONG)
+from stable_alignment_jax.data.hindsight import chain_of_hindsight
+from stable_alignment_jax.data.prompt_format import (PROMPT_FORMATS, PromptFormat, as_format, text,
+                                                     resolve_prompt_format)
 
 def drop_reason(ex: dict, tokenizer, *, max_len: int,
                 prompt_format: "str | PromptFormat" = "alpaca",

@@ -21,7 +21,7 @@ import logging
 
 import numpy as np
 
-from stable_alignment_jax.prompt_format import PromptFormat, text
+from stable_alignment_jax.data.prompt_format import PromptFormat, text
 
 TRUNCATIONS = ("drop", "cut")
 DROP_PROMPT_TOO_LONG = "prompt_too_long"

@@ -20,7 +20,7 @@ below its f32 ones, and a bf16 cache decodes slower than f32 (benchmarks/generat
 --cache_dtype bfloat16, quiet machine: 20.6 vs 6.0 ms a step at position 1024, batch 16),
 saving only memory.
 
-CLI: python -m stable_alignment_jax.generate --checkpoint=DIR --prompt="..."
+CLI: python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --prompt="..."
 """
 
 import dataclasses
@@ -266,7 +266,7 @@ class Sampler:
   def _call(self, fn, *args, **kw):
     if self.mesh is None:
       return fn(*args, **kw)
-    from stable_alignment_jax import sharding  # the sampler works without a mesh too
+    from stable_alignment_jax.model import sharding  # the sampler works without a mesh too
     with sharding.activate(self.mesh):
       return fn(*args, **kw)
 
@@ -367,7 +367,7 @@ class Sampler:
 
 
 if __name__ == "__main__":
-  # `python -m stable_alignment_jax.generate --checkpoint=DIR --prompt=...`: the CLI lives with
+  # `python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --prompt=...`: the CLI lives with
   # the serving code (it shares the engine and chat template); this module stays the sampler.
   # Run as a script this file is `__main__`, which nothing imports, so forwarding by module
   # name adds no import edge (serving imports the sampler, never the reverse).

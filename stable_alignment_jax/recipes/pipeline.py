@@ -1,7 +1,7 @@
 """Simulation to table in one command: world -> society LM -> SANDBOX -> data_prep -> Stage 1/2/3
 and baselines -> eval -> report (markdown + JSON table, PNG plots).
 
-  python -m stable_alignment_jax.pipeline --config=configs/pipeline.py:tiny
+  python -m stable_alignment_jax.recipes.pipeline --config=configs/pipeline.py:tiny
 
 The pipeline wires the parts; it re-implements none of them. Every step records itself in
 `{out_dir}/pipeline_state.json` when it finishes, so a re-run skips finished steps, and the
@@ -58,7 +58,7 @@ def copy_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def train_stage(cfg) -> dict:
   """One training run, summarised to what the step ledger records (JSON-able)."""
-  from stable_alignment_jax import train
+  from stable_alignment_jax.training import train
   summary = train.run(cfg)
   return {"dir": summary["dir"], "origin": summary["origin"], "steps": summary["steps"],
           "final": summary["final"], "data": summary["data"]}
@@ -162,7 +162,7 @@ class Pipeline:
            name: str = "ppo", seed: int | None = None) -> dict:
     """The RLHF baseline (the paper's TRLX row): a reward model on the imitation groups' rated
     pairs of `{out}/{data}`, then PPO from `start` against it; `dir` is the exported policy."""
-    from stable_alignment_jax import rlhf
+    from stable_alignment_jax.recipes import rlhf
     if not _train_examples(card, "imitation"):
       raise ValueError(f"{name}: the SANDBOX export gave no imitation examples (data card: "
                        f"{self.path(data)})")
@@ -183,7 +183,7 @@ class Pipeline:
 
   def report(self, systems: dict[str, str]) -> dict:
     from eval import table
-    from stable_alignment_jax import train_log
+    from stable_alignment_jax.training import train_log
     md = table.make_table([f"{n}={self.path('eval', n)}" for n in systems],  # pipeline order
                           self.path("report"))
     train_log.plot_training_loss(systems, self.path("report", "training_loss.png"))

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 
-from stable_alignment_jax import chat_templates, jsonl
+from stable_alignment_jax.data import chat_templates, jsonl
 
 CHOSEN_RATING, REJECTED_RATING = 1.0, 0.0
 BAD_ROWS = ("skip", "raise")

@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from stable_alignment_jax import turn_end
+from stable_alignment_jax.data import turn_end
 
 PROMPT_FORMATS = ("auto", "alpaca", "chat_template")
 
@@ -45,7 +45,7 @@ class PromptFormat:
                 turn_end.turn_end_ids(tokenizer, self._render))
 
   def _render(self, turns, **kw) -> str:
-    from stable_alignment_jax.tokenizer import render_chat
+    from stable_alignment_jax.data.tokenizer import render_chat
     roles = ("user", "assistant")
     return render_chat(self.tokenizer, [{"role": roles[i % 2], "content": text(t)}
                                         for i, t in enumerate(turns)], **kw)

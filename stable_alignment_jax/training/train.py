@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stable_alignment_jax import (budget, checkpoints, data, data_lengths, losses, optim, scaffold,
-                                  sharding, train_log)
-from stable_alignment_jax.losses import loss_kwargs  # noqa: F401  (re-exported for benchmarks)
+from stable_alignment_jax.training import budget, losses, optim, scaffold, train_log
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data import loader as data, data_lengths
+from stable_alignment_jax.model import sharding
+from stable_alignment_jax.training.losses import (  # noqa: F401  (re-exported for benchmarks)
+    loss_kwargs)
 from stable_alignment_jax.model import logprobs, lora
 from stable_alignment_jax.model.presets import ModelConfig
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 DATA_STATS = "data_stats.json"  # the loader's counts and lengths, in the run directory
 

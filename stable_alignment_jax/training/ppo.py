@@ -9,7 +9,7 @@ GAE advantages (whitened) and returns -> `epochs` passes over the rollout in shu
 minibatches of the clipped surrogate + vf_coef * clipped value loss -> the adaptive (or fixed)
 KL coefficient moves toward its target. Experience and the update are each one jitted function.
 
-  python -m stable_alignment_jax.ppo --config=configs/ppo.py[:tiny]
+  python -m stable_alignment_jax.training.ppo --config=configs/ppo.py[:tiny]
 
 The run directory holds Orbax items params ({policy, value_head}), opt_state, frozen (pi_ref),
 data_iter (the prompt iterator), ppo (kl_coef and the rollout RNG key) and config, so a killed
@@ -28,13 +28,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stable_alignment_jax import (checkpoints, data, data_lengths, optim, reward, scaffold,
-                                  sharding, train_log)
-from stable_alignment_jax import ppo_losses as pl
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data import loader as data, data_lengths
+from stable_alignment_jax.training import optim, reward, scaffold, train_log
+from stable_alignment_jax.model import sharding
+from stable_alignment_jax.training import ppo_losses as pl
 from stable_alignment_jax.contracts import bucket
-from stable_alignment_jax.generate import Sampler, SamplingParams
+from stable_alignment_jax.sampling.generate import Sampler, SamplingParams
 from stable_alignment_jax.model import logprobs, lora
-from stable_alignment_jax.tokenizer import load_tokenizer
+from stable_alignment_jax.data.tokenizer import load_tokenizer
 
 # --- programmatic rewards (tests, smoke runs): (prompts, responses) -> scores [N] -------------
 

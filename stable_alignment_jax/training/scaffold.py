@@ -34,7 +34,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stable_alignment_jax import checkpoints, data_lengths, losses, sharding
+from stable_alignment_jax.checkpoints import run_dir as checkpoints
+from stable_alignment_jax.data import data_lengths
+from stable_alignment_jax.training import losses
+from stable_alignment_jax.model import sharding
 from stable_alignment_jax.model import llama
 from stable_alignment_jax.model import lora as lora_lib
 from stable_alignment_jax.model.presets import ModelConfig, preset
