@@ -1,9 +1,9 @@
 """RLHF baseline, part 2: PPO of the policy against the reward model of configs/reward.py.
 
-  python -m stable_alignment_jax.training.reward --config=configs/reward.py      # first: runs/reward
-  python -m stable_alignment_jax.training.ppo --config=configs/ppo.py
-  python -m stable_alignment_jax.training.ppo --config=configs/ppo.py:tiny       # CPU, programmatic reward
-  python -m stable_alignment_jax.training.ppo --config=configs/ppo.py:society    # tiny pipeline (rlhf.py)
+  python -m stable_alignment_jax.main --config=configs/reward.py       # first: runs/reward
+  python -m stable_alignment_jax.main --config=configs/ppo.py
+  python -m stable_alignment_jax.main --config=configs/ppo.py:tiny     # CPU, programmatic reward
+  python -m stable_alignment_jax.main --config=configs/ppo.py:society  # tiny pipeline (rlhf.py)
 
 Paper-scale values are TRLX's PPO for its largest HH-RLHF policy (CarperAI/trlx
 examples/hh/configs/ppo_hh_6B.yml, a 6B Pythia SFT model: the nearest TRLX config to LLaMA-7B).

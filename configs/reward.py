@@ -1,9 +1,9 @@
 """RLHF baseline, part 1: a reward model (our LLaMA + a scalar head) on preference pairs.
 
-  python -m stable_alignment_jax.training.reward --config=configs/reward.py             # HH-RLHF pairs
-  python -m stable_alignment_jax.training.reward --config=configs/reward.py:sandbox     # SANDBOX groups
-  python -m stable_alignment_jax.training.reward --config=configs/reward.py:tiny        # CPU, a minute
-  python -m stable_alignment_jax.training.reward --config=configs/reward.py:society     # tiny pipeline
+  python -m stable_alignment_jax.main --config=configs/reward.py          # HH-RLHF pairs
+  python -m stable_alignment_jax.main --config=configs/reward.py:sandbox  # SANDBOX groups
+  python -m stable_alignment_jax.main --config=configs/reward.py:tiny     # CPU, a minute
+  python -m stable_alignment_jax.main --config=configs/reward.py:society  # tiny pipeline
 
 The run directory is PPO's `reward.model` (configs/ppo.py).
 """

@@ -6,7 +6,8 @@
 Writes `OUT/sandbox_alignment/{imitation,self_critic,realignment}/1.3.0/` (train and validation
 splits, split by a hash of the question) and the dataset card `OUT/sandbox_alignment/
 card-1.3.0.json`, which is also printed. Read back without TensorFlow:
-`stable_alignment_jax.data.loader.open_tfds("sandbox_alignment/imitation", data_dir=OUT, split="train")`.
+`stable_alignment_jax.data.loader.open_tfds("sandbox_alignment/imitation", data_dir=OUT,
+split="train")`.
 
 Bad lines are rejected with file:line and reason and the rest is built; the card lists them.
 Re-running on the same OUT is safe: each dataset of this version is rebuilt beside the old one

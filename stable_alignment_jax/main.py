@@ -23,7 +23,8 @@ from stable_alignment_jax import runtime
 
 
 # config.method -> the module that trains it (its `run(config)`).
-METHODS = {"preference": "stable_alignment_jax.training.train", "reward": "stable_alignment_jax.training.reward",
+METHODS = {"preference": "stable_alignment_jax.training.train",
+           "reward": "stable_alignment_jax.training.reward",
            "ppo": "stable_alignment_jax.training.ppo"}
 
 

@@ -1,5 +1,5 @@
-"""`python -m stable_alignment_jax.sampling.generate`: run as a real subprocess (and once in-process for the
-interactive chat), compared with `Sampler.generate` called directly on the same weights and on
+"""`python -m stable_alignment_jax.sampling.generate`: run as a real subprocess (and once
+in-process for the interactive chat), compared with `Sampler.generate` called directly on the same weights and on
 prompts laid out by hand here."""
 
 import json

@@ -389,7 +389,8 @@ def test_the_documented_commands_run(tmp_path):
   for cmd in (["stable_alignment_jax.training.reward", "--config=configs/reward.py:tiny",
                "--config.train.steps=4", "--config.train.eval_every=4",
                f"--config.checkpoint.dir={rm}"],
-              ["stable_alignment_jax.training.ppo", "--config=configs/ppo.py:tiny", "--config.train.steps=2",
+              ["stable_alignment_jax.training.ppo", "--config=configs/ppo.py:tiny",
+               "--config.train.steps=2",
                f"--config.reward.model={rm}", f"--config.checkpoint.dir={tmp_path / 'ppo'}"]):
     out = subprocess.run([sys.executable, "-m", *cmd], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600)

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct on human preferences (HH-RLHF): SFT, DPO and SA-CPO at equal budget.
 
-  python -m stable_alignment_jax.recipes.pipeline --config=experiments/hh_smollm2/config.py   # resumable
+  python -m stable_alignment_jax.recipes.pipeline --config=experiments/hh_smollm2/config.py
+  (resumable)
 
 Steps (each in the pipeline's ledger, so a killed run resumes where it stopped): the start model
 (the GGUF in ../shared/models dequantized to an HF directory), the split of the HH-RLHF

@@ -1,7 +1,8 @@
 """The closed toy society: does learning from simulated interaction beat SFT and RLHF here?
 
-  python -m stable_alignment_jax.recipes.pipeline --config=experiments/toyworld/config.py          # resumable
-  python -m stable_alignment_jax.recipes.pipeline --config=experiments/toyworld/config.py:seeds=1  # one seed
+  python -m stable_alignment_jax.recipes.pipeline --config=experiments/toyworld/config.py
+  python -m stable_alignment_jax.recipes.pipeline --config=experiments/toyworld/config.py:seeds=1
+  (resumable; the second runs one seed)
 
 Built on `configs/pipeline.py:tiny` (same parts, same society LM and stage sizes); adds the
 toy world's grammar and oracle (`experiments/toyworld/`). A seed reruns the society itself: every

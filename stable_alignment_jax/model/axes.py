@@ -1,6 +1,6 @@
 """Logical axis names of every parameter and activation of the model.
 
-The model only ever speaks these names. `stable_alignment_jax/model/sharding.py` owns the one table that
+The model only ever speaks these names. `sharding.py` beside it owns the one table that
 maps them to mesh axes and installs it (with the mesh) around jitted code; the model never names a
 mesh axis. Weights and activations use different names (MaxText's convention), so e.g. the
 embedding dimension can be FSDP-sharded in the weights while replicated in activations.

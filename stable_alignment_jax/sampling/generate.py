@@ -367,8 +367,8 @@ class Sampler:
 
 
 if __name__ == "__main__":
-  # `python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --prompt=...`: the CLI lives with
-  # the serving code (it shares the engine and chat template); this module stays the sampler.
+  # `python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --prompt=...`: the CLI
+  # lives with the serving code (it shares the engine and chat template); this module stays the sampler.
   # Run as a script this file is `__main__`, which nothing imports, so forwarding by module
   # name adds no import edge (serving imports the sampler, never the reverse).
   import runpy

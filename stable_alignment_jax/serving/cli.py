@@ -1,8 +1,9 @@
 """`python -m stable_alignment_jax.sampling.generate`: text from a checkpoint on the command line.
 
   python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --prompt="Once upon a time"
-  printf 'first prompt\\nsecond prompt\\n' | python -m stable_alignment_jax.sampling.generate --checkpoint=DIR
-  python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --chat   # interactive conversation
+  printf 'first prompt\\nsecond prompt\\n' | \\
+    python -m stable_alignment_jax.sampling.generate --checkpoint=DIR
+  python -m stable_alignment_jax.sampling.generate --checkpoint=DIR --chat   # a conversation
 
 Checkpoint: our run directory, an HF LLaMA directory or `random:tiny[:seed]` (see
 checkpoints.load_model); the tokenizer defaults to the checkpoint's own.
@@ -171,8 +172,8 @@ def _main(argv: Sequence[str]):
 
 
 def cli():
-  """The command line, also setup.py's console script (`python -m stable_alignment_jax.sampling.generate`
-  runs it too). Flags are defined here, not at import; each `--snake_case` flag also answers to
+  """The command line, also setup.py's console script
+  (`python -m stable_alignment_jax.sampling.generate` runs it too). Flags are defined here, not at import; each `--snake_case` flag also answers to
   its `--kebab-case` spelling."""
 
   from stable_alignment_jax.serving.engine import define_flag as flag, define_model_flags
