@@ -116,6 +116,7 @@ def test_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
                ("loss", "accuracy", "grad_norm"))
 
 
+@pytest.mark.slow  # 179 s on 2 cores with a cold compile cache (its eval programs too)
 def test_reward_model_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
   _kill_resume(tmp_path, "configs/reward.py:tiny", 200, ["--config.train.eval_every=0"],
                ("loss", "accuracy", "margin", "grad_norm"))
