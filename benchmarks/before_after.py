@@ -8,7 +8,8 @@ Each revision runs its own copy of `benchmarks/<script>` with its own package on
 before side is a detached `git worktree` in a temporary directory, removed at the end; the after
 side is this checkout unless --after names another). Rounds alternate the order (before, after,
 after, before, ...) so a change in the machine's load hits both sides alike. Every numeric figure
-the script writes with `--json` is flattened to a dotted key; the table gives each key's best
+the script writes with `--json` is flattened to a dotted key (a list of repeated timings to its
+best); the table gives each key's best
 round on both sides (the minimum for times, the maximum for rates, read from the key's name) and
 their ratio after/before, with the load average around every run. The figures are only worth
 quoting when the runs say they were quiet (benchmarks/common.py flags a contaminated run).
@@ -32,8 +33,14 @@ def flatten(d, prefix="") -> dict[str, float]:
     for k, v in d.items():
       out.update(flatten(v, f"{prefix}{k}."))
   elif isinstance(d, (list, tuple)):
-    for i, v in enumerate(d):
-      out.update(flatten(v, f"{prefix}{i}."))
+    if d and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d):
+      # a figure's repeated timings: its best (min for times, max for rates), as the table
+      # takes the best round
+      pick = max if higher_is_better(prefix) else min
+      out[prefix[:-1]] = float(pick(d))
+    else:
+      for i, v in enumerate(d):
+        out.update(flatten(v, f"{prefix}{i}."))
   elif isinstance(d, (int, float)) and not isinstance(d, bool):
     out[prefix[:-1]] = float(d)
   return out
