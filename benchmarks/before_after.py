@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -51,6 +52,18 @@ def higher_is_better(key: str) -> bool:
   return any(w in k for w in RATE_WORDS)
 
 
+def settle(limit: float, timeout_s: float = 600.0) -> None:
+  """Waits until the 1-minute load average is below `limit` (the previous side's own threads
+  keep it up for a minute or two), so each side starts on a quiet machine; gives up after
+  `timeout_s` and says so."""
+  t0 = time.time()
+  while os.getloadavg()[0] >= limit and time.time() - t0 < timeout_s:
+    time.sleep(5)
+  if os.getloadavg()[0] >= limit:
+    print(f"[before_after] load still {os.getloadavg()[0]:.2f} after {timeout_s:.0f} s",
+          flush=True)
+
+
 def run_side(tree: str, script: str, args: list[str], out_json: str) -> dict:
   env = dict(os.environ, PYTHONPATH=tree)
   cmd = [sys.executable, os.path.join(tree, "benchmarks", script), *args, "--json", out_json]
@@ -66,6 +79,8 @@ def main():
   ap.add_argument("--before", required=True, help="a git revision of this repository")
   ap.add_argument("--after", default=ROOT, help="a checkout (default: this one)")
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--settle", type=float, default=0.5,
+                  help="wait for the load average to fall below this before each side (0: no)")
   ap.add_argument("script", help="benchmarks/<script>")
   ap.add_argument("args", nargs=argparse.REMAINDER)
   a = ap.parse_args()
@@ -80,6 +95,8 @@ def main():
       for r in range(a.rounds):
         order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
         for side in order:
+          if a.settle:
+            settle(a.settle)
           data = run_side(trees[side], a.script, args, os.path.join(tmp, f"{side}{r}.json"))
           runs[side].append(flatten(data))
     finally:
